@@ -1,0 +1,237 @@
+"""The feature cache: one zarr v3 store of per-take token features, sharded, resumable, crash-safe.
+
+Layout of a cache folder:
+    cache.json                  CacheSpec: fingerprint + array geometry (written once)
+    features.zarr/<split>/tokens  (N, V, 1 + T, D) float16; row r = r-th take of the split by take_uid;
+                                [:, :, 0] = CLS token, [:, :, 1 + t] = mean of frame t's patch tokens
+    splits/<split>.json         the split's take_uids in row order, fixed when the split is planned
+    shards/<split>/NNNNN.json   commit marker of shard NNNNN: its takes' index records + failures
+    failures.json               every failed view so far, take_uid -> view -> reason
+
+A shard holds `shard_size` consecutive rows and is written whole by one writer, then committed by
+atomically writing its marker. Readers and resumed runs trust only committed shards, so a crash
+at any moment loses at most the shards in flight and never exposes half-written data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.files import read_json, write_json_atomic
+
+CACHE_FORMAT = 1
+STORE_NAME = "features.zarr"
+
+
+class CacheError(Exception):
+    """A cache that cannot be used as asked: missing, unfinished, or built differently."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache holds. `fingerprint` must match exactly for features to be added to a cache."""
+
+    fingerprint: dict
+    views: tuple[str, ...]
+    frames: int
+    num_patches: int
+    hidden_size: int
+    shard_size: int = 16
+    format: int = CACHE_FORMAT
+
+    @property
+    def tokens_per_view(self) -> int:
+        return 1 + self.frames
+
+
+@dataclass(frozen=True)
+class TakeRecord:
+    """The per-take index entry stored with each committed shard."""
+
+    take_uid: str
+    take_name: str
+    split: str
+    label: int
+    scenario: str
+    present: tuple[bool, ...]  # one flag per cache view: False = view absent or failed
+
+    @classmethod
+    def from_json(cls, data: dict) -> TakeRecord:
+        return cls(**{**data, "present": tuple(data["present"])})
+
+
+@dataclass
+class CachedSplit:
+    """The committed part of one split, loaded into memory."""
+
+    tokens: np.ndarray  # (N, V, 1 + T, D) float16; rows of absent views are zero
+    records: list[TakeRecord] = field(default_factory=list)
+
+    @property
+    def present(self) -> np.ndarray:  # (N, V) bool
+        return np.array([r.present for r in self.records], dtype=bool).reshape(len(self.records), -1)
+
+    @property
+    def labels(self) -> np.ndarray:  # (N,) int64
+        return np.array([r.label for r in self.records], dtype=np.int64)
+
+
+class FeatureCache:
+    def __init__(self, root: Path, spec: CacheSpec):
+        self.root, self.spec = Path(root), spec
+
+    @classmethod
+    def open(cls, root: Path) -> FeatureCache:
+        """An existing cache, for reading or adding to."""
+        path = Path(root) / "cache.json"
+        if not path.is_file():
+            raise CacheError(f"{root}: not a skillpipe feature cache (no cache.json); run `skillpipe extract` first")
+        data = read_json(path)
+        if data.get("format") != CACHE_FORMAT:
+            raise CacheError(f"{root}: cache format {data.get('format')} is not supported (expected {CACHE_FORMAT})")
+        return cls(root, CacheSpec(**{**data, "views": tuple(data["views"])}))
+
+    @classmethod
+    def open_or_create(cls, root: Path, spec: CacheSpec) -> FeatureCache:
+        """Open the cache at `root` if it was built with the same fingerprint, else refuse; create it if absent."""
+        if (Path(root) / "cache.json").is_file():
+            cache = cls.open(root)
+            differences = _differences(cache.spec, spec)
+            if differences:
+                listing = "\n".join(f"  - {d}" for d in differences)
+                raise CacheError(
+                    f"{root}: this cache was built differently; refusing to mix features:\n{listing}\n"
+                    "Use another --cache folder (or delete this one)."
+                )
+            return cache
+        Path(root).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(root) / "cache.json", asdict(spec))
+        return cls(root, spec)
+
+    # ---- planning and writing -------------------------------------------------------------
+
+    def plan_split(self, split: str, take_uids: list[str]) -> list[list[str]]:
+        """Fix the split's row order (first call) and return its shards as lists of take_uids."""
+        plan_path = self.root / "splits" / f"{split}.json"
+        if plan_path.is_file():
+            planned = read_json(plan_path)
+            if planned != list(take_uids):
+                raise CacheError(
+                    f"{self.root}: split {split!r} was planned with a different set of takes "
+                    f"({len(planned)} takes, now {len(take_uids)}); the annotation file changed. "
+                    "Use another --cache folder."
+                )
+        if not self._array_path(split).is_dir() or not (self._array_path(split) / "zarr.json").is_file():
+            zarr.create_array(
+                store=self.root / STORE_NAME,
+                name=f"{split}/tokens",
+                shape=(len(take_uids), len(self.spec.views), self.spec.tokens_per_view, self.spec.hidden_size),
+                chunks=(1, 1, self.spec.tokens_per_view, self.spec.hidden_size),
+                shards=(self.spec.shard_size, len(self.spec.views), self.spec.tokens_per_view, self.spec.hidden_size),
+                dtype="float16",
+                fill_value=0,
+                compressors=None,  # float16 features barely compress (zstd 1.09x): not worth the CPU
+                overwrite=True,
+            )
+        if not plan_path.is_file():
+            write_json_atomic(plan_path, list(take_uids))
+        size = self.spec.shard_size
+        return [list(take_uids[start : start + size]) for start in range(0, len(take_uids), size)]
+
+    def committed_shards(self, split: str) -> set[int]:
+        folder = self.root / "shards" / split
+        return {int(p.stem) for p in folder.glob("[0-9]*.json")} if folder.is_dir() else set()
+
+    def write_shard(
+        self, split: str, shard: int, tokens: np.ndarray, records: list[TakeRecord], failures: dict
+    ) -> None:
+        """Write shard `shard` whole (tokens: (k, V, 1 + T, D)), then commit it with its marker."""
+        start = shard * self.spec.shard_size
+        array = zarr.open_array(store=self.root / STORE_NAME, path=f"{split}/tokens", mode="r+")
+        expected = (min(self.spec.shard_size, array.shape[0] - start), *array.shape[1:])
+        if tokens.shape != expected or len(records) != expected[0]:
+            raise ValueError(f"shard {shard} of {split}: got tokens {tokens.shape}, {len(records)} records; expected {expected}")
+        array[start : start + expected[0]] = tokens.astype(np.float16)
+        marker = {"records": [asdict(r) for r in records], "failures": failures}
+        write_json_atomic(self.root / "shards" / split / f"{shard:05d}.json", marker)
+
+    def write_failures_summary(self) -> dict:
+        """Rewrite failures.json from every committed marker; returns take_uid -> view -> reason."""
+        failures = {}
+        for split in self.splits():
+            for shard in sorted(self.committed_shards(split)):
+                failures.update(self._marker(split, shard)["failures"])
+        write_json_atomic(self.root / "failures.json", failures)
+        return failures
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def splits(self) -> list[str]:
+        folder = self.root / "splits"
+        return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+    def planned_takes(self, split: str) -> list[str]:
+        path = self.root / "splits" / f"{split}.json"
+        return read_json(path) if path.is_file() else []
+
+    def is_complete(self, split: str) -> bool:
+        planned = len(self.planned_takes(split))
+        shards = -(-planned // self.spec.shard_size)
+        return planned > 0 and self.committed_shards(split) == set(range(shards))
+
+    def read(self, split: str) -> CachedSplit:
+        """Every committed take of `split`, in row order."""
+        shards = sorted(self.committed_shards(split))
+        views, tokens, hidden = len(self.spec.views), self.spec.tokens_per_view, self.spec.hidden_size
+        if not shards:
+            return CachedSplit(np.zeros((0, views, tokens, hidden), np.float16), [])
+        array = zarr.open_array(store=self.root / STORE_NAME, path=f"{split}/tokens", mode="r")
+        parts, records = [], []
+        for shard in shards:
+            start = shard * self.spec.shard_size
+            marker = self._marker(split, shard)
+            parts.append(array[start : start + len(marker["records"])])
+            records += [TakeRecord.from_json(r) for r in marker["records"]]
+        return CachedSplit(np.concatenate(parts), records)
+
+    def read_records(self, split: str) -> list[TakeRecord]:
+        return [
+            TakeRecord.from_json(r)
+            for shard in sorted(self.committed_shards(split))
+            for r in self._marker(split, shard)["records"]
+        ]
+
+    def _marker(self, split: str, shard: int) -> dict:
+        return read_json(self.root / "shards" / split / f"{shard:05d}.json")
+
+    def _array_path(self, split: str) -> Path:
+        return self.root / STORE_NAME / split / "tokens"
+
+
+def _differences(old: CacheSpec, new: CacheSpec) -> list[str]:
+    """Human-readable differences between a cache's spec and the one a run would write."""
+    old_flat, new_flat = _flatten(asdict(old)), _flatten(asdict(new))
+    return [
+        f"{key}: cache has {json.dumps(old_flat.get(key))}, this run has {json.dumps(new_flat.get(key))}"
+        for key in sorted(set(old_flat) | set(new_flat))
+        if _normalise(old_flat.get(key)) != _normalise(new_flat.get(key))
+    ]
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _normalise(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,159 @@
+"""Typed stage configs: dataclasses loaded from YAML/TOML/JSON files with command-line overrides.
+
+Precedence: dataclass defaults < config file < flags given on the command line. Every field is
+checked on load and an error names the field; the resolved config is saved beside each artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pipeline.files import write_json_atomic
+
+Config = TypeVar("Config")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the field and the source."""
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: unsupported suffix {path.suffix!r} (use .yaml, .toml or .json)")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"config file {path}: cannot parse: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of field names to values")
+    return data
+
+
+def load_config(cls: type[Config], path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build `cls` from defaults, then the file at `path`, then the non-None `overrides`."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        for key, value in read_config_file(path).items():
+            values[key], sources[key] = value, f"config file {path}"
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key], sources[key] = value, "command line"
+    return build_config(cls, values, sources)
+
+
+def build_config(cls: type[Config], values: dict[str, Any], sources: dict[str, str] | None = None) -> Config:
+    sources = sources or {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    coerced = {}
+    for key, value in values.items():
+        try:
+            coerced[key] = _coerce(value, hints[key])
+        except (TypeError, ValueError) as err:
+            where = sources.get(key, "value")
+            raise ConfigError(f"{cls.__name__}.{key} from {where}: {err}") from None
+    missing = [
+        name for name, f in fields.items()
+        if name not in coerced and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{cls.__name__}: required field(s) not set: {missing}")
+    try:
+        return cls(**coerced)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{cls.__name__}: {err}") from None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def save_config(config: Any, path: Path) -> None:
+    write_json_atomic(path, {"kind": type(config).__name__, **config_to_dict(config)})
+
+
+def read_saved_config(cls: type[Config], path: Path) -> Config:
+    data = dict(json.loads(Path(path).read_text()))
+    data.pop("kind", None)
+    return build_config(cls, data, {key: f"saved config {path}" for key in data})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise ValueError("; ".join(errors))
+    if origin is tuple:
+        (item_type, *_) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list, got {value!r}")
+        return tuple(_coerce(item, item_type) for item in value)
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {list(choices)}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise TypeError(f"expected a path, got {value!r}")
+        return Path(value)
+    raise TypeError(f"unsupported config type {hint!r}")

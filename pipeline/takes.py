@@ -1,0 +1,186 @@
+"""EgoExo4D demonstrator-proficiency takes: read and validate the official annotation files.
+
+An `egoexo` download (`--benchmarks proficiency_demonstrator --parts downscaled_takes/448
+annotations`) holds `annotations/proficiency_demonstrator_{train,val}.json` and the 448px videos
+under `takes/<take_name>/frame_aligned_videos/downscaled/448/<file>.mp4`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+VIEWS: tuple[str, ...] = ("ego", "exo1", "exo2", "exo3", "exo4")
+SPLITS: tuple[str, ...] = ("train", "val")
+SCENARIOS: tuple[str, ...] = ("Rock Climbing", "Basketball", "Dance", "Music", "Cooking", "Soccer")
+REQUIRED_FIELDS: tuple[str, ...] = ("take_uid", "scenario_name", "video_paths", "proficiency_score")
+
+
+class ProficiencyLabel(enum.IntEnum):
+    """The four demonstrator proficiency levels, in the benchmark's order (class index = value)."""
+
+    NOVICE = 0
+    EARLY_EXPERT = 1
+    INTERMEDIATE_EXPERT = 2
+    LATE_EXPERT = 3
+
+    @property
+    def display(self) -> str:
+        return LABEL_NAMES[self]
+
+    @classmethod
+    def parse(cls, name: str) -> ProficiencyLabel:
+        """Exact annotation string -> label; anything else is an error, never a default class."""
+        try:
+            return cls(LABEL_NAMES.index(name))
+        except ValueError:
+            raise ValueError(f"unknown proficiency_score {name!r} (expected one of {LABEL_NAMES})") from None
+
+
+LABEL_NAMES: tuple[str, ...] = ("Novice", "Early Expert", "Intermediate Expert", "Late Expert")
+
+
+class AnnotationError(ValueError):
+    """Raised once with every offending record of an annotation file listed."""
+
+    def __init__(self, path: Path, problems: list[str]):
+        self.path, self.problems = path, problems
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{path}: {len(problems)} invalid annotation record(s):\n{listing}")
+
+
+@dataclass(frozen=True)
+class Take:
+    """One recorded take: a person doing a task, filmed from up to five views."""
+
+    take_uid: str
+    take_name: str
+    scenario: str
+    label: ProficiencyLabel
+    split: str
+    videos: dict[str, Path]  # view name -> 448px downscaled mp4 (may not exist on a partial download)
+
+
+def annotation_path(root: Path, split: str) -> Path:
+    return Path(root) / "annotations" / f"proficiency_demonstrator_{split}.json"
+
+
+def downscaled_path(root: Path, video_path: str) -> Path:
+    """`takes/<name>/frame_aligned_videos/<file>.mp4` -> its 448px file under the download root."""
+    rel = PurePosixPath(video_path)
+    return Path(root).joinpath(*rel.parent.parts, "downscaled", "448", rel.name)
+
+
+def load_takes(root: Path, split: str) -> list[Take]:
+    """All takes of one split, validated as a whole before any compute; sorted by take_uid."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
+    path = annotation_path(root, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: annotation file not found (is --root an egoexo download root?)")
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AnnotationError(path, [f"not valid JSON: {err}"]) from None
+    records = document.get("annotations") if isinstance(document, dict) else None
+    if not isinstance(records, list):
+        raise AnnotationError(path, ['top level must be an object with an "annotations" list'])
+
+    takes, problems, seen = [], [], {}
+    for position, record in enumerate(records):
+        take, record_problems = _parse_record(root, split, record)
+        where = f"record {position}" + (f" (take_uid {take.take_uid})" if take else "")
+        problems += [f"{where}: {p}" for p in record_problems]
+        if take is None:
+            continue
+        if take.take_uid in seen:
+            problems.append(f"{where}: duplicate take_uid, first seen in record {seen[take.take_uid]}")
+        seen.setdefault(take.take_uid, position)
+        takes.append(take)
+    if problems:
+        raise AnnotationError(path, problems)
+    return sorted(takes, key=lambda t: t.take_uid)
+
+
+def _parse_record(root: Path, split: str, record: object) -> tuple[Take | None, list[str]]:
+    if not isinstance(record, dict):
+        return None, ["record is not an object"]
+    problems = [f"missing field {name!r}" for name in REQUIRED_FIELDS if name not in record]
+    if problems:
+        return None, problems
+    take_uid = record["take_uid"]
+    if not isinstance(take_uid, str) or not take_uid:
+        return None, [f"take_uid must be a non-empty string, got {take_uid!r}"]
+
+    try:
+        label = ProficiencyLabel.parse(record["proficiency_score"])
+    except ValueError as err:
+        problems.append(str(err))
+    scenario = record["scenario_name"]
+    if scenario not in SCENARIOS:
+        problems.append(f"unknown scenario_name {scenario!r} (expected one of {SCENARIOS})")
+
+    video_paths = record["video_paths"]
+    videos, take_names = {}, set()
+    if not isinstance(video_paths, dict):
+        problems.append("video_paths must be an object with keys " + ", ".join(VIEWS))
+        video_paths = {}
+    for view in VIEWS:
+        rel = video_paths.get(view)
+        if rel is None:
+            problems.append(f"video_paths has no {view!r} entry")
+            continue
+        path_problem = _unsafe_path_reason(rel)
+        if path_problem:
+            problems.append(f"video_paths[{view!r}] = {rel!r}: {path_problem}")
+            continue
+        videos[view] = downscaled_path(root, rel)
+        take_names.add(PurePosixPath(rel).parts[1])
+    if len(take_names) > 1:
+        problems.append(f"video_paths point into several takes: {sorted(take_names)}")
+    if problems:
+        return Take(take_uid, "", str(scenario), ProficiencyLabel.NOVICE, split, {}), problems
+    return Take(take_uid, take_names.pop(), scenario, label, split, videos), []
+
+
+def _unsafe_path_reason(rel: object) -> str | None:
+    """Why an annotation video path is unusable, or None: it must stay inside the download root."""
+    if not isinstance(rel, str) or not rel:
+        return "must be a non-empty string"
+    path = PurePosixPath(rel)
+    if path.is_absolute() or "\\" in rel or (len(rel) > 1 and rel[1] == ":"):
+        return "absolute path escapes the download root"
+    if ".." in path.parts:
+        return "'..' escapes the download root"
+    if len(path.parts) < 4 or path.parts[0] != "takes" or path.parts[2] != "frame_aligned_videos":
+        return "expected takes/<take_name>/frame_aligned_videos/<file>.mp4"
+    return None
+
+
+def resolve_view_files(take_dir: Path) -> dict[str, Path]:
+    """Map the mp4 files of one take folder to views by camera name.
+
+    Ego is the Aria file (`aria01_214-1.mp4`, `aria_214-1.mp4`, `aria1_...`); exos are the
+    `camNN` / `gpNN` files in numeric order (`cam05` fills a slot when one of cam01..04 is absent).
+    Accepts the take folder itself, or one holding `frame_aligned_videos/downscaled/448/`.
+    """
+    take_dir = Path(take_dir)
+    nested = take_dir / "frame_aligned_videos" / "downscaled" / "448"
+    folder = nested if nested.is_dir() else take_dir
+    files = sorted(p for p in folder.glob("*.mp4") if p.is_file())
+    egos = [p for p in files if p.name.lower().startswith("aria")]
+    exos = sorted(
+        (p for p in files if _EXO_NAME.match(p.name.lower())),
+        key=lambda p: int(_EXO_NAME.match(p.name.lower()).group(2)),
+    )
+    if len(egos) != 1:
+        raise ValueError(f"{folder}: expected exactly one ego (aria*) video, found {[p.name for p in egos]}")
+    if len(exos) > 4:
+        raise ValueError(f"{folder}: more than four exo videos: {[p.name for p in exos]}")
+    return {"ego": egos[0], **{f"exo{i + 1}": path for i, path in enumerate(exos)}}
+
+
+_EXO_NAME = re.compile(r"^(cam|gp)(\d+)\.mp4$")

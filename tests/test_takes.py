@@ -1,0 +1,108 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.takes import (
+    LABEL_NAMES, VIEWS, AnnotationError, ProficiencyLabel, downscaled_path, load_takes, resolve_view_files,
+)
+
+EGO_NAMES = ["aria01_214-1.mp4", "aria02_214-1.mp4", "aria04_214-1.mp4", "aria_214-1.mp4", "aria1_214-1.mp4"]
+EXO_SETS = [
+    ["cam01.mp4", "cam02.mp4", "cam03.mp4", "cam04.mp4"],
+    ["gp01.mp4", "gp02.mp4", "gp03.mp4", "gp04.mp4"],
+    ["cam01.mp4", "cam02.mp4", "cam03.mp4", "cam05.mp4"],
+]
+
+
+def record(uid="uid0", name="uniandes_bouldering_028_7", ego="aria01_214-1.mp4", exos=EXO_SETS[0], **fields):
+    files = [ego, *exos]
+    base = {
+        "task_id": 1, "task_name": "Bouldering", "scenario_name": "Rock Climbing", "university_id": "uniandes",
+        "origin_participant_id": "p1", "take_uid": uid, "proficiency_score": "Late Expert",
+        "video_paths": {view: f"takes/{name}/frame_aligned_videos/{f}" for view, f in zip(VIEWS, files)},
+    }
+    base.update(fields)
+    return base
+
+
+def write_annotations(root: Path, records, split="train") -> Path:
+    path = root / "annotations" / f"proficiency_demonstrator_{split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"ds": "20231211_15:13:34", "annotations": records}))
+    return path
+
+
+@pytest.mark.parametrize("ego", EGO_NAMES)
+@pytest.mark.parametrize("exos", EXO_SETS)
+def test_every_camera_naming_variant_resolves_to_the_448px_file(tmp_path, ego, exos):
+    write_annotations(tmp_path, [record(ego=ego, exos=exos)])
+    (take,) = load_takes(tmp_path, "train")
+    folder = tmp_path / "takes" / "uniandes_bouldering_028_7" / "frame_aligned_videos" / "downscaled" / "448"
+    assert take.videos == {view: folder / f for view, f in zip(VIEWS, [ego, *exos])}
+    assert take.take_name == "uniandes_bouldering_028_7"
+    assert take.label is ProficiencyLabel.LATE_EXPERT and take.split == "train"
+
+
+@pytest.mark.parametrize("ego", EGO_NAMES)
+@pytest.mark.parametrize("exos", EXO_SETS)
+def test_take_folder_views_resolve_by_camera_name(tmp_path, ego, exos):
+    for name in [*exos, ego]:
+        (tmp_path / name).write_bytes(b"")
+    views = resolve_view_files(tmp_path)
+    assert views == {view: tmp_path / f for view, f in zip(VIEWS, [ego, *exos])}
+
+
+def test_label_order_and_parsing():
+    assert [ProficiencyLabel.parse(n) for n in LABEL_NAMES] == list(ProficiencyLabel)
+    assert LABEL_NAMES == ("Novice", "Early Expert", "Intermediate Expert", "Late Expert")
+    with pytest.raises(ValueError, match="unknown proficiency_score 'Expert'"):
+        ProficiencyLabel.parse("Expert")
+
+
+def test_takes_are_sorted_and_split_recorded(tmp_path):
+    write_annotations(tmp_path, [record(uid="b"), record(uid="a", proficiency_score="Novice")], "val")
+    takes = load_takes(tmp_path, "val")
+    assert [t.take_uid for t in takes] == ["a", "b"]
+    assert [int(t.label) for t in takes] == [0, 3] and {t.split for t in takes} == {"val"}
+
+
+BAD_RECORDS = {
+    "unknown label": (record(proficiency_score="Expert"), "unknown proficiency_score 'Expert'"),
+    "missing field": ({k: v for k, v in record().items() if k != "proficiency_score"}, "missing field 'proficiency_score'"),
+    "missing view": (record(video_paths={"ego": "takes/x/frame_aligned_videos/a.mp4"}), "no 'exo1' entry"),
+    "dotdot path": (record(video_paths={**record()["video_paths"], "exo2": "takes/x/../../../etc/passwd.mp4"}), "'..' escapes"),
+    "absolute path": (record(video_paths={**record()["video_paths"], "exo3": "/etc/x/frame_aligned_videos/a.mp4"}), "absolute path"),
+    "unknown scenario": (record(scenario_name="Chess"), "unknown scenario_name 'Chess'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_each_invalid_record_is_named(tmp_path, case):
+    bad, message = BAD_RECORDS[case]
+    write_annotations(tmp_path, [record(uid="good"), bad])
+    with pytest.raises(AnnotationError, match="record 1") as info:
+        load_takes(tmp_path, "train")
+    assert message in str(info.value)
+
+
+def test_all_problems_are_listed_at_once_including_duplicates(tmp_path):
+    records = [record(uid="a"), record(uid="a"), record(uid="b", proficiency_score="Pro"), record(uid="c", scenario_name="?")]
+    path = write_annotations(tmp_path, records)
+    with pytest.raises(AnnotationError) as info:
+        load_takes(tmp_path, "train")
+    assert len(info.value.problems) == 3
+    text = str(info.value)
+    assert str(path) in text and "duplicate take_uid" in text and "'Pro'" in text and "'?'" in text
+
+
+def test_missing_annotation_file_and_bad_split(tmp_path):
+    with pytest.raises(FileNotFoundError, match="proficiency_demonstrator_train.json"):
+        load_takes(tmp_path, "train")
+    with pytest.raises(ValueError, match="unknown split"):
+        load_takes(tmp_path, "test")
+
+
+def test_downscaled_path_inserts_the_448_folder(tmp_path):
+    got = downscaled_path(tmp_path, "takes/t/frame_aligned_videos/cam01.mp4")
+    assert got == tmp_path / "takes/t/frame_aligned_videos/downscaled/448/cam01.mp4"
