@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+
+from pipeline.cache import CacheError, CacheSpec, FeatureCache, TakeRecord
+
+VIEWS = ("ego", "exo1")
+
+
+def spec(**fingerprint) -> CacheSpec:
+    return CacheSpec(
+        fingerprint={"backbone": "tiny", "frames": 4, **fingerprint}, views=VIEWS, frames=4,
+        num_patches=196, hidden_size=8, shard_size=3,
+    )
+
+
+def records(uids, present=(True, True)):
+    return [TakeRecord(u, f"name_{u}", "train", i % 4, "Dance", present) for i, u in enumerate(uids)]
+
+
+def fill(cache, split, uids, skip=()):
+    rng = np.random.default_rng(0)
+    written = {}
+    for shard, shard_uids in enumerate(cache.plan_split(split, uids)):
+        tokens = rng.standard_normal((len(shard_uids), 2, 5, 8)).astype(np.float16)
+        if shard not in skip:
+            cache.write_shard(split, shard, tokens, records(shard_uids), {})
+            written.update(zip(shard_uids, tokens))
+    return written
+
+
+def test_round_trip_of_committed_shards_in_row_order(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    uids = [f"t{i}" for i in range(7)]  # shards of 3, 3, 1: the last one is partial
+    written = fill(cache, "train", uids)
+    loaded = FeatureCache.open(tmp_path).read("train")
+    assert [r.take_uid for r in loaded.records] == uids
+    assert loaded.tokens.dtype == np.float16 and loaded.tokens.shape == (7, 2, 5, 8)
+    np.testing.assert_array_equal(loaded.tokens, np.stack([written[u] for u in uids]))
+    assert loaded.labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert FeatureCache.open(tmp_path).is_complete("train")
+
+
+def test_uncommitted_shards_are_invisible(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    written = fill(cache, "train", [f"t{i}" for i in range(7)], skip={1})
+    loaded = cache.read("train")
+    assert [r.take_uid for r in loaded.records] == ["t0", "t1", "t2", "t6"]
+    np.testing.assert_array_equal(loaded.tokens[3], written["t6"])
+    assert cache.committed_shards("train") == {0, 2} and not cache.is_complete("train")
+
+
+def test_a_different_fingerprint_is_refused_with_the_differences_named(tmp_path):
+    FeatureCache.open_or_create(tmp_path, spec())
+    with pytest.raises(CacheError) as info:
+        FeatureCache.open_or_create(tmp_path, spec(frames=8, adapter_sha256="abc"))
+    message = str(info.value)
+    assert "refusing to mix" in message
+    assert "fingerprint.frames: cache has 4, this run has 8" in message
+    assert "fingerprint.adapter_sha256" in message
+    FeatureCache.open_or_create(tmp_path, spec())  # the same fingerprint opens fine
+
+
+def test_a_changed_take_list_is_refused(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    cache.plan_split("train", ["a", "b"])
+    with pytest.raises(CacheError, match="different set of takes"):
+        cache.plan_split("train", ["a", "b", "c"])
+
+
+def test_opening_a_folder_that_is_not_a_cache(tmp_path):
+    with pytest.raises(CacheError, match="not a skillpipe feature cache"):
+        FeatureCache.open(tmp_path)
+
+
+def test_wrong_shard_shape_is_rejected(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    cache.plan_split("train", ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="shard 1 of train"):
+        cache.write_shard("train", 1, np.zeros((3, 2, 5, 8)), records(["d", "e", "f"]), {})
+    assert cache.committed_shards("train") == set()
+
+
+def test_failures_summary_collects_every_split(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    for split in ("train", "val"):
+        cache.plan_split(split, [f"{split}0"])
+        cache.write_shard(split, 0, np.zeros((1, 2, 5, 8)), records([f"{split}0"], (True, False)), {f"{split}0": {"exo1": "x"}})
+    assert cache.write_failures_summary() == {"train0": {"exo1": "x"}, "val0": {"exo1": "x"}}
+    assert cache.read("val").present.tolist() == [[True, False]]
