@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.video import preprocess, sample_indices
+
+
+@pytest.mark.parametrize("num_frames,samples", [(8, 8), (30, 8), (300, 16), (1001, 32), (17, 16)])
+def test_indices_are_segment_centres_over_the_whole_take(num_frames, samples):
+    indices = sample_indices(num_frames, samples)
+    assert len(indices) == samples and np.all(np.diff(indices) > 0)
+    assert indices[0] >= 0 and indices[-1] < num_frames
+    segment = num_frames / samples
+    # each index lies inside its own segment, at most half a segment (+1 frame) from the centre
+    centres = (np.arange(samples) + 0.5) * segment
+    assert np.all(np.abs(indices - centres) <= 1)
+    assert indices[0] < segment and indices[-1] >= num_frames - segment
+
+
+def test_sampling_is_deterministic_and_time_aligned_across_views():
+    # frame-aligned views of one take share their frame count, hence the very same frame indices
+    first = [sample_indices(450, 16) for _view in range(5)]
+    assert all(np.array_equal(first[0], other) for other in first)
+    assert np.array_equal(sample_indices(450, 16), first[0])
+    # the same relative times, whatever the length
+    relative = sample_indices(900, 8) / 900
+    assert np.allclose(relative, sample_indices(450, 8) / 450, atol=1 / 450)
+
+
+def test_too_short_a_take_is_an_error():
+    with pytest.raises(ValueError, match="only 5 frames, need at least 8"):
+        sample_indices(5, 8)
+
+
+def smooth_frames(height, width, count=2, seed=0):
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.integers(0, 256, (count, 3, 24, 40)).astype(np.float32))
+    frames = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear")
+    return frames.permute(0, 2, 3, 1).round().clamp(0, 255).numpy().astype(np.uint8)
+
+
+@pytest.mark.parametrize("height,width", [(448, 796), (448, 448), (600, 448)])
+def test_preprocessing_matches_the_checkpoint_image_processor(height, width):
+    from transformers.models.videomae.image_processing_pil_videomae import VideoMAEImageProcessorPil
+
+    frames = smooth_frames(height, width)
+    processor = VideoMAEImageProcessorPil(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, image_mean=[0.45] * 3, image_std=[0.225] * 3
+    )
+    expected = processor(list(frames), return_tensors="pt")["pixel_values"][0]  # (T, 3, 224, 224)
+    ours = preprocess(frames)
+    assert ours.shape == expected.shape == (2, 3, 224, 224)
+    # the PIL path rounds to uint8 after resizing: one grey level is 1 / 255 / 0.225 = 0.0174
+    assert (ours - expected).abs().max() < 0.02
