@@ -162,11 +162,16 @@ class FeatureCache:
 
     def write_failures_summary(self) -> dict:
         """Rewrite failures.json from every committed marker; returns take_uid -> view -> reason."""
+        failures = self.read_failures()
+        write_json_atomic(self.root / "failures.json", failures)
+        return failures
+
+    def read_failures(self) -> dict:
+        """take_uid -> view -> reason over every committed shard (the markers are the truth)."""
         failures = {}
         for split in self.splits():
             for shard in sorted(self.committed_shards(split)):
                 failures.update(self._marker(split, shard)["failures"])
-        write_json_atomic(self.root / "failures.json", failures)
         return failures
 
     # ---- reading ----------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""torch.distributed set-up for `torchrun`: one process per rank, no scheduler of our own.
+
+Without torchrun's environment (WORLD_SIZE unset or 1) everything runs as a single rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, shard: int) -> bool:
+        """Shards are dealt round-robin, so no two ranks ever write the same shard."""
+        return shard % self.world_size == self.rank
+
+
+def init_distributed(device: str = "cpu") -> Ranks:
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA) if launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Ranks()
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world_size > 1:
+        dist.barrier()
+
+
+def local_device(device: str) -> str:
+    """`cuda` under torchrun means this rank's own GPU."""
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device

@@ -1,0 +1,243 @@
+"""Feature extraction: decode every take's views, run the backbone, commit whole shards to the cache.
+
+Decoding runs in DataLoader worker processes (overlapping the model) when `workers > 0`. Clips
+are batched across the takes and views of one shard, never across shards, so a resumed run
+forms exactly the batches an uninterrupted run would and writes identical features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import backbone as bb
+from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
+from pipeline.config import ConfigError, save_config
+from pipeline.distributed import Ranks, barrier
+from pipeline.takes import VIEWS, Take, load_takes
+from pipeline.video import PREPROCESSING, VideoError, decode_clip, preprocess
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of `skillpipe extract`; saved as `<cache>/extract-<split>.json`."""
+
+    root: Path  # egoexo download root (holds annotations/ and takes/)
+    split: Literal["train", "val"] = "train"
+    cache: Path = Path("cache/features")  # feature cache folder (one zarr store)
+    backbone: str = bb.DEFAULT_BACKBONE  # hub id or local folder of a TimeSformer
+    frames: int = 16  # T frames sampled per view
+    views: tuple[str, ...] = VIEWS
+    adapter: Path | None = None  # peft LoRA adapter folder (or a finetune run holding adapter/)
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast (CPU AMX / CUDA), or exact fp32
+    batch_size: int = 8  # clips per backbone forward
+    workers: int = 1  # decoding processes (0 = decode in the main process)
+    shard_size: int = 16  # takes per zarr shard (the unit of commit and resume)
+
+    def __post_init__(self):
+        problems = []
+        if self.frames < 1:
+            problems.append(f"frames must be >= 1, got {self.frames}")
+        unknown = [v for v in self.views if v not in VIEWS]
+        if unknown or not self.views or len(set(self.views)) != len(self.views):
+            problems.append(f"views must be distinct names from {list(VIEWS)}, got {list(self.views)}")
+        if self.batch_size < 1 or self.shard_size < 1 or self.workers < 0:
+            problems.append("batch_size and shard_size must be >= 1, workers >= 0")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            problems.append(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if problems:
+            raise ConfigError("ExtractConfig: " + "; ".join(problems))
+
+
+@dataclass
+class ExtractSummary:
+    total_takes: int
+    computed_takes: int = 0
+    skipped_takes: int = 0  # already committed by an earlier run
+    clips: int = 0
+    seconds: float = 0.0
+    failures: dict = field(default_factory=dict)  # take_uid -> view -> reason, this split
+
+
+def code_version() -> str:
+    try:
+        return importlib.metadata.version("skillpipe")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def fingerprint(config: ExtractConfig, model: torch.nn.Module, weights_sha256: str) -> dict:
+    """Everything that changes the numbers in the cache. Device and batch size are left out."""
+    return {
+        "backbone": config.backbone,
+        "weights_sha256": weights_sha256,
+        "adapter_sha256": bb.adapter_hash(config.adapter) if config.adapter else None,
+        "frames": config.frames,
+        "views": list(config.views),
+        "preprocessing": dataclasses.asdict(PREPROCESSING),
+        "precision": config.precision,
+        "dtype": "float16",
+        "code_version": code_version(),
+    }
+
+
+def build_cache_spec(config: ExtractConfig, model: torch.nn.Module, weights_sha256: str) -> CacheSpec:
+    model_config = model.config
+    num_patches = (model_config.image_size // model_config.patch_size) ** 2
+    return CacheSpec(
+        fingerprint=fingerprint(config, model, weights_sha256),
+        views=tuple(config.views),
+        frames=config.frames,
+        num_patches=num_patches,
+        hidden_size=model_config.hidden_size,
+        shard_size=config.shard_size,
+    )
+
+
+def load_extraction_model(config: ExtractConfig) -> tuple[torch.nn.Module, str]:
+    """The backbone (with adapter if any) in eval mode on the device, and the base weights' hash."""
+    model = bb.load_backbone(config.backbone, config.frames)
+    weights_sha256 = bb.weights_hash(model)
+    if config.adapter:
+        model = bb.load_adapter(model, config.adapter)
+    return model.to(config.device).eval(), weights_sha256
+
+
+@dataclass
+class DecodedTake:
+    shard: int
+    position: int  # index of the take inside its shard
+    clips: dict[str, torch.Tensor]  # view -> (T, 3, 224, 224) float32
+    failures: dict[str, str]  # view -> reason
+
+
+class ShardTakes(IterableDataset):
+    """Decodes the takes of the given shards in order; worker w of W decodes takes w, w+W, ..."""
+
+    def __init__(self, shards: list[tuple[int, list[Take]]], views: tuple[str, ...], frames: int):
+        self.shards, self.views, self.frames = shards, views, frames
+
+    def __iter__(self) -> Iterator[DecodedTake]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        items = [(shard, pos, take) for shard, takes in self.shards for pos, take in enumerate(takes)]
+        for shard, position, take in items[worker::num_workers]:
+            yield decode_take(take, self.views, self.frames, shard, position)
+
+
+def decode_take(take: Take, views: tuple[str, ...], frames: int, shard: int = 0, position: int = 0) -> DecodedTake:
+    clips, failures = {}, {}
+    for view in views:
+        try:
+            clips[view] = preprocess(decode_clip(take.videos[view], frames))
+        except VideoError as err:
+            failures[view] = str(err)
+    return DecodedTake(shard, position, clips, failures)
+
+
+def run_extraction(
+    config: ExtractConfig,
+    on_take: Callable[[int], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+    ranks: Ranks = Ranks(),
+) -> ExtractSummary:
+    """Extract every not-yet-committed shard of the split that this rank owns.
+
+    Under torchrun each rank takes the shards `k % world_size == rank`; rank 0 creates the
+    cache and plans the split first. `on_start(total, skipped)` and `on_take(clips)` report progress.
+    """
+    takes = load_takes(config.root, config.split)  # validates before any compute
+    if not takes:
+        raise ConfigError(f"{config.root}: split {config.split!r} has no takes")
+    model, weights_sha256 = load_extraction_model(config)
+    spec = build_cache_spec(config, model, weights_sha256)
+    if ranks.is_main:
+        cache = FeatureCache.open_or_create(config.cache, spec)
+        cache.plan_split(config.split, [take.take_uid for take in takes])
+        save_config(config, Path(config.cache) / f"extract-{config.split}.json")
+    barrier(ranks)
+    cache = FeatureCache.open_or_create(config.cache, spec)
+    by_uid = {take.take_uid: take for take in takes}
+    plan = cache.plan_split(config.split, [take.take_uid for take in takes])
+    done = cache.committed_shards(config.split)
+    pending = [(k, [by_uid[uid] for uid in uids]) for k, uids in enumerate(plan) if k not in done and ranks.owns(k)]
+
+    owned = sum(len(uids) for k, uids in enumerate(plan) if ranks.owns(k))
+    summary = ExtractSummary(total_takes=owned, skipped_takes=owned - sum(len(t) for _, t in pending))
+    if on_start:
+        on_start(summary.total_takes, summary.skipped_takes)
+    started = time.perf_counter()
+    if pending:
+        loader = DataLoader(
+            ShardTakes(pending, config.views, config.frames),
+            batch_size=None,
+            num_workers=config.workers,
+            collate_fn=lambda item: item,
+            prefetch_factor=2 if config.workers else None,
+        )
+        takes_by_shard = dict(pending)
+        for shard, decoded in _group_by_shard(loader, {k: len(t) for k, t in pending}):
+            shard_takes = takes_by_shard[shard]
+            tokens = encode_shard(model, decoded, config)
+            records = [_record(take, item, config.views) for take, item in zip(shard_takes, decoded)]
+            failures = {take.take_uid: item.failures for take, item in zip(shard_takes, decoded) if item.failures}
+            cache.write_shard(config.split, shard, tokens, records, failures)
+            for item in decoded:
+                summary.clips += len(item.clips)
+                summary.computed_takes += 1
+                if on_take:
+                    on_take(len(item.clips))
+    summary.seconds = time.perf_counter() - started
+    barrier(ranks)
+    if ranks.is_main:
+        cache.write_failures_summary()
+    split_uids = set(by_uid)
+    summary.failures = {uid: r for uid, r in cache.read_failures().items() if uid in split_uids}
+    return summary
+
+
+def _group_by_shard(loader, sizes: dict[int, int]) -> Iterator[tuple[int, list[DecodedTake]]]:
+    """Collect decoded takes (which workers may deliver interleaved) into whole shards, in order."""
+    partial: dict[int, dict[int, DecodedTake]] = {}
+    for item in loader:
+        partial.setdefault(item.shard, {})[item.position] = item
+        if len(partial[item.shard]) == sizes[item.shard]:
+            got = partial.pop(item.shard)
+            yield item.shard, [got[i] for i in range(sizes[item.shard])]
+
+
+@torch.inference_mode()
+def encode_shard(model: torch.nn.Module, decoded: list[DecodedTake], config: ExtractConfig) -> np.ndarray:
+    """(k, V, 1 + T, D) float16 for the shard's takes; absent views stay zero."""
+    hidden = model.config.hidden_size
+    out = np.zeros((len(decoded), len(config.views), 1 + config.frames, hidden), np.float16)
+    slots = [(i, v) for i, item in enumerate(decoded) for v, view in enumerate(config.views) if view in item.clips]
+    device = torch.device(config.device)
+    for start in range(0, len(slots), config.batch_size):
+        batch = slots[start : start + config.batch_size]
+        pixels = torch.stack([decoded[i].clips[config.views[v]] for i, v in batch]).to(device)  # (B, T, 3, 224, 224)
+        with bb.autocast_context(device, enabled=config.precision == "bf16"):
+            tokens = bb.encode_clips(model, pixels)  # (B, 1 + T, D) fp32
+        for (i, v), row in zip(batch, tokens.float().cpu().numpy()):
+            out[i, v] = row
+    return out
+
+
+def _record(take: Take, decoded: DecodedTake, views: tuple[str, ...]) -> TakeRecord:
+    return TakeRecord(
+        take_uid=take.take_uid,
+        take_name=take.take_name,
+        split=take.split,
+        label=int(take.label),
+        scenario=take.scenario,
+        present=tuple(view in decoded.clips for view in views),
+    )

@@ -1,0 +1,57 @@
+"""The `skillpipe` command: one sub-command per stage, each a thin module in `stages/`."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+import typer
+from rich.console import Console
+
+from pipeline.cache import CacheError
+from pipeline.config import ConfigError
+from pipeline.takes import AnnotationError
+from stages import demo, export, extract
+
+USAGE_ERROR = 2  # bad flags, config or annotations: nothing was computed
+USER_ERRORS = (ConfigError, CacheError, AnnotationError, FileNotFoundError)
+
+app = typer.Typer(
+    help="Skill-level estimation from multi-view EgoExo4D video: extract features, fit heads, fine-tune.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _reporting_user_errors(command: Callable) -> Callable:
+    """Turn a user's mistake into one clear message and exit code 2 instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as err:
+            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+            raise typer.Exit(USAGE_ERROR) from None
+
+    return wrapper
+
+
+def register(name: str, command: Callable) -> None:
+    app.command(name, help=command.__doc__)(_reporting_user_errors(command))
+
+
+register("extract", extract.extract)
+register("demo-data", demo.demo_data)
+register("demo", demo.demo)
+register("export", export.export)
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

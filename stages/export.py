@@ -1,0 +1,24 @@
+"""`skillpipe export`: copy a feature cache into a format other tools read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from pipeline.cache import FeatureCache
+from pipeline.config import ConfigError
+from pipeline.export import export_hdf5
+
+
+def export(
+    cache: Path = typer.Option(..., help="Feature cache folder written by `skillpipe extract`."),
+    out: Path = typer.Option(..., help="Output file, e.g. features.h5."),
+    format: str = typer.Option("hdf5", "--format", help="Output format: hdf5."),
+) -> None:
+    """Export a feature cache's arrays and per-take index (HDF5, readable with plain h5py)."""
+    if format != "hdf5":
+        raise ConfigError(f"--format {format!r} is not supported (supported: hdf5)")
+    counts = export_hdf5(FeatureCache.open(cache), out)
+    Console().print(f"exported {counts} takes from {cache} -> {out}")

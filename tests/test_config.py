@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, read_saved_config, save_config
+from pipeline.extraction import ExtractConfig
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".yaml", "root: data\nframes: 8\nviews: [ego, exo1]\n"),
+    (".toml", 'root = "data"\nframes = 8\nviews = ["ego", "exo1"]\n'),
+    (".json", '{"root": "data", "frames": 8, "views": ["ego", "exo1"]}'),
+])
+def test_file_then_flags_override(tmp_path, suffix, text):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    config = load_config(ExtractConfig, path, {"frames": 4, "batch_size": None})
+    assert config.root == Path("data") and config.views == ("ego", "exo1")
+    assert config.frames == 4  # the flag wins
+    assert config.batch_size == 8  # None = flag not given: default stays
+
+
+def test_comma_separated_views_flag():
+    config = load_config(ExtractConfig, None, {"root": "r", "views": "ego, exo3"})
+    assert config.views == ("ego", "exo3")
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"root": "r", "frames": "eight"}, "ExtractConfig.frames from command line: expected an integer"),
+    ({"root": "r", "split": "test"}, "'test' is not one of"),
+    ({"root": "r", "views": "ego,cam9"}, "views must be distinct names"),
+    ({"root": "r", "frame": 3}, "unknown field(s) ['frame']"),
+    ({"frames": 3}, "required field(s) not set: ['root']"),
+])
+def test_bad_values_name_the_field(values, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(ExtractConfig, None, values)
+    assert message in str(info.value)
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = load_config(ExtractConfig, None, {"root": "r", "adapter": "a", "views": "ego"})
+    save_config(config, tmp_path / "c.json")
+    assert read_saved_config(ExtractConfig, tmp_path / "c.json") == config

@@ -1,0 +1,41 @@
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cache import CacheError, FeatureCache
+from pipeline.export import export_hdf5
+from stages.cli import app
+from tests.test_cache import fill, spec
+
+
+def test_hdf5_export_round_trips_every_value(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path / "cache", spec())
+    fill(cache, "train", [f"t{i}" for i in range(7)])
+    fill(cache, "val", ["v0", "v1"])
+    result = CliRunner().invoke(app, ["export", "--cache", str(tmp_path / "cache"), "--format", "hdf5", "--out", str(tmp_path / "f.h5")])
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "f.h5", "r") as h5:
+        assert list(h5.attrs["views"]) == ["ego", "exo1"] and h5.attrs["frames"] == 4
+        for split in ("train", "val"):
+            want = cache.read(split)
+            group = h5[split]
+            assert group["tokens"].chunks == (1, 2, 5, 8)
+            np.testing.assert_array_equal(group["tokens"][:], want.tokens)
+            np.testing.assert_array_equal(group["present"][:], want.present)
+            np.testing.assert_array_equal(group["label"][:], want.labels)
+            for name in ("take_uid", "take_name", "scenario"):
+                assert [s.decode() for s in group[name][:]] == [getattr(r, name) for r in want.records]
+    assert not list(tmp_path.glob(".f.h5.partial"))
+
+
+def test_exporting_an_empty_cache_is_an_error(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    with pytest.raises(CacheError, match="no committed takes"):
+        export_hdf5(cache, tmp_path / "x.h5")
+
+
+def test_unknown_format_exits_2(tmp_path):
+    FeatureCache.open_or_create(tmp_path, spec())
+    result = CliRunner().invoke(app, ["export", "--cache", str(tmp_path), "--format", "parquet", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "parquet" in result.output

@@ -1,0 +1,174 @@
+"""`skillpipe extract` end to end on generated takes with a tiny random TimeSformer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.backbone import encode_clips, load_backbone, save_tiny_backbone
+from pipeline.cache import FeatureCache
+from pipeline.demo_data import write_demo_dataset
+from pipeline.takes import VIEWS, load_takes
+from pipeline.video import decode_clip, preprocess
+from stages.cli import app
+from tests import videos
+
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("egoexo")
+    write_demo_dataset(root, takes=10, val_fraction=0.3, seed=1, frames=12)
+    return root
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    return save_tiny_backbone(tmp_path_factory.mktemp("backbone") / "tiny", seed=0)
+
+
+def extract_args(root, cache, backbone, *extra, frames=FRAMES, shard_size=2):
+    return [
+        "extract", "--root", str(root), "--split", "train", "--cache", str(cache), "--backbone", str(backbone),
+        "--frames", str(frames), "--workers", "0", "--shard-size", str(shard_size), *extra,
+    ]
+
+
+def run_cli(*args):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def markers(cache: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((cache / "shards" / "train").glob("*.json"))}
+
+
+def test_extract_writes_every_take_and_view_and_a_rerun_does_no_work(dataset, backbone_dir, tmp_path):
+    cache_dir = tmp_path / "cache"
+    result = run_cli(*extract_args(dataset, cache_dir, backbone_dir, "--precision", "fp32"))
+    assert result.exit_code == 0, result.output
+    takes = load_takes(dataset, "train")
+    cache = FeatureCache.open(cache_dir)
+    split = cache.read("train")
+    assert [r.take_uid for r in split.records] == [t.take_uid for t in takes]
+    assert split.tokens.shape == (len(takes), len(VIEWS), 1 + FRAMES, cache.spec.hidden_size)
+    assert split.present.all() and json.loads((cache_dir / "failures.json").read_text()) == {}
+    assert json.loads((cache_dir / "extract-train.json").read_text())["frames"] == FRAMES
+
+    # the cached tokens are the backbone's pooled tokens of the sampled, preprocessed frames
+    model = load_backbone(str(backbone_dir), FRAMES)
+    take = takes[-1]
+    clips = torch.stack([preprocess(decode_clip(take.videos[v], FRAMES)) for v in VIEWS])
+    with torch.inference_mode():
+        expected = encode_clips(model, clips).numpy()
+    np.testing.assert_allclose(split.tokens[-1].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+
+    before = markers(cache_dir)
+    again = run_cli(*extract_args(dataset, cache_dir, backbone_dir, "--precision", "fp32"))
+    assert again.exit_code == 0 and "computed 0" in again.output
+    assert markers(cache_dir) == before  # nothing rewritten
+
+
+def test_a_different_fingerprint_is_refused_with_exit_2(dataset, backbone_dir, tmp_path):
+    assert run_cli(*extract_args(dataset, tmp_path, backbone_dir, "--views", "ego")).exit_code == 0
+    result = CliRunner().invoke(app, extract_args(dataset, tmp_path, backbone_dir, "--views", "ego", frames=8))
+    assert result.exit_code == 2
+    assert "refusing to mix" in result.output and "fingerprint.frames: cache has 4, this run has 8" in result.output
+
+
+def test_invalid_annotations_exit_2_before_any_compute(dataset, backbone_dir, tmp_path):
+    root = tmp_path / "root"
+    (root / "annotations").mkdir(parents=True)
+    document = json.loads((dataset / "annotations" / "proficiency_demonstrator_train.json").read_text())
+    document["annotations"][0]["proficiency_score"] = "Grandmaster"
+    (root / "annotations" / "proficiency_demonstrator_train.json").write_text(json.dumps(document))
+    result = CliRunner().invoke(app, extract_args(root, tmp_path / "cache", backbone_dir))
+    assert result.exit_code == 2 and "Grandmaster" in result.output
+    assert not (tmp_path / "cache").exists()
+
+
+BAD_VIEWS = {
+    "exo1": ("truncated", lambda p: videos.truncated_video(p)),
+    "exo2": ("random bytes", lambda p: videos.random_bytes_video(p)),
+    "exo3": ("empty", lambda p: videos.empty_video(p)),
+    "exo4": ("missing", lambda p: p.unlink()),
+    "ego": ("too short", lambda p: videos.short_video(p, 2)),
+}
+
+
+def test_bad_views_are_recorded_marked_absent_and_exit_3(dataset, backbone_dir, tmp_path):
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-r", str(dataset), str(root)], check=True)
+    takes = load_takes(root, "train")
+    broken = {take.take_uid: view for take, view in zip(takes, BAD_VIEWS)}
+    for take in takes:
+        if take.take_uid in broken:
+            view = broken[take.take_uid]
+            BAD_VIEWS[view][1](take.videos[view])
+    videos.half_truncated_faststart_video(takes[-1].videos["exo1"])
+    broken[takes[-1].take_uid] = "exo1"
+
+    result = run_cli(*extract_args(root, tmp_path / "cache", backbone_dir))
+    assert result.exit_code == 3, result.output
+    failures = json.loads((tmp_path / "cache" / "failures.json").read_text())
+    assert {uid: set(reasons) for uid, reasons in failures.items()} == {uid: {v} for uid, v in broken.items()}
+    assert "file not found" in str(failures) and "empty file" in str(failures) and "only" in str(failures)
+    for uid, view in broken.items():
+        assert uid in result.output
+    split = FeatureCache.open(tmp_path / "cache").read("train")
+    for record, tokens in zip(split.records, split.tokens):
+        missing = broken.get(record.take_uid)
+        assert record.present == tuple(v != missing for v in VIEWS)
+        assert all(np.any(tokens[i] != 0) == present for i, present in enumerate(record.present))
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(dataset, backbone_dir, tmp_path):
+    command = [sys.executable, "-m", "stages.cli", *extract_args(dataset, "CACHE", backbone_dir, "--batch-size", "1", shard_size=1)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+
+    def with_cache(cache):
+        return [str(cache) if part == "CACHE" else part for part in command]
+
+    subprocess.run(with_cache(reference), check=True, env=env, capture_output=True)
+    process = subprocess.Popen(with_cache(resumed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(markers(resumed)) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    committed = markers(resumed)
+    total = len(load_takes(dataset, "train"))
+    assert 2 <= len(committed) < total, "the run should have been killed in the middle"
+
+    finished = subprocess.run(with_cache(resumed), env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert f"computed {total - len(committed)}, already cached {len(committed)}" in " ".join(finished.stdout.split())
+    assert {k: v for k, v in markers(resumed).items() if k in committed} == committed
+    want, got = FeatureCache.open(reference).read("train"), FeatureCache.open(resumed).read("train")
+    assert got.records == want.records
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+def test_torchrun_two_ranks_write_disjoint_shards_equal_to_one_process(dataset, backbone_dir, tmp_path):
+    single, distributed = tmp_path / "single", tmp_path / "distributed"
+    assert run_cli(*extract_args(dataset, single, backbone_dir, shard_size=1)).exit_code == 0
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launched = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "stages.cli",
+         *extract_args(dataset, distributed, backbone_dir, shard_size=1)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "rank 0/2" in launched.stdout and "rank 1/2" in launched.stdout
+    want, got = FeatureCache.open(single).read("train"), FeatureCache.open(distributed).read("train")
+    assert got.records == want.records
+    np.testing.assert_array_equal(got.tokens, want.tokens)
