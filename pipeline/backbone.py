@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import TimesformerConfig, TimesformerModel
+from transformers.utils import logging as hf_logging
 
 DEFAULT_BACKBONE = "facebook/timesformer-base-finetuned-k600"
 
@@ -44,6 +45,7 @@ def load_backbone(name_or_dir: str, num_frames: int) -> TimesformerModel:
     path = Path(name_or_dir)
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(f"{path}: backbone folder has no config.json (expected a save_pretrained TimeSformer)")
+    hf_logging.disable_progress_bar()  # one bar per load would drown the stage's own progress
     model = TimesformerModel.from_pretrained(str(name_or_dir))
     set_num_frames(model, num_frames)
     return model.eval()
@@ -165,5 +167,6 @@ def save_tiny_backbone(out_dir: Path, seed: int = 0, num_frames: int = 8, **over
     # positions distinguishable, as in a trained model.
     for parameter in (model.embeddings.cls_token, model.embeddings.position_embeddings, model.embeddings.time_embeddings):
         torch.nn.init.trunc_normal_(parameter, std=0.02)
+    hf_logging.disable_progress_bar()
     model.save_pretrained(out_dir)
     return Path(out_dir)
