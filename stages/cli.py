@@ -12,7 +12,7 @@ from rich.console import Console
 from pipeline.cache import CacheError
 from pipeline.config import ConfigError
 from pipeline.takes import AnnotationError
-from stages import demo, export, extract
+from stages import demo, export, extract, fit_head
 
 USAGE_ERROR = 2  # bad flags, config or annotations: nothing was computed
 USER_ERRORS = (ConfigError, CacheError, AnnotationError, FileNotFoundError)
@@ -33,7 +33,7 @@ def _reporting_user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except USER_ERRORS as err:
-            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
             raise typer.Exit(USAGE_ERROR) from None
 
     return wrapper
@@ -47,6 +47,7 @@ register("extract", extract.extract)
 register("demo-data", demo.demo_data)
 register("demo", demo.demo)
 register("export", export.export)
+register("fit-head", fit_head.fit_head)
 
 
 def main() -> None:

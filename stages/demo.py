@@ -10,9 +10,13 @@ from rich.console import Console
 from pipeline.backbone import save_tiny_backbone
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig
+from pipeline.config import load_config
+from pipeline.head_training import FitHeadConfig
 from stages.extract import extract_with_progress
+from stages.fit_head import run_grid
 
 DEMO_FRAMES = 8
+DEMO_FIT_HEAD = Path(__file__).resolve().parent.parent / "configs" / "demo-fit-head.yaml"
 
 
 def demo_data(
@@ -27,14 +31,14 @@ def demo_data(
 
 def demo(
     out: Path = typer.Option(Path("cache/demo"), help="Folder for the demo's data, backbone, cache and runs."),
-    takes: int = typer.Option(40, help="Number of demo takes over both splits."),
+    takes: int = typer.Option(80, help="Number of demo takes over both splits."),
 ) -> None:
     """Run the pipeline end to end on generated demo data with a tiny random TimeSformer."""
     console = Console()
     data, backbone_dir, cache = out / "data", out / "tiny-timesformer", out / "cache"
     if not (data / "annotations").is_dir():
         console.print(f"[bold]1. demo data[/] -> {data}")
-        write_demo_dataset(data, takes=takes, seed=0)
+        write_demo_dataset(data, takes=takes, seed=0, frames=12)
     if not (backbone_dir / "config.json").is_file():
         console.print(f"[bold]2. tiny random TimeSformer[/] -> {backbone_dir} (pretrained weights cannot be downloaded everywhere)")
         save_tiny_backbone(backbone_dir, seed=0)
@@ -45,3 +49,5 @@ def demo(
         failures += len(extract_with_progress(settings, console).failures)
     if failures:
         raise typer.Exit(3)
+    console.print(f"[bold]4. fit-head grid[/] ego / exos / ego+exos -> {out / 'fit-head'} (the skill cues are split across views)")
+    run_grid(load_config(FitHeadConfig, DEMO_FIT_HEAD, {"cache": cache, "out": out / "fit-head"}), console)

@@ -1,0 +1,33 @@
+"""Saving and loading trained heads without pickle: safetensors weights + a JSON description."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
+from pipeline.fusion import HeadConfig, build_head
+
+HEAD_WEIGHTS, HEAD_INFO = "head.safetensors", "head.json"
+
+
+def save_head(folder: Path, head: torch.nn.Module, config: HeadConfig, view_names: tuple[str, ...], **info) -> None:
+    """`head.safetensors` + `head.json` (head config, views in slot order, anything in `info`)."""
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()}
+    write_bytes_atomic(Path(folder) / HEAD_WEIGHTS, save_safetensors(state))
+    write_json_atomic(Path(folder) / HEAD_INFO, {"head": dataclasses.asdict(config), "views": list(view_names), **info})
+
+
+def load_head(folder: Path) -> tuple[torch.nn.Module, dict]:
+    """The head in eval mode and its `head.json` contents."""
+    folder = Path(folder)
+    if not (folder / HEAD_INFO).is_file():
+        raise FileNotFoundError(f"{folder}: no trained head here ({HEAD_INFO} missing)")
+    info = read_json(folder / HEAD_INFO)
+    head = build_head(HeadConfig(**info["head"]))
+    head.load_state_dict(load_safetensors((folder / HEAD_WEIGHTS).read_bytes()))
+    return head.eval(), info

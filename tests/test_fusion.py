@@ -1,0 +1,90 @@
+import pytest
+import torch
+from torch import nn
+
+from pipeline.backbone import reference_view_feature
+from pipeline.fusion import FUSIONS, HeadConfig, PooledCrossViewAttention, build_head, head_inputs, masked_mean
+
+CONFIG = dict(dim=32, num_views=5, frames=4, num_patches=196, hidden=48, heads=4, dropout=0.1)
+
+
+def inputs(batch=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 5, 5, 32, generator=generator)  # (B, V, 1 + T, D)
+
+
+def test_pooled_feature_is_the_mean_over_all_backbone_tokens():
+    hidden = torch.randn(2, 1 + 196 * 4, 32)  # a last_hidden_state, patch-major with time fastest
+    patches = hidden[:, 1:].reshape(2, 196, 4, 32)
+    cached = torch.cat([hidden[:, :1], patches.mean(1)], 1)  # what the cache stores per view
+    torch.testing.assert_close(reference_view_feature(cached, 196), hidden.mean(1))
+    config = HeadConfig(fusion="crossview", **CONFIG)
+    torch.testing.assert_close(head_inputs(cached[:, None], config)[:, 0], hidden.mean(1))
+
+
+def test_pooled_attention_equals_multihead_attention_then_masked_mean():
+    torch.manual_seed(0)
+    ours = PooledCrossViewAttention(32, 4, dropout=0.0).eval()
+    reference = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    reference.in_proj_weight.data, reference.in_proj_bias.data = ours.qkv.weight.data, ours.qkv.bias.data
+    reference.out_proj.weight.data, reference.out_proj.bias.data = ours.out.weight.data, ours.out.bias.data
+    x = torch.randn(3, 5, 32)
+    present = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 0, 1], [0, 0, 0, 1, 0]], dtype=torch.bool)
+    attended, _ = reference(x, x, x, key_padding_mask=~present)
+    torch.testing.assert_close(ours(x, present), masked_mean(attended, present), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", sorted(set(FUSIONS) - {"concat"}))
+def test_an_absent_view_equals_the_take_without_that_slot(fusion):
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(fusion=fusion, **CONFIG)).eval()
+    tokens = inputs()
+    full = head_inputs(tokens, HeadConfig(fusion=fusion, **CONFIG))
+    present = torch.ones(3, 5, dtype=torch.bool)
+    present[:, 2] = False
+    garbage = full.clone()
+    garbage[:, 2] = 1e4  # whatever sits in an absent slot must not matter
+    keep = [0, 1, 3, 4]
+    with torch.no_grad():
+        masked = head(garbage, present)
+        if fusion == "temporal":  # view embeddings are per slot: drop the slot's embedding too
+            head.view_embedding.data = head.view_embedding.data[keep]
+        removed = head(full[:, keep], present[:, keep])
+    torch.testing.assert_close(masked, removed, atol=1e-5, rtol=1e-5)
+
+
+def test_concat_uses_a_learned_token_for_absent_views_not_zeros():
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(fusion="concat", **CONFIG)).eval()
+    features = head_inputs(inputs(), HeadConfig(fusion="concat", **CONFIG))
+    present = torch.ones(3, 5, dtype=torch.bool)
+    present[:, 3] = False
+    with torch.no_grad():
+        head.absent.data[3] = 1.0
+        a = head(features, present)
+        features[:, 3] = -7.0
+        b = head(features, present)
+        head.absent.data[3] = 2.0
+        c = head(features, present)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_every_variant_gives_four_logits_and_trains(fusion):
+    config = HeadConfig(fusion=fusion, **CONFIG)
+    head = build_head(config)
+    logits = head(head_inputs(inputs(), config), torch.ones(3, 5, dtype=torch.bool))
+    assert logits.shape == (3, 4)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
+
+
+def test_nogate_variant_has_no_gate_and_calibration_starts_at_reference_values():
+    gated = build_head(HeadConfig(fusion="crossview", **CONFIG))
+    plain = build_head(HeadConfig(fusion="crossview-nogate", **CONFIG))
+    assert gated.projector.gate is not None and plain.projector.gate is None
+    assert gated.projector.calibration.std.item() == pytest.approx(0.117)
+    assert gated.projector.calibration.mean.item() == pytest.approx(0.0007)
+    with pytest.raises(ValueError, match="unknown fusion"):
+        build_head(HeadConfig(fusion="sum", **CONFIG))
