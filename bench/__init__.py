@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory figures measured against this machine's own limits (not tests)."""

@@ -1,0 +1,133 @@
+"""The performance harness: `python -m bench [--device cpu|cuda] [--takes N]` prints one JSON object.
+
+Figures: bf16/fp32 matmul peak, backbone FLOP/s (base config, random weights, T=8 and 16),
+decode fps, end-to-end extract clips/s and its ratio to the slower of decode-only and model-only,
+cache bytes per take, extract peak RSS, and the fit-head cell time (bench.fit_head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TimesformerConfig, TimesformerModel
+
+from bench.common import count_flops, matmul_peak_gflops
+from pipeline.backbone import autocast_context, encode_clips
+from pipeline.demo_data import write_demo_dataset
+from pipeline.extraction import ExtractConfig, decode_take, run_extraction
+from pipeline.takes import VIEWS, load_takes
+
+
+def backbone_gflops(frames: int, device: str, batch: int = 2, repeats: int = 2) -> float:
+    """Achieved FLOP/s of the base-size TimeSformer forward (bf16 autocast, inference)."""
+    model = TimesformerModel(TimesformerConfig(num_frames=frames)).to(device).eval()
+    clips = torch.randn(batch, frames, 3, 224, 224, device=device)
+    with torch.inference_mode(), autocast_context(torch.device(device)):
+        flops = count_flops(encode_clips, model, clips)
+        encode_clips(model, clips)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            encode_clips(model, clips)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - started)
+    return flops / best / 1e9
+
+
+def save_base_backbone(folder: Path, frames: int) -> Path:
+    torch.manual_seed(0)
+    TimesformerModel(TimesformerConfig(num_frames=frames)).save_pretrained(folder)
+    return folder
+
+
+def decode_only_s(root: Path, frames: int) -> tuple[float, int]:
+    takes = load_takes(root, "train")
+    started = time.perf_counter()
+    clips = sum(len(decode_take(take, VIEWS, frames).clips) for take in takes)
+    return time.perf_counter() - started, clips
+
+
+def model_only_s(backbone: Path, frames: int, clips: int, batch: int, device: str) -> float:
+    from pipeline.backbone import load_backbone
+
+    model = load_backbone(str(backbone), frames).to(device)
+    pixels = torch.randn(batch, frames, 3, 224, 224, device=device)
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast_context(torch.device(device)):
+        for _ in range(-(-clips // batch)):
+            encode_clips(model, pixels)
+    return time.perf_counter() - started
+
+
+def extract_in_child(config: ExtractConfig) -> dict:
+    """Run extraction in a fresh process so its peak RSS is its own."""
+    code = (
+        "import json, resource, sys; from pipeline.extraction import ExtractConfig, run_extraction; "
+        "from pipeline.config import build_config; c = build_config(ExtractConfig, json.loads(sys.argv[1])); "
+        "s = run_extraction(c); print(json.dumps({'seconds': s.seconds, 'clips': s.clips, "
+        "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+    )
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items() if v is not None}
+    settings["views"] = list(config.views)
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--takes", type=int, default=4, help="demo takes for the extract figures")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--skip-fit-head", action="store_true")
+    args = parser.parse_args()
+    figures = {
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "matmul_peak_gflops": {
+            "bf16": round(matmul_peak_gflops(torch.bfloat16, args.device), 1),
+            "fp32": round(matmul_peak_gflops(torch.float32, args.device), 1),
+        },
+        "backbone_gflops": {f"T{t}": round(backbone_gflops(t, args.device), 1) for t in (8, 16)},
+    }
+    figures["backbone_fraction_of_bf16_peak"] = {
+        k: round(v / figures["matmul_peak_gflops"]["bf16"], 3) for k, v in figures["backbone_gflops"].items()
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        write_demo_dataset(folder / "data", takes=args.takes, val_fraction=0.0, frames=4 * args.frames)
+        backbone = save_base_backbone(folder / "base", 8)
+        decode_s, clips = decode_only_s(folder / "data", args.frames)
+        config = ExtractConfig(root=folder / "data", split="train", cache=folder / "cache", backbone=str(backbone),
+                               frames=args.frames, device=args.device, batch_size=5, workers=1, shard_size=2)
+        extract = extract_in_child(config)
+        model_s = model_only_s(backbone, args.frames, clips, 5, args.device)
+        cache_bytes = sum(p.stat().st_size for p in (folder / "cache" / "features.zarr").rglob("*") if p.is_file())
+        figures.update({
+            "decode_fps": round(clips * args.frames / decode_s, 1),
+            "decode_clips_per_s": round(clips / decode_s, 2),
+            "model_clips_per_s": round(clips / model_s, 2),
+            "extract_clips_per_s": round(extract["clips"] / extract["seconds"], 2),
+            "extract_vs_bottleneck": round(extract["seconds"] / max(decode_s, model_s), 3),
+            "extract_vs_decode_plus_model": round(extract["seconds"] / (decode_s + model_s), 3),
+            "cache_bytes_per_take": int(cache_bytes / args.takes),
+            "extract_peak_rss_mb": round(extract["peak_rss_mb"], 1),
+        })
+    if not args.skip_fit_head:
+        out = subprocess.run([sys.executable, "-m", "bench.fit_head", "--cells", "3"], capture_output=True, text=True, check=True)
+        fit = json.loads(out.stdout)
+        figures["fit_head_cell_s"] = fit["fit_head_cell_s"]
+        figures["fit_head_plain_loop_s"] = fit["plain_fp32_loop_cell_s"]
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
