@@ -12,7 +12,7 @@ from rich.console import Console
 from pipeline.cache import CacheError
 from pipeline.config import ConfigError
 from pipeline.takes import AnnotationError
-from stages import demo, export, extract, fit_head
+from stages import demo, evaluate, export, extract, finetune, fit_head
 
 USAGE_ERROR = 2  # bad flags, config or annotations: nothing was computed
 USER_ERRORS = (ConfigError, CacheError, AnnotationError, FileNotFoundError)
@@ -48,6 +48,9 @@ register("demo-data", demo.demo_data)
 register("demo", demo.demo)
 register("export", export.export)
 register("fit-head", fit_head.fit_head)
+register("finetune", finetune.finetune)
+register("evaluate", evaluate.evaluate)
+register("predict", evaluate.predict)
 
 
 def main() -> None:

@@ -1,0 +1,35 @@
+"""End-to-end evaluation and prediction: decode, backbone (+ adapter), head, probabilities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import backbone as bb
+from pipeline.clips import clip_loader
+from pipeline.metrics import write_evaluation
+from pipeline.takes import Take
+
+
+@torch.inference_mode()
+def predict_takes(model, takes: list[Take], views, frames: int, precision: str, device: str = "cpu",
+                  batch_size: int = 2, workers: int = 0) -> np.ndarray:
+    """(N, 4) class probabilities for `takes`, in order."""
+    model.eval()
+    device = torch.device(device)
+    outputs = []
+    for clips, present, _, _ in clip_loader(takes, views, frames, batch_size, workers):
+        with bb.autocast_context(device, enabled=precision == "bf16"):
+            logits = model(clips.to(device), present.to(device))
+        outputs.append(torch.softmax(logits.float(), -1).cpu())
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 4))
+
+
+def evaluate_split(model, takes: list[Take], views, frames: int, precision: str, out: Path, settings: dict,
+                   device: str = "cpu", workers: int = 0) -> dict:
+    probabilities = predict_takes(model, takes, views, frames, precision, device, workers=workers)
+    labels = np.array([int(t.label) for t in takes])
+    return write_evaluation(out, [t.take_uid for t in takes], labels, probabilities, [t.scenario for t in takes],
+                            settings, f"{Path(out).name}")

@@ -1,0 +1,216 @@
+"""End-to-end fine-tuning: LoRA (or every weight) of the TimeSformer plus the fusion head.
+
+    skillpipe finetune --root ROOT --out RUN --backbone ID --frames 16 --views ego+exos
+
+Same takes, sampling and preprocessing as extract, same head classes as fit-head. AdamW with a
+cosine schedule and warmup, gradient accumulation, gradient checkpointing, bf16 autocast on CPU.
+A checkpoint is committed after every epoch (trainable weights as safetensors, optimizer,
+scheduler and RNG state loadable with `torch.load(weights_only=True)`); `--resume` continues from
+it and ends with the same weights as an uninterrupted run. The best epoch is chosen on a held-out
+part of train; val is only used for the final evaluation.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from transformers import get_cosine_schedule_with_warmup
+
+from pipeline import backbone as bb
+from pipeline.checkpoints import load_head, save_head
+from pipeline.config import ConfigError, config_to_dict, save_config
+from pipeline.evaluation import evaluate_split
+from pipeline.clips import clip_loader
+from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
+from pipeline.fusion import FUSIONS, HeadConfig, build_head
+from pipeline.head_training import stratified_holdout
+from pipeline.skill_model import SkillModel
+from pipeline.takes import load_takes
+from pipeline.views import parse_view_setting
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Settings of `skillpipe finetune`; saved as `<out>/config.json`, the one file a model needs."""
+
+    root: Path  # egoexo download root
+    out: Path  # run folder
+    backbone: str = bb.DEFAULT_BACKBONE
+    frames: int = 16
+    views: str = "ego+exos"
+    fusion: str = "crossview"
+    init_head: Path | None = None  # a fit-head cell to warm-start the head from
+    tune: Literal["lora", "full"] = "lora"
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.1
+    hidden: int = 2560
+    heads: int = 16
+    epochs: int = 4
+    lr: float = 2e-5
+    batch_size: int = 4
+    grad_accum: int = 4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    holdout: float = 0.1
+    seed: int = 0
+    gradient_checkpointing: bool = True
+    precision: Literal["bf16", "fp32"] = "bf16"
+    device: str = "cpu"
+    workers: int = 1
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"FinetuneConfig.fusion: unknown {self.fusion!r} (choose from {sorted(FUSIONS)})")
+        if min(self.frames, self.epochs, self.batch_size, self.grad_accum, self.lora_r) < 1:
+            raise ConfigError("FinetuneConfig: frames, epochs, batch_size, grad_accum and lora_r must be >= 1")
+
+
+def build_model(config: FinetuneConfig) -> tuple[SkillModel, tuple[str, ...]]:
+    views = parse_view_setting(config.views)
+    torch.manual_seed(config.seed)
+    backbone = bb.load_backbone(config.backbone, config.frames)
+    if config.tune == "lora":
+        backbone = bb.add_lora(backbone, bb.LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
+    if config.gradient_checkpointing:
+        base = backbone.get_base_model() if config.tune == "lora" else backbone
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model_config = backbone.config
+    head_config = HeadConfig(
+        fusion=config.fusion, dim=model_config.hidden_size, num_views=len(views), frames=config.frames,
+        num_patches=(model_config.image_size // model_config.patch_size) ** 2, hidden=config.hidden, heads=config.heads,
+    )
+    head = build_head(head_config)
+    if config.init_head:
+        head, head_config = _warm_start_head(config.init_head, head_config, views)
+    return SkillModel(backbone, head, head_config), views
+
+
+def _warm_start_head(cell: Path, expected: HeadConfig, views: tuple[str, ...]):
+    head, info = load_head(cell)
+    saved = HeadConfig(**info["head"])
+    if tuple(info["views"]) != views or saved.dim != expected.dim or saved.fusion != expected.fusion:
+        raise ConfigError(
+            f"--init-head {cell}: trained for views {info['views']}, fusion {saved.fusion}, D={saved.dim}; "
+            f"this run has views {list(views)}, fusion {expected.fusion}, D={expected.dim}"
+        )
+    return head.train(), saved
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def run_finetune(config: FinetuneConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train, keep the best held-out epoch, and write the final model into `config.out`."""
+    train_takes = load_takes(config.root, "train")
+    model, views = build_model(config)
+    device = torch.device(config.device)
+    model.to(device)
+    held = stratified_holdout(np.array([int(t.label) for t in train_takes]), config.holdout)
+    fit_takes = [t for t, h in zip(train_takes, held) if not h]
+    holdout_takes = [t for t, h in zip(train_takes, held) if h]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    updates_per_epoch = -(-len(fit_takes) // (config.batch_size * config.grad_accum))
+    schedule = get_cosine_schedule_with_warmup(
+        optimizer, int(config.warmup_ratio * updates_per_epoch * config.epochs), updates_per_epoch * config.epochs
+    )
+    out = Path(config.out)
+    state = {"epoch": -1, "best_loss": float("inf"), "best_epoch": -1, "holdout_losses": [], "train_losses": []}
+    if resume and (out / "checkpoint" / "state.json").is_file():
+        state = _load_checkpoint(out / "checkpoint", model, optimizer, schedule)
+    elif (out / "checkpoint").exists() and not resume:
+        raise ConfigError(f"{out}: holds a checkpoint already; pass --resume to continue it, or use another --out")
+    save_config(config, out / "config.json")
+    autocast = lambda: bb.autocast_context(device, enabled=config.precision == "bf16")  # noqa: E731
+
+    for epoch in range(state["epoch"] + 1, config.epochs):
+        order = torch.randperm(len(fit_takes), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        loader = clip_loader([fit_takes[i] for i in order], views, config.frames, config.batch_size, config.workers)
+        model.train()
+        for step, (clips, present, labels, _) in enumerate(loader):
+            with autocast():
+                logits = model(clips.to(device), present.to(device))
+            loss = F.cross_entropy(logits.float(), labels.to(device))
+            (loss / config.grad_accum).backward()
+            state["train_losses"].append(loss.item())
+            if (step + 1) % config.grad_accum == 0 or step + 1 == len(loader):
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            if on_step:
+                on_step({"epoch": epoch, "step": step, "steps": len(loader), "loss": float(loss), "lr": schedule.get_last_lr()[0]})
+        holdout_loss = _holdout_loss(model, holdout_takes, views, config, device)
+        state["holdout_losses"].append(holdout_loss)
+        state["epoch"] = epoch
+        if holdout_loss < state["best_loss"] or not holdout_takes:
+            state["best_loss"], state["best_epoch"] = holdout_loss, epoch
+            write_bytes_atomic(out / "best.safetensors", save_safetensors(trainable_state(model)))
+        _save_checkpoint(out / "checkpoint", model, optimizer, schedule, state)
+
+    model.load_state_dict(load_safetensors((out / "best.safetensors").read_bytes()), strict=False)
+    _save_final(out, model, config, views, state)
+    val_takes = load_takes(config.root, "val")
+    settings = {**config_to_dict(config), "best_epoch": state["best_epoch"], "holdout_losses": state["holdout_losses"]}
+    state["metrics"] = evaluate_split(model, val_takes, views, config.frames, config.precision, out, settings,
+                                      config.device, config.workers)
+    return state
+
+
+@torch.inference_mode()
+def _holdout_loss(model, takes, views, config: FinetuneConfig, device) -> float:
+    if not takes:
+        return float("nan")
+    model.eval()
+    total = 0.0
+    for clips, present, labels, _ in clip_loader(takes, views, config.frames, config.batch_size, config.workers):
+        with bb.autocast_context(device, enabled=config.precision == "bf16"):
+            logits = model(clips.to(device), present.to(device))
+        total += float(F.cross_entropy(logits.float(), labels.to(device), reduction="sum"))
+    return total / len(takes)
+
+
+def _save_checkpoint(folder: Path, model, optimizer, schedule, state: dict) -> None:
+    """Write the checkpoint beside the old one, then swap: a crash leaves one complete checkpoint."""
+    staging = folder.with_name(folder.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write_bytes_atomic(staging / "trainable.safetensors", save_safetensors(trainable_state(model)))
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state()},
+               staging / "optimizer.pt")
+    write_json_atomic(staging / "state.json", state)  # written last: marks the folder complete
+    retired = folder.with_name(folder.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if folder.exists():
+        folder.rename(retired)
+    staging.rename(folder)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, model, optimizer, schedule) -> dict:
+    missing, unexpected = model.load_state_dict(load_safetensors((folder / "trainable.safetensors").read_bytes()), strict=False)
+    if unexpected:
+        raise ConfigError(f"{folder}: checkpoint does not match this model (unexpected {unexpected[:3]}...)")
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    torch.set_rng_state(saved["rng"])
+    return read_json(folder / "state.json")
+
+
+def _save_final(out: Path, model: SkillModel, config: FinetuneConfig, views, state: dict) -> None:
+    if config.tune == "lora":
+        model.backbone.save_pretrained(out / "adapter")
+    else:
+        model.backbone.save_pretrained(out / "backbone")
+    save_head(out, model.head, model.head_config, views, run="finetune", best_epoch=state["best_epoch"],
+              holdout_losses=state["holdout_losses"])

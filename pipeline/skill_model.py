@@ -1,0 +1,85 @@
+"""The end-to-end model: TimeSformer (optionally LoRA-adapted) per view, then a fusion head.
+
+Loads from either kind of trained artifact: a `skillpipe finetune` run (config.json + adapter/
+or backbone/ + head) or a `skillpipe fit-head` cell (head + the cache it was trained on, whose
+extract config names the backbone, frames and adapter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline import backbone as bb
+from pipeline.checkpoints import load_head
+from pipeline.config import ConfigError
+from pipeline.files import read_json
+from pipeline.fusion import HeadConfig, head_inputs
+
+
+class SkillModel(nn.Module):
+    """(B, V, T, 3, 224, 224) clips + (B, V) present -> (B, 4) logits."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, head_config: HeadConfig, round_like_cache: bool = False):
+        super().__init__()
+        self.backbone, self.head, self.head_config = backbone, head, head_config
+        # fit-head trained on float16 cached tokens: rounding the same way reproduces its inputs
+        self.round_like_cache = round_like_cache
+
+    def tokens(self, clips: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Backbone tokens of the present clips only: (B, V, 1 + T, D); absent slots stay zero."""
+        batch, views, frames = clips.shape[:3]
+        encoded = bb.encode_clips(self.backbone, clips[present])  # (P, 1 + T, D) fp32
+        if self.round_like_cache:
+            encoded = encoded.half().float()
+        out = encoded.new_zeros(batch, views, 1 + frames, encoded.shape[-1])
+        out[present] = encoded
+        return out
+
+    def forward(self, clips: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        features = head_inputs(self.tokens(clips, present), self.head_config)
+        return self.head(features.float(), present)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a trained artifact needs at inference: its backbone, frames, views and precision."""
+
+    backbone: str
+    adapter: Path | None
+    frames: int
+    views: tuple[str, ...]
+    precision: str
+    from_cache: bool  # a fit-head cell: inputs rounded like the cache
+
+
+def read_model_spec(checkpoint: Path) -> ModelSpec:
+    checkpoint = Path(checkpoint)
+    info = read_json(checkpoint / "head.json") if (checkpoint / "head.json").is_file() else None
+    if info and "cache" in info:  # a fit-head cell
+        cache = Path(info["cache"])
+        extract_config = next(iter(sorted(cache.glob("extract-*.json"))), None)
+        if extract_config is None:
+            raise ConfigError(f"{checkpoint}: its cache {cache} has no extract config; cannot rebuild the backbone")
+        settings = read_json(extract_config)
+        return ModelSpec(settings["backbone"], Path(settings["adapter"]) if settings.get("adapter") else None,
+                         int(settings["frames"]), tuple(info["views"]), settings["precision"], True)
+    if (checkpoint / "config.json").is_file() and info:  # a finetune run
+        settings = read_json(checkpoint / "config.json")
+        backbone = str(checkpoint / "backbone") if (checkpoint / "backbone").is_dir() else settings["backbone"]
+        adapter = checkpoint / "adapter" if (checkpoint / "adapter").is_dir() else None
+        return ModelSpec(backbone, adapter, int(settings["frames"]), tuple(info["views"]), settings["precision"], False)
+    raise FileNotFoundError(f"{checkpoint}: not a finetune run or fit-head cell (expected head.json, plus config.json or a cache)")
+
+
+def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel, ModelSpec]:
+    spec = read_model_spec(checkpoint)
+    backbone = bb.load_backbone(spec.backbone, spec.frames)
+    if spec.adapter:
+        backbone = bb.load_adapter(backbone, spec.adapter)
+    head, info = load_head(checkpoint)
+    model = SkillModel(backbone, head, HeadConfig(**info["head"]), round_like_cache=spec.from_cache)
+    return model.to(device).eval(), spec

@@ -1,0 +1,75 @@
+"""`skillpipe evaluate` and `skillpipe predict`: use a trained model on raw videos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError
+from pipeline.evaluation import evaluate_split, predict_takes
+from pipeline.skill_model import load_skill_model, read_model_spec
+from pipeline.takes import LABEL_NAMES, ProficiencyLabel, Take, load_takes, resolve_view_files
+from pipeline.views import parse_view_setting
+
+
+def _check_conflicts(checkpoint: Path, frames: int | None, views: str | None) -> None:
+    """The checkpoint's own config decides frames and views; a different value is an error."""
+    spec = read_model_spec(checkpoint)
+    if frames is not None and frames != spec.frames:
+        raise ConfigError(f"--frames {frames} conflicts with {checkpoint}, trained with {spec.frames} frames")
+    if views is not None and parse_view_setting(views) != spec.views:
+        raise ConfigError(f"--views {views} conflicts with {checkpoint}, trained on views {list(spec.views)}")
+
+
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="A finetune run folder or a fit-head cell folder."),
+    root: Path = typer.Option(..., help="egoexo download root."),
+    split: str = typer.Option("val", help="Annotation split to evaluate."),
+    out: Path = typer.Option(..., help="Folder for metrics.json, predictions.jsonl, confusion.png."),
+    frames: Optional[int] = typer.Option(None, help="Must match the checkpoint if given."),
+    views: Optional[str] = typer.Option(None, help="Must match the checkpoint if given."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    workers: int = typer.Option(0, help="Decoding processes."),
+) -> None:
+    """Evaluate a trained model end to end (decode, backbone, head) on a split."""
+    _check_conflicts(checkpoint, frames, views)
+    model, spec = load_skill_model(checkpoint, device)
+    takes = load_takes(root, split)
+    settings = {"checkpoint": str(checkpoint), "root": str(root), "split": split, "frames": spec.frames,
+                "views": list(spec.views), "backbone": spec.backbone, "precision": spec.precision}
+    metrics = evaluate_split(model, takes, spec.views, spec.frames, spec.precision, out, settings, device, workers)
+    Console().print(f"{split}: accuracy {metrics['accuracy']:.3f} over {metrics['num_takes']} takes -> {out}")
+
+
+def predict(
+    take_dirs: List[Path] = typer.Argument(..., help="Take folders holding the view mp4s (aria*, cam*/gp*)."),
+    checkpoint: Path = typer.Option(..., help="A finetune run folder or a fit-head cell folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Predict the proficiency level of takes given as folders of view files."""
+    model, spec = load_skill_model(checkpoint, device)
+    takes = []
+    for folder in take_dirs:
+        files = resolve_view_files(folder)
+        missing = [v for v in spec.views if v not in files]
+        if missing:
+            raise ConfigError(f"{folder}: no file for view(s) {missing} needed by {checkpoint}")
+        takes.append(Take(str(folder), Path(folder).name, "", ProficiencyLabel.NOVICE, "predict", files))
+    probabilities = predict_takes(model, takes, spec.views, spec.frames, spec.precision, device)
+    rows = [{"take": str(t.take_uid), "predicted": LABEL_NAMES[int(p.argmax())],
+             "probabilities": dict(zip(LABEL_NAMES, (round(float(x), 4) for x in p)))} for t, p in zip(takes, probabilities)]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"predictions of {checkpoint}")
+    for column in ("take", "predicted", *LABEL_NAMES):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["take"], row["predicted"], *(f"{row['probabilities'][n]:.3f}" for n in LABEL_NAMES))
+    Console().print(table)

@@ -1,0 +1,63 @@
+"""`skillpipe finetune`: end-to-end LoRA (or full) training of backbone + fusion head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.config import load_config
+from pipeline.finetune import FinetuneConfig, run_finetune
+
+
+def finetune(
+    root: Optional[Path] = typer.Option(None, help="egoexo download root."),
+    out: Optional[Path] = typer.Option(None, help="Run folder: adapter/, head, config.json, metrics."),
+    backbone: Optional[str] = typer.Option(None, help="TimeSformer hub id or local folder."),
+    frames: Optional[int] = typer.Option(None, help="Frames T per view (default 16)."),
+    views: Optional[str] = typer.Option(None, help="View setting: ego, exos, ego+exos, ego+exo2 ..."),
+    fusion: Optional[str] = typer.Option(None, help="Fusion head variant (default crossview)."),
+    init_head: Optional[Path] = typer.Option(None, help="Warm-start the head from a fit-head cell folder."),
+    tune: Optional[str] = typer.Option(None, help="lora (default) or full (every backbone weight)."),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank (default 64)."),
+    lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha (default 128)."),
+    lora_dropout: Optional[float] = typer.Option(None, help="LoRA dropout (default 0.1)."),
+    hidden: Optional[int] = typer.Option(None, help="Head projector size H (default 2560)."),
+    heads: Optional[int] = typer.Option(None, help="Head attention heads (default 16)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default 4)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 2e-5)."),
+    batch_size: Optional[int] = typer.Option(None, help="Takes per micro-batch (default 4)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default 4)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 0.01)."),
+    warmup_ratio: Optional[float] = typer.Option(None, help="Warmup share of the cosine schedule (default 0.1)."),
+    holdout: Optional[float] = typer.Option(None, help="Stratified share of train held out to pick the best epoch."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (default 0)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, help="Recompute activations in backward (default on)."),
+    precision: Optional[str] = typer.Option(None, help="bf16 (autocast, default) or fp32."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes (default 1)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's last epoch checkpoint."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON config (see configs/); flags override it."),
+) -> None:
+    """Fine-tune the backbone (LoRA by default) and the fusion head end to end; evaluate on val."""
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "resume")}
+    settings = load_config(FinetuneConfig, config, overrides)
+    console = Console()
+    columns = (TextColumn("finetune epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[rate]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("finetune", total=None, epoch=0, loss=0.0, lr=0.0, rate="")
+
+        def on_step(info: dict) -> None:
+            if info["step"] == 0:
+                progress.reset(task, total=info["steps"])
+            elapsed = progress.tasks[task].elapsed or 1e-9
+            progress.update(task, advance=1, epoch=info["epoch"], loss=info["loss"], lr=info["lr"],
+                            rate=f"{(info['step'] + 1) / elapsed:.2f} it/s")
+
+        state = run_finetune(settings, resume=resume, on_step=on_step)
+    console.print(f"best epoch {state['best_epoch']} (held-out losses {[round(x, 4) for x in state['holdout_losses']]}); "
+                  f"val accuracy {state['metrics']['accuracy']:.3f} over {state['metrics']['num_takes']} takes -> {settings.out}")
