@@ -38,8 +38,16 @@ TASKS = {  # scenario -> (task_id, task_name, take-name word)
     "Cooking": (1001, "Cooking Tomato & Eggs", "cooking"),
     "Soccer": (7001, "Soccer Drills - Dribbling", "soccer"),
 }
-EGO_SIZE, EXO_SIZE = (448, 448), (448, 598)  # (height, width): 448 px on the short side; exos 4:3, as 16:9 (796) doubles the encoding time
+# (height, width): 448 px on the short side. Exos are 4:3, not the real 16:9 (796 px), which costs
+# 40% more encoding; any non-square exo exercises the resize and centre crop.
+EGO_SIZE, EXO_SIZE = (448, 448), (448, 598)
 CUE_RADIUS = 0.3  # of the short side: the cue fills the middle of the 224 px centre crop
+CUE_COLOURS = {  # (shape, cue bit) -> RGB; ego: cool vs warm panel, exo: dark magenta vs bright green disc
+    ("panel", 0): (40, 90, 220),
+    ("panel", 1): (220, 90, 40),
+    ("disc", 0): (110, 30, 100),
+    ("disc", 1): (90, 230, 110),
+}
 
 
 @dataclass(frozen=True)
@@ -83,10 +91,14 @@ def write_demo_dataset(
         path = annotation_path(root, split)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"ds": "20231211_15:13:34", "annotations": split_records}, indent=1))
+
+    def count(field: str, names: tuple[str, ...]) -> dict[str, dict[str, int]]:
+        return {split: {name: sum(r[field] == name for r in rs) for name in names} for split, rs in records.items()}
+
     return DemoSummary(
-        takes={split: len(r) for split, r in records.items()},
-        labels={split: {name: sum(x["proficiency_score"] == name for x in r) for name in LABEL_NAMES} for split, r in records.items()},
-        scenarios={split: {name: sum(x["scenario_name"] == name for x in r) for name in SCENARIOS} for split, r in records.items()},
+        takes={split: len(rs) for split, rs in records.items()},
+        labels=count("proficiency_score", LABEL_NAMES),
+        scenarios=count("scenario_name", SCENARIOS),
     )
 
 
@@ -131,14 +143,6 @@ def _write_take_videos(root: Path, record: dict, label: int, frames: int, rng: n
         scene.write(downscaled_path(root, rel), frames)
 
 
-CUE_COLOURS = {  # (shape, cue bit) -> RGB; ego: cool vs warm panel, exo: dark magenta vs bright green disc
-    ("panel", 0): (40, 90, 220),
-    ("panel", 1): (220, 90, 40),
-    ("disc", 0): (110, 30, 100),
-    ("disc", 1): (90, 230, 110),
-}
-
-
 @dataclass(frozen=True)
 class Scene:
     """One view of a take: a still image with a square blob crossing it at constant speed."""
@@ -155,7 +159,8 @@ class Scene:
 
     def write(self, path: Path, frames: int, fps: int = 30) -> None:
         """Encode `frames` frames. Only the blob moves, so the still is converted to yuv420p once
-        and the blob painted into its planes: converting every frame would double the cost."""
+        and the blob painted into its planes: converting every frame costs nearly as much as
+        encoding it."""
         height, width = self.image.shape[:2]
         to_yuv = _Yuv420p()
         still = to_yuv(self.image)
@@ -187,8 +192,8 @@ def render_scene(size: tuple[int, int], rng: np.random.Generator, shape: str, cu
     height, width = size
     block = 16  # blocky noise: low-frequency texture that compresses cheaply
     tint = rng.uniform(50, 170) + rng.uniform(-30, 30, 3)
-    noise = rng.normal(0, rng.uniform(0, 25), (height // block + 1, width // block + 1, 3)) + tint
-    image = np.repeat(np.repeat(noise.astype(np.float32), block, 0), block, 1)[:height, :width]
+    texture = rng.normal(0, rng.uniform(0, 25), (height // block + 1, width // block + 1, 3)) + tint
+    image = np.repeat(np.repeat(texture.astype(np.float32), block, 0), block, 1)[:height, :width]
 
     # the cue: a flat colour with per-view hue and brightness jitter and fine noise, centred so the
     # centre crop keeps all of it
@@ -227,8 +232,8 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 30, faststart: bool =
 
 class _Yuv420p:
     """RGB (H, W, 3) uint8 -> yuv420p (H * 3/2, W) uint8: the Y plane, then the U and V planes
-    flattened. One swscale context serves every frame; a fresh one per frame (what encoding RGB
-    frames does) costs about as much as the encoding."""
+    flattened. One swscale context serves every frame: measured ~20% faster than letting encode()
+    convert RGB frames."""
 
     def __init__(self):
         from av.video.reformatter import VideoReformatter
@@ -252,7 +257,9 @@ def _planes(frame: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.
     )
 
 
-def _write_yuv420p(path: Path, frames: Iterable[np.ndarray], height: int, width: int, fps: int = 30, faststart: bool = False) -> None:
+def _write_yuv420p(
+    path: Path, frames: Iterable[np.ndarray], height: int, width: int, fps: int = 30, faststart: bool = False
+) -> None:
     """Encode yuv420p (H * 3/2, W) uint8 frames as h264 in an mp4: temp file, then rename."""
     import av  # imported lazily: only writers of videos need PyAV
 
@@ -264,7 +271,8 @@ def _write_yuv420p(path: Path, frames: Iterable[np.ndarray], height: int, width:
     try:
         options = {"movflags": "faststart"} if faststart else {}
         with av.open(tmp, mode="w", format="mp4", options=options) as container:
-            stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "20"})
+            # constant quantiser: no rate control, 30% faster than crf 20 with ~0.4 more mean error
+            stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "qp": "26"})
             stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
             for planes in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(planes, format="yuv420p")))

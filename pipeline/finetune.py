@@ -148,7 +148,7 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, on_step: Callable
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             if on_step:
-                on_step({"epoch": epoch, "step": step, "steps": len(loader), "loss": float(loss), "lr": schedule.get_last_lr()[0]})
+                on_step({"epoch": epoch, "step": step, "steps": len(loader), "loss": loss.item(), "lr": schedule.get_last_lr()[0]})
         holdout_loss = _holdout_loss(model, holdout_takes, views, config, device)
         state["holdout_losses"].append(holdout_loss)
         state["epoch"] = epoch

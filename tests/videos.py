@@ -1,7 +1,8 @@
-"""Small good and bad videos for tests, written into a test's temporary folder.
+"""Small good and bad videos for tests, written with `pipeline.demo_data.write_video`.
 
-What decord 0.6 raises when opening each bad file is noted per helper; the extractor turns all of
-them into a per-view failure.
+Each bad-video helper names what `decord.VideoReader(str(path))` (decord 0.6) raises on it, at
+open; `tests/test_demo_data.py` checks every one. The extractor turns all of them into a per-view
+failure.
 """
 
 from pathlib import Path
@@ -11,15 +12,24 @@ import numpy as np
 from pipeline.demo_data import write_video
 
 
-def good_video(path: Path, frames: int = 16, size: tuple[int, int] = (48, 64), seed: int = 0, faststart: bool = False) -> Path:
-    rng = np.random.default_rng(seed)
-    clip = rng.integers(0, 256, (frames, *size, 3), dtype=np.uint8)
+def good_video(
+    path: Path, frames: int = 16, size: tuple[int, int] = (48, 64), seed: int = 0, faststart: bool = False
+) -> Path:
+    """A valid h264 mp4 of random frames; `size` is (height, width), both even. Avoid widths 16,
+    24, 48 and 72: decord 0.6 decodes them with the wrong channel count."""
+    clip = np.random.default_rng(seed).integers(0, 256, (frames, *size, 3), dtype=np.uint8)
     write_video(path, clip, faststart=faststart)
     return Path(path)
 
 
+def short_video(path: Path, frames: int = 2) -> Path:
+    """A valid video with too few frames to sample from: decord opens it (len == frames)."""
+    return good_video(path, frames=frames)
+
+
 def truncated_video(path: Path) -> Path:
-    """A video cut to 40% of its bytes, moov atom lost: RuntimeError at open."""
+    """The video at `path` (a new small one if none) cut to 40% of its bytes, which loses the moov
+    atom written at the end: RuntimeError ("Error reading ...")."""
     path = Path(path)
     if not path.exists():
         good_video(path)
@@ -28,26 +38,31 @@ def truncated_video(path: Path) -> Path:
     return path
 
 
-def random_bytes_video(path: Path, size: int = 4096) -> Path:
-    """Garbage bytes named .mp4: RuntimeError at open."""
-    Path(path).write_bytes(np.random.default_rng(1).bytes(size))
-    return Path(path)
-
-
-def empty_video(path: Path) -> Path:
-    """A 0-byte .mp4: RuntimeError at open."""
-    Path(path).write_bytes(b"")
-    return Path(path)
-
-
 def half_truncated_faststart_video(path: Path) -> Path:
-    """A faststart mp4 (moov first) cut in half: decord raises DECORDError, not a RuntimeError."""
+    """A faststart mp4 (moov first, so the index survives) cut in half: the index points past the
+    end of the file and decord raises `decord._ffi.base.DECORDError` ("av_read_frame failed"),
+    which is NOT a RuntimeError. Written fresh at a size where that holds (larger frames can open)."""
     good_video(path, frames=32, size=(96, 128), faststart=True)
     data = Path(path).read_bytes()
     Path(path).write_bytes(data[: len(data) // 2])
     return Path(path)
 
 
-def short_video(path: Path, frames: int = 2) -> Path:
-    """A valid video with too few frames to sample from."""
-    return good_video(path, frames=frames)
+def random_bytes_video(path: Path, size: int = 4096) -> Path:
+    """Garbage bytes named .mp4: RuntimeError ("Error reading ...")."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(np.random.default_rng(1).bytes(size))
+    return Path(path)
+
+
+def empty_video(path: Path) -> Path:
+    """A 0-byte .mp4: RuntimeError ("Error reading ...")."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(b"")
+    return Path(path)
+
+
+def missing_video(path: Path) -> Path:
+    """No file at `path` (removed if there was one): RuntimeError ("Error reading ...")."""
+    Path(path).unlink(missing_ok=True)
+    return Path(path)

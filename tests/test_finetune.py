@@ -1,0 +1,160 @@
+"""finetune / evaluate / predict on generated takes with a tiny random TimeSformer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline import backbone as bb
+from pipeline.cache import FeatureCache
+from pipeline.checkpoints import load_head
+from pipeline.demo_data import write_demo_dataset
+from pipeline.fusion import HeadConfig, head_inputs
+from pipeline.skill_model import SkillModel
+from pipeline.takes import VIEWS, load_takes
+from stages.cli import app
+
+FRAMES = 4
+TINY_HEAD = ["--hidden", "32", "--heads", "4"]
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def finetune_args(root, backbone, out, *extra):
+    return ["finetune", "--root", root, "--out", out, "--backbone", backbone, "--frames", FRAMES, "--views", "ego+exos",
+            *TINY_HEAD, "--epochs", "3", "--lr", "3e-3", "--batch-size", "4", "--grad-accum", "1", "--lora-r", "4",
+            "--lora-alpha", "8", "--workers", "0", "--holdout", "0.2", *extra]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    write_demo_dataset(root / "data", takes=16, val_fraction=0.25, seed=3, frames=8)
+    backbone = bb.save_tiny_backbone(root / "tiny", seed=0)
+    run = cli(*finetune_args(root / "data", backbone, root / "run"))
+    assert run.exit_code == 0, run.output
+    return root
+
+
+def test_finetune_trains_and_writes_a_complete_run(world):
+    run = world / "run"
+    for name in ("config.json", "head.safetensors", "head.json", "metrics.json", "predictions.jsonl", "confusion.png",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoint/state.json"):
+        assert (run / name).is_file(), name
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    losses = state["train_losses"]
+    per_epoch = len(losses) // 3
+    assert np.mean(losses[-per_epoch:]) < np.mean(losses[:per_epoch])  # it learns the demo cues
+    config = json.loads((run / "config.json").read_text())
+    assert config["frames"] == FRAMES and config["views"] == "ego+exos" and config["tune"] == "lora"
+    assert json.loads((run / "metrics.json").read_text())["num_takes"] == len(load_takes(world / "data", "val"))
+    # checkpoints load without pickle
+    torch.load(run / "checkpoint" / "optimizer.pt", weights_only=True)
+
+
+def test_evaluate_reproduces_the_run_and_rejects_conflicting_settings(world, tmp_path):
+    result = cli("evaluate", "--checkpoint", world / "run", "--root", world / "data", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    ours = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    theirs = (world / "run" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(a)["predicted"] for a in ours] == [json.loads(b)["predicted"] for b in theirs]
+    conflict = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(world / "run"), "--root", str(world / "data"),
+                                        "--out", str(tmp_path / "x"), "--frames", "16"])
+    assert conflict.exit_code == 2 and "--frames 16 conflicts" in conflict.output
+    views = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(world / "run"), "--root", str(world / "data"),
+                                     "--out", str(tmp_path / "x"), "--views", "ego"])
+    assert views.exit_code == 2 and "--views ego conflicts" in views.output
+
+
+def test_predict_on_a_take_folder(world, tmp_path):
+    take = load_takes(world / "data", "val")[0]
+    folder = take.videos["ego"].parent  # .../frame_aligned_videos/downscaled/448
+    result = subprocess.run([sys.executable, "-m", "stages.cli", "predict", "--checkpoint", str(world / "run"), "--json",
+                             str(folder.parent.parent.parent)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout[result.stdout.index("["):])
+    expected = next(json.loads(l) for l in (world / "run" / "predictions.jsonl").read_text().splitlines()
+                    if json.loads(l)["take_uid"] == take.take_uid)
+    assert row["predicted"] == expected["predicted"]
+    assert np.allclose(list(row["probabilities"].values()), expected["probabilities"], atol=1e-3)
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(world, tmp_path):
+    command = [sys.executable, "-m", "stages.cli", *map(str, finetune_args(world / "data", world / "tiny", tmp_path / "run"))]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "run" / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 240
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert json.loads(state.read_text())["epoch"] < 2, "the run should have been killed before its last epoch"
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want = json.loads((world / "run" / "metrics.json").read_text())
+    got = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert got["confusion_matrix"] == want["confusion_matrix"]
+    assert (tmp_path / "run" / "predictions.jsonl").read_text() == (world / "run" / "predictions.jsonl").read_text()
+    assert (tmp_path / "run" / "head.safetensors").read_bytes() == (world / "run" / "head.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def fitted_cell(world):
+    cache = world / "cache-fp32"
+    for split in ("train", "val"):
+        result = cli("extract", "--root", world / "data", "--split", split, "--cache", cache, "--backbone", world / "tiny",
+                     "--frames", FRAMES, "--precision", "fp32", "--workers", "0")
+        assert result.exit_code == 0, result.output
+    result = cli("fit-head", "--cache", cache, "--out", world / "heads", "--views", "ego+exos", *TINY_HEAD,
+                 "--epochs", "5", "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    return world / "heads" / "ego+exos__crossview__seed0"
+
+
+def test_parity_of_end_to_end_evaluation_with_fit_head(world, fitted_cell, tmp_path):
+    result = cli("evaluate", "--checkpoint", fitted_cell, "--root", world / "data", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    fit = [json.loads(l) for l in (fitted_cell / "predictions.jsonl").read_text().splitlines()]
+    end_to_end = [json.loads(l) for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["take_uid"] for r in fit] == [r["take_uid"] for r in end_to_end]
+    assert [r["predicted"] for r in fit] == [r["predicted"] for r in end_to_end]
+    difference = max(np.abs(np.subtract(a["probabilities"], b["probabilities"])).max() for a, b in zip(fit, end_to_end))
+    assert difference < 1e-3
+
+
+def test_zero_lora_updates_give_the_frozen_cache_logits(world, fitted_cell):
+    head, info = load_head(fitted_cell)
+    adapted = bb.add_lora(bb.load_backbone(str(world / "tiny"), FRAMES), bb.LoraSettings(r=4))  # lora_B = 0
+    model = SkillModel(adapted, head, HeadConfig(**info["head"]), round_like_cache=True).eval()
+    cache = FeatureCache.open(world / "cache-fp32")
+    val = cache.read("val")
+    takes = {t.take_uid: t for t in load_takes(world / "data", "val")}
+    from pipeline.clips import TakeClips
+
+    clips, present, _, _ = TakeClips([takes[r.take_uid] for r in val.records[:2]], VIEWS, FRAMES)[0]
+    with torch.inference_mode():
+        end_to_end = model(clips[None], present[None])
+        cached = head(head_inputs(torch.from_numpy(val.tokens[:1]).float(), HeadConfig(**info["head"])),
+                      torch.from_numpy(val.present[:1]))
+    torch.testing.assert_close(end_to_end, cached, atol=1e-4, rtol=1e-4)
+
+
+def test_extract_with_a_finetuned_adapter_has_another_fingerprint(world, tmp_path):
+    refused = CliRunner().invoke(app, ["extract", "--root", str(world / "data"), "--split", "val", "--cache",
+                                       str(world / "cache-fp32"), "--backbone", str(world / "tiny"), "--frames", str(FRAMES),
+                                       "--precision", "fp32", "--workers", "0", "--adapter", str(world / "run")])
+    assert refused.exit_code == 2 and "fingerprint.adapter_sha256: cache has null" in refused.output
+    fresh = cli("extract", "--root", world / "data", "--split", "val", "--cache", tmp_path / "adapted", "--backbone",
+                world / "tiny", "--frames", FRAMES, "--workers", "0", "--adapter", world / "run")
+    assert fresh.exit_code == 0, fresh.output
+    assert FeatureCache.open(tmp_path / "adapted").spec.fingerprint["adapter_sha256"] == bb.adapter_hash(world / "run")
