@@ -1,0 +1,23 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.finetune import FinetuneConfig
+from pipeline.head_training import FitHeadConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RECIPES = {"ego": (32, 32, 64, 1536, 5e-5), "exos": (24, 48, 96, 2048, 3e-5), "ego+exos": (16, 64, 128, 2560, 2e-5)}
+
+
+@pytest.mark.parametrize("setting", sorted(RECIPES))
+def test_published_recipes_load_as_finetune_configs(setting):
+    config = load_config(FinetuneConfig, CONFIGS / f"finetune-{setting}.yaml", {"root": "data", "out": "run"})
+    assert (config.frames, config.lora_r, config.lora_alpha, config.hidden, config.lr) == RECIPES[setting]
+    assert config.views == setting and config.batch_size * config.grad_accum == 16 and config.epochs == 4
+
+
+@pytest.mark.parametrize("name", ["fit-head.yaml", "demo-fit-head.yaml"])
+def test_fit_head_configs_load(name):
+    config = load_config(FitHeadConfig, CONFIGS / name, {"cache": "c", "out": "o"})
+    assert config.views and config.fusions and config.seeds
