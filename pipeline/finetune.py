@@ -22,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
 from pipeline import backbone as bb
 from pipeline.checkpoints import load_head, save_head
 from pipeline.config import ConfigError, config_to_dict, save_config
+from pipeline.distributed import Ranks, barrier
 from pipeline.evaluation import evaluate_split
 from pipeline.clips import clip_loader
 from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
@@ -109,37 +111,57 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def run_finetune(config: FinetuneConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> dict:
-    """Train, keep the best held-out epoch, and write the final model into `config.out`."""
+def rank_share(order: list[int], ranks: Ranks) -> list[int]:
+    """This rank's part of an epoch; every rank gets the same count (wrapping around, like
+    DistributedSampler) so that DDP's collective calls line up."""
+    per_rank = -(-len(order) // ranks.world_size)
+    padded = (order * ranks.world_size)[: per_rank * ranks.world_size]
+    return padded[ranks.rank :: ranks.world_size]
+
+
+def run_finetune(
+    config: FinetuneConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None, ranks: Ranks = Ranks()
+) -> dict:
+    """Train, keep the best held-out epoch, and write the final model into `config.out`.
+
+    Under torchrun every rank trains a disjoint share of each epoch through DistributedDataParallel;
+    rank 0 alone writes checkpoints, picks the best epoch and evaluates.
+    """
     train_takes = load_takes(config.root, "train")
     model, views = build_model(config)
     device = torch.device(config.device)
     model.to(device)
+    trained = DistributedDataParallel(model) if ranks.world_size > 1 else model
     held = stratified_holdout(np.array([int(t.label) for t in train_takes]), config.holdout)
     fit_takes = [t for t, h in zip(train_takes, held) if not h]
     holdout_takes = [t for t, h in zip(train_takes, held) if h]
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    updates_per_epoch = -(-len(fit_takes) // (config.batch_size * config.grad_accum))
+    updates_per_epoch = -(-len(rank_share(list(range(len(fit_takes))), ranks)) // (config.batch_size * config.grad_accum))
     schedule = get_cosine_schedule_with_warmup(
         optimizer, int(config.warmup_ratio * updates_per_epoch * config.epochs), updates_per_epoch * config.epochs
     )
     out = Path(config.out)
-    state = {"epoch": -1, "best_loss": float("inf"), "best_epoch": -1, "holdout_losses": [], "train_losses": []}
+    state = {"epoch": -1, "best_loss": float("inf"), "best_epoch": -1, "holdout_losses": [], "train_losses": [],
+             "world_size": ranks.world_size}
     if resume and (out / "checkpoint" / "state.json").is_file():
         state = _load_checkpoint(out / "checkpoint", model, optimizer, schedule)
+        if state["world_size"] != ranks.world_size:
+            raise ConfigError(f"{out}: checkpoint written by {state['world_size']} process(es); resume with the same world size")
     elif (out / "checkpoint").exists() and not resume:
         raise ConfigError(f"{out}: holds a checkpoint already; pass --resume to continue it, or use another --out")
-    save_config(config, out / "config.json")
+    if ranks.is_main:
+        save_config(config, out / "config.json")
     autocast = lambda: bb.autocast_context(device, enabled=config.precision == "bf16")  # noqa: E731
 
     for epoch in range(state["epoch"] + 1, config.epochs):
         order = torch.randperm(len(fit_takes), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        loader = clip_loader([fit_takes[i] for i in order], views, config.frames, config.batch_size, config.workers)
+        share = rank_share(order.tolist(), ranks)
+        loader = clip_loader([fit_takes[i] for i in share], views, config.frames, config.batch_size, config.workers)
         model.train()
         for step, (clips, present, labels, _) in enumerate(loader):
             with autocast():
-                logits = model(clips.to(device), present.to(device))
+                logits = trained(clips.to(device), present.to(device))
             loss = F.cross_entropy(logits.float(), labels.to(device))
             (loss / config.grad_accum).backward()
             state["train_losses"].append(loss.item())
@@ -149,14 +171,18 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, on_step: Callable
                 optimizer.zero_grad(set_to_none=True)
             if on_step:
                 on_step({"epoch": epoch, "step": step, "steps": len(loader), "loss": loss.item(), "lr": schedule.get_last_lr()[0]})
-        holdout_loss = _holdout_loss(model, holdout_takes, views, config, device)
-        state["holdout_losses"].append(holdout_loss)
         state["epoch"] = epoch
-        if holdout_loss < state["best_loss"] or not holdout_takes:
-            state["best_loss"], state["best_epoch"] = holdout_loss, epoch
-            write_bytes_atomic(out / "best.safetensors", save_safetensors(trainable_state(model)))
-        _save_checkpoint(out / "checkpoint", model, optimizer, schedule, state)
+        if ranks.is_main:
+            holdout_loss = _holdout_loss(model, holdout_takes, views, config, device)
+            state["holdout_losses"].append(holdout_loss)
+            if holdout_loss < state["best_loss"] or not holdout_takes:
+                state["best_loss"], state["best_epoch"] = holdout_loss, epoch
+                write_bytes_atomic(out / "best.safetensors", save_safetensors(trainable_state(model)))
+            _save_checkpoint(out / "checkpoint", model, optimizer, schedule, state)
+        barrier(ranks)
 
+    if not ranks.is_main:
+        return state
     model.load_state_dict(load_safetensors((out / "best.safetensors").read_bytes()), strict=False)
     _save_final(out, model, config, views, state)
     val_takes = load_takes(config.root, "val")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.config import load_config
+from pipeline.distributed import init_distributed, local_device
 from pipeline.finetune import FinetuneConfig, run_finetune
 
 
@@ -45,10 +47,12 @@ def finetune(
     """Fine-tune the backbone (LoRA by default) and the fusion head end to end; evaluate on val."""
     overrides = {k: v for k, v in locals().items() if k not in ("config", "resume")}
     settings = load_config(FinetuneConfig, config, overrides)
+    ranks = init_distributed(settings.device)  # torchrun: DistributedDataParallel over the ranks
+    settings = dataclasses.replace(settings, device=local_device(settings.device))
     console = Console()
     columns = (TextColumn("finetune epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[rate]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, disable=not ranks.is_main) as progress:
         task = progress.add_task("finetune", total=None, epoch=0, loss=0.0, lr=0.0, rate="")
 
         def on_step(info: dict) -> None:
@@ -58,6 +62,8 @@ def finetune(
             progress.update(task, advance=1, epoch=info["epoch"], loss=info["loss"], lr=info["lr"],
                             rate=f"{(info['step'] + 1) / elapsed:.2f} it/s")
 
-        state = run_finetune(settings, resume=resume, on_step=on_step)
+        state = run_finetune(settings, resume=resume, on_step=on_step, ranks=ranks)
+    if not ranks.is_main:
+        return
     console.print(f"best epoch {state['best_epoch']} (held-out losses {[round(x, 4) for x in state['holdout_losses']]}); "
                   f"val accuracy {state['metrics']['accuracy']:.3f} over {state['metrics']['num_takes']} takes -> {settings.out}")

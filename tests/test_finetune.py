@@ -158,3 +158,28 @@ def test_extract_with_a_finetuned_adapter_has_another_fingerprint(world, tmp_pat
                 world / "tiny", "--frames", FRAMES, "--workers", "0", "--adapter", world / "run")
     assert fresh.exit_code == 0, fresh.output
     assert FeatureCache.open(tmp_path / "adapted").spec.fingerprint["adapter_sha256"] == bb.adapter_hash(world / "run")
+
+
+def test_rank_shares_are_disjoint_and_equal_sized():
+    from pipeline.distributed import Ranks
+    from pipeline.finetune import rank_share
+
+    order = [5, 3, 8, 1, 9, 0, 7]
+    shares = [rank_share(order, Ranks(rank, 2)) for rank in range(2)]
+    assert len(shares[0]) == len(shares[1]) == 4
+    assert set(shares[0][:3]) | set(shares[1][:3]) | {shares[0][3]} == set(order)
+    assert rank_share(order, Ranks()) == order
+
+
+def test_torchrun_two_ranks_finetune_with_ddp(world, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = finetune_args(world / "data", world / "tiny", tmp_path / "ddp")
+    args[args.index("--epochs") + 1] = "2"
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "stages.cli", *map(str, args)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "ddp" / "checkpoint" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["epoch"] == 1
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["num_takes"] == len(load_takes(world / "data", "val"))
+    resumed_other_size = CliRunner().invoke(app, [str(a) for a in args] + ["--resume"])
+    assert resumed_other_size.exit_code == 2 and "same world size" in resumed_other_size.output
