@@ -26,7 +26,7 @@ from pipeline.extraction import ExtractConfig, decode_take, run_extraction
 from pipeline.takes import VIEWS, load_takes
 
 
-def backbone_gflops(frames: int, device: str, batch: int = 2, repeats: int = 2) -> float:
+def backbone_gflops(frames: int, device: str, batch: int = 1, repeats: int = 2) -> float:
     """Achieved FLOP/s of the base-size TimeSformer forward (bf16 autocast, inference)."""
     model = TimesformerModel(TimesformerConfig(num_frames=frames)).to(device).eval()
     clips = torch.randn(batch, frames, 3, 224, 224, device=device)
@@ -107,9 +107,9 @@ def main() -> None:
         backbone = save_base_backbone(folder / "base", 8)
         decode_s, clips = decode_only_s(folder / "data", args.frames)
         config = ExtractConfig(root=folder / "data", split="train", cache=folder / "cache", backbone=str(backbone),
-                               frames=args.frames, device=args.device, batch_size=5, workers=1, shard_size=2)
+                               frames=args.frames, device=args.device, workers=1, shard_size=2)
         extract = extract_in_child(config)
-        model_s = model_only_s(backbone, args.frames, clips, 5, args.device)
+        model_s = model_only_s(backbone, args.frames, clips, config.clips_per_forward, args.device)
         cache_bytes = sum(p.stat().st_size for p in (folder / "cache" / "features.zarr").rglob("*") if p.is_file())
         figures.update({
             "decode_fps": round(clips * args.frames / decode_s, 1),

@@ -27,7 +27,7 @@ def extract(
     adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (or a finetune run holding adapter/)."),
     device: Optional[str] = typer.Option(None, help="cpu (default) or cuda[:N]."),
     precision: Optional[str] = typer.Option(None, help="bf16 (autocast, default) or fp32."),
-    batch_size: Optional[int] = typer.Option(None, help="Clips per backbone forward (default 8)."),
+    batch_size: Optional[int] = typer.Option(None, help="Clips per backbone forward (default 1 on CPU, 16 on CUDA)."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes; 0 decodes in the main process (default 1)."),
     shard_size: Optional[int] = typer.Option(None, help="Takes per zarr shard, the unit of commit and resume (default 16)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON config file; flags override it."),

@@ -17,7 +17,7 @@ def test_file_then_flags_override(tmp_path, suffix, text):
     config = load_config(ExtractConfig, path, {"frames": 4, "batch_size": None})
     assert config.root == Path("data") and config.views == ("ego", "exo1")
     assert config.frames == 4  # the flag wins
-    assert config.batch_size == 8  # None = flag not given: default stays
+    assert config.batch_size is None and config.clips_per_forward == 1  # flag not given: the default stays
 
 
 def test_comma_separated_views_flag():

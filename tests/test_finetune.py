@@ -183,3 +183,16 @@ def test_torchrun_two_ranks_finetune_with_ddp(world, tmp_path):
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["num_takes"] == len(load_takes(world / "data", "val"))
     resumed_other_size = CliRunner().invoke(app, [str(a) for a in args] + ["--resume"])
     assert resumed_other_size.exit_code == 2 and "same world size" in resumed_other_size.output
+
+
+def test_full_finetune_saves_a_backbone_that_extract_loads(world, tmp_path):
+    args = finetune_args(world / "data", world / "tiny", tmp_path / "full", "--tune", "full")
+    args[args.index("--epochs") + 1] = "1"
+    assert cli(*args).exit_code == 0
+    saved = tmp_path / "full" / "backbone"
+    assert (saved / "config.json").is_file() and not (tmp_path / "full" / "adapter").exists()
+    result = cli("extract", "--root", world / "data", "--split", "val", "--cache", tmp_path / "cache", "--backbone", saved,
+                 "--frames", FRAMES, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    tuned = FeatureCache.open(tmp_path / "cache").spec.fingerprint["weights_sha256"]
+    assert tuned != bb.weights_hash(bb.load_backbone(str(world / "tiny"), FRAMES))
