@@ -196,3 +196,18 @@ def test_full_finetune_saves_a_backbone_that_extract_loads(world, tmp_path):
     assert result.exit_code == 0, result.output
     tuned = FeatureCache.open(tmp_path / "cache").spec.fingerprint["weights_sha256"]
     assert tuned != bb.weights_hash(bb.load_backbone(str(world / "tiny"), FRAMES))
+
+
+def test_init_head_warm_starts_from_a_fit_head_cell(world, fitted_cell, tmp_path):
+    from safetensors.torch import load_file
+
+    args = finetune_args(world / "data", world / "tiny", tmp_path / "warm", "--init-head", fitted_cell)
+    args[args.index("--epochs") + 1], args[args.index("--lr") + 1] = "1", "0"
+    assert cli(*args).exit_code == 0
+    started, finished = load_file(fitted_cell / "head.safetensors"), load_file(tmp_path / "warm" / "head.safetensors")
+    assert started.keys() == finished.keys()
+    assert all(torch.equal(started[k], finished[k]) for k in started)  # lr 0: the warm-started head is kept as is
+    mismatch = finetune_args(world / "data", world / "tiny", tmp_path / "bad", "--init-head", fitted_cell)
+    mismatch[mismatch.index("--views") + 1] = "ego"
+    result = CliRunner().invoke(app, [str(a) for a in mismatch])
+    assert result.exit_code == 2 and "trained for views" in result.output
