@@ -2,8 +2,9 @@
 
 TimeSformer: Bertasius, Wang & Torresani, "Is Space-Time Attention All You Need for Video
 Understanding?", ICML 2021. LoRA: Hu et al., "LoRA: Low-Rank Adaptation of Large Language
-Models", ICLR 2022. Weights: Hugging Face `facebook/timesformer-base-finetuned-k600` or any local
-folder holding a TimeSformer `config.json` + weights.
+Models", arXiv 2106.09685 (2021), ICLR 2022. Weights: Hugging Face
+`facebook/timesformer-base-finetuned-k600` or any local folder holding a TimeSformer
+`config.json` + weights.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from transformers.utils import logging as hf_logging
 
 DEFAULT_BACKBONE = "facebook/timesformer-base-finetuned-k600"
 
-# The seven module kinds SkillFormer adapts in every layer, anchored so that e.g. the spatial
-# attention's `attention.output.dense` never matches the temporal one (a plain "dense" would
-# match every dense layer): spatial qkv + output, temporal qkv + output, temporal_dense, MLP.
+# The seven module kinds SkillFormer adapts in every layer. peft fullmatches a string target
+# against each module name, so the pattern is anchored on `layer.<i>.`: the spatial
+# `attention.output.dense` never matches the temporal one (peft's suffix lists miss the latter).
 LORA_TARGETS = (
     r".*\.layer\.\d+\.(attention\.attention\.qkv|attention\.output\.dense"
     r"|temporal_attention\.attention\.qkv|temporal_attention\.output\.dense"
@@ -33,62 +34,75 @@ LORA_KINDS_PER_LAYER = 7
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA hyper-parameters (reference: r=32/alpha=64 ego, 48/96 exos, 64/128 ego+exos)."""
+    """LoRA hyper-parameters (reference: r/alpha 32/64 ego, 48/96 exos, 64/128 ego+exos)."""
 
-    r: int = field(default=32, metadata={"help": "rank of the low-rank update"})
-    alpha: int = field(default=64, metadata={"help": "scaling numerator (update scaled by alpha / r)"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA input"})
+    r: int = field(default=32, metadata={"help": "rank of the low-rank update B @ A"})
+    alpha: int = field(default=64, metadata={"help": "scaling numerator: the update is scaled by alpha / r"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA branch's input"})
 
 
 def load_backbone(name_or_dir: str, num_frames: int) -> TimesformerModel:
     """A TimeSformer from the hub or a local folder, set up for `num_frames` frames, in eval mode."""
-    path = Path(name_or_dir)
-    if path.exists() and not (path / "config.json").is_file():
-        raise ValueError(f"{path}: backbone folder has no config.json (expected a save_pretrained TimeSformer)")
+    path = Path(name_or_dir).expanduser()
+    # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped folder,
+    # which HF would report as a malformed repo id.
+    looks_local = path.is_absolute() or str(name_or_dir).startswith((".", "~")) or len(path.parts) > 2
+    if path.exists() or looks_local:
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path}: not a TimeSformer folder (no config.json; expected save_pretrained output)")
+        name_or_dir = str(path)
     hf_logging.disable_progress_bar()  # one bar per load would drown the stage's own progress
-    model = TimesformerModel.from_pretrained(str(name_or_dir))
+    # fp32 master weights whatever the checkpoint's dtype: autocast gives bf16 speed, LoRA needs fp32.
+    model = TimesformerModel.from_pretrained(name_or_dir, dtype=torch.float32)
     set_num_frames(model, num_frames)
     return model.eval()
 
 
 def set_num_frames(model: TimesformerModel, num_frames: int) -> None:
-    """Resample the time embeddings to T frames and make every layer reshape with T.
+    """Resample the time embeddings to `num_frames` and make every layer reshape with it.
 
-    HF's layers read `config.num_frames` to split tokens into frames: feeding T frames to a model
-    configured for another count runs silently but mixes frames. The layers share the model's
-    config object, so setting it once is enough. Linear interpolation (align_corners=False)
-    keeps the pretrained embeddings' ordering and spacing; HF's own fallback is nearest.
+    HF's layers split tokens into frames with `config.num_frames`: feeding T frames to a model
+    configured for another count runs silently but mixes frames.
     """
-    embeddings = model.embeddings.time_embeddings  # (1, T0, D)
-    if embeddings.shape[1] != num_frames:
-        resized = F.interpolate(embeddings.data.transpose(1, 2), size=num_frames, mode="linear", align_corners=False)
-        model.embeddings.time_embeddings = torch.nn.Parameter(resized.transpose(1, 2).contiguous())
+    if any(layer.config is not model.config for layer in model.encoder.layer):
+        raise RuntimeError("TimeSformer layers no longer share the model's config; num_frames would not reach them")
+    time = model.embeddings.time_embeddings  # (1, T0, D)
+    if time.shape[1] != num_frames:
+        # Linear, align_corners=False (as the reference): each embedding is the centre of one of T0
+        # equal time bins, resampled at the centres of T bins. A Parameter of exactly T rows also
+        # keeps HF's own fallback (nearest interpolation at every forward) from running.
+        resized = F.interpolate(time.detach().transpose(1, 2), size=num_frames, mode="linear", align_corners=False)
+        model.embeddings.time_embeddings = torch.nn.Parameter(
+            resized.transpose(1, 2).contiguous(), requires_grad=time.requires_grad
+        )  # (1, T, D)
     model.config.num_frames = num_frames
 
 
 def add_lora(model: TimesformerModel, settings: LoraSettings):
-    """Wrap `model` with trainable LoRA adapters on the seven reference module kinds."""
+    """Wrap `model` (adapted in place) with trainable LoRA on the seven reference module kinds."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none", target_modules=LORA_TARGETS
     )
+    training = model.training
     adapted = get_peft_model(model, config)
     _check_adapted_count(adapted, model.config.num_hidden_layers)
-    return adapted
+    # peft leaves the wrapper and the new LoRA dropouts in train mode over an eval base: unify.
+    return adapted.train(training)
 
 
-def load_adapter(model: TimesformerModel, adapter_dir: Path, trainable: bool = False):
-    """Attach a saved peft adapter (a folder with adapter_config.json, or one holding `adapter/`)."""
+def load_adapter(model: TimesformerModel, adapter_dir: Path):
+    """Attach a saved peft adapter for inference (a folder with adapter_config.json, or one holding `adapter/`)."""
     from peft import PeftModel
 
-    folder = resolve_adapter_dir(adapter_dir)
-    adapted = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    adapted = PeftModel.from_pretrained(model, str(resolve_adapter_dir(adapter_dir)), is_trainable=False)
     _check_adapted_count(adapted, model.config.num_hidden_layers)
-    return adapted
+    return adapted.eval()
 
 
 def resolve_adapter_dir(adapter_dir: Path) -> Path:
+    """The folder holding adapter_config.json: `adapter_dir` itself or its `adapter/` subfolder."""
     adapter_dir = Path(adapter_dir)
     for folder in (adapter_dir, adapter_dir / "adapter"):
         if (folder / "adapter_config.json").is_file():
@@ -96,7 +110,7 @@ def resolve_adapter_dir(adapter_dir: Path) -> Path:
     raise FileNotFoundError(f"{adapter_dir}: no LoRA adapter found (no adapter_config.json here or in adapter/)")
 
 
-def _check_adapted_count(model, num_layers: int) -> None:
+def _check_adapted_count(model: torch.nn.Module, num_layers: int) -> None:
     from peft.tuners.lora import LoraLayer
 
     adapted = sum(isinstance(module, LoraLayer) for module in model.modules())
@@ -105,53 +119,64 @@ def _check_adapted_count(model, num_layers: int) -> None:
 
 
 def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 over every tensor of the state dict (name, dtype, shape, bytes), in name order."""
+    """sha256 over every tensor of the state dict (name, dtype, shape, raw bytes), in name order."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-dim can't view
     return digest.hexdigest()
 
 
 def adapter_hash(adapter_dir: Path) -> str:
-    """sha256 over the adapter folder's files (relative names + bytes)."""
+    """sha256 over the adapter folder's files (sorted relative names + bytes)."""
     folder = resolve_adapter_dir(adapter_dir)
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(path.read_bytes())
+        data = path.read_bytes()
+        # name and length delimit each file, so moving bytes between files changes the hash
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{len(data)}\0".encode())
+        digest.update(data)
     return digest.hexdigest()
 
 
-def autocast_context(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CPU (AMX) and CUDA; a no-op context when disabled (exact fp32)."""
+def autocast_context(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast (CPU: AMX; CUDA: fp16 where bf16 is unsupported); exact fp32 when disabled."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    device = torch.device(device)
+    dtype = torch.bfloat16  # fp16 on CPU is slow, and needs loss scaling when training
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16  # pre-Ampere GPUs
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def encode_clips(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, T, 3, H, W) -> (B, 1 + T, D) fp32: row 0 the CLS token, row 1 + t frame t's patch mean."""
+    batch, frames = pixel_values.shape[:2]
+    if frames != model.config.num_frames:
+        raise ValueError(
+            f"clips have {frames} frames but the backbone is set up for {model.config.num_frames}: "
+            "call set_num_frames (HF would silently mix frames)"
+        )
     hidden = model(pixel_values=pixel_values).last_hidden_state.float()  # (B, 1 + N*T, D)
-    batch, frames, dim = hidden.shape[0], pixel_values.shape[1], hidden.shape[-1]
-    patches = hidden[:, 1:].reshape(batch, -1, frames, dim)  # (B, N, T, D): patch-major, time fastest
-    return torch.cat([hidden[:, :1], patches.mean(dim=1)], dim=1)
+    patches = hidden[:, 1:].reshape(batch, -1, frames, hidden.shape[-1])  # (B, N, T, D): patch-major, time fastest
+    return torch.cat([hidden[:, :1], patches.mean(dim=1)], dim=1)  # (B, 1 + T, D)
 
 
 def reference_view_feature(tokens: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """(..., 1 + T, D) cached tokens -> (..., D): the mean over all 1 + N*T backbone tokens.
+    """(..., 1 + T, D) encoded tokens -> (..., D): the mean over all 1 + N*T backbone tokens.
 
-    SkillFormer's per-view feature is `last_hidden_state.mean(1)`; the cache holds the CLS token
-    and per-frame patch means, from which that mean is exact: (cls + N * sum_t mean_t) / (1 + N*T).
+    SkillFormer's per-view feature is `last_hidden_state.mean(1)`; from the CLS token and the
+    per-frame patch means it is exact: (cls + N * sum_t mean_t) / (1 + N*T).
     """
     frames = tokens.shape[-2] - 1
-    total = tokens[..., 0, :] + num_patches * tokens[..., 1:, :].sum(dim=-2)
+    total = tokens[..., 0, :] + num_patches * tokens[..., 1:, :].sum(dim=-2)  # (..., D)
     return total / (1 + num_patches * frames)
 
 
 def tiny_config(num_frames: int = 8, **overrides) -> TimesformerConfig:
-    """A tiny TimeSformer (224 px, 16 px patches = 196 patches) for tests and the demo."""
+    """A tiny TimeSformer (224 px, 16 px patches = 196 patches, D=32, 2 layers) for tests and the demo."""
     settings = dict(
         image_size=224, patch_size=16, num_frames=num_frames, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=64,
@@ -161,12 +186,12 @@ def tiny_config(num_frames: int = 8, **overrides) -> TimesformerConfig:
 
 def save_tiny_backbone(out_dir: Path, seed: int = 0, num_frames: int = 8, **overrides) -> Path:
     """Save a seeded, randomly initialised tiny TimeSformer so `from_pretrained(out_dir)` loads it."""
-    torch.manual_seed(seed)
-    model = TimesformerModel(tiny_config(num_frames, **overrides))
-    # HF zero-initialises the cls/position/time embeddings; random ones make frames and
-    # positions distinguishable, as in a trained model.
-    for parameter in (model.embeddings.cls_token, model.embeddings.position_embeddings, model.embeddings.time_embeddings):
-        torch.nn.init.trunc_normal_(parameter, std=0.02)
+    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = TimesformerModel(tiny_config(num_frames, **overrides))
+        # HF initialises time_embeddings to zeros; random ones (as in a trained model) make frames
+        # distinguishable and their interpolation testable.
+        torch.nn.init.trunc_normal_(model.embeddings.time_embeddings, std=model.config.initializer_range)
     hf_logging.disable_progress_bar()
     model.save_pretrained(out_dir)
     return Path(out_dir)

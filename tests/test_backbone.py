@@ -1,11 +1,16 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import TimesformerConfig, TimesformerModel
 
+import pipeline.backbone as backbone
 from pipeline.backbone import (
     LORA_KINDS_PER_LAYER, LoraSettings, adapter_hash, add_lora, autocast_context, encode_clips, load_adapter,
     load_backbone, reference_view_feature, save_tiny_backbone, set_num_frames, tiny_config, weights_hash,
 )
+
+NUM_PATCHES = 196  # (224 / 16) ** 2
+HIDDEN, INTERMEDIATE, LAYERS = 32, 64, 2  # tiny_config()
 
 
 @pytest.fixture(scope="module")
@@ -13,51 +18,78 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_backbone(tmp_path_factory.mktemp("bb") / "tiny", seed=0, num_frames=8)
 
 
-def clips(frames, batch=2, seed=0):
-    return torch.randn(batch, frames, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+def clips(frames, batch=1, seed=0):
+    return torch.randn(batch, frames, 3, 224, 224, generator=torch.Generator().manual_seed(seed))  # (B, T, 3, H, W)
 
 
 @torch.inference_mode()
 def hidden(model, x):
-    return model(pixel_values=x).last_hidden_state
+    return model(pixel_values=x).last_hidden_state  # (B, 1 + N*T, D)
 
+
+@torch.inference_mode()
+def encode(model, x):
+    return encode_clips(model, x)  # (B, 1 + T, D)
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_params_per_layer(hidden_size, intermediate, r):
+    """Closed form: a LoRA on Linear(i, o) adds r * (i + o) parameters."""
+    qkv, out = r * (hidden_size + 3 * hidden_size), r * (hidden_size + hidden_size)
+    mlp = r * (hidden_size + intermediate) + r * (intermediate + hidden_size)
+    return 2 * qkv + 2 * out + out + mlp  # spatial + temporal (qkv, out dense), temporal_dense, MLP in + out
+
+
+# --- any frame count --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("frames", [4, 12])
 def test_any_frame_count_equals_a_model_built_for_it(tiny_dir, frames):
     loaded = load_backbone(str(tiny_dir), frames)
     assert loaded.config.num_frames == frames
-    assert all(layer.config.num_frames == frames for layer in loaded.encoder.layer)
+    assert all(layer.config is loaded.config for layer in loaded.encoder.layer)
+    saved = TimesformerModel.from_pretrained(str(tiny_dir)).state_dict()
+    expected_time = F.interpolate(
+        saved["embeddings.time_embeddings"].transpose(1, 2), size=frames, mode="linear", align_corners=False
+    ).transpose(1, 2)  # (1, T, D)
     native = TimesformerModel(tiny_config(num_frames=frames)).eval()
-    reference = TimesformerModel.from_pretrained(str(tiny_dir)).state_dict()
-    expected_time = torch.nn.functional.interpolate(
-        reference["embeddings.time_embeddings"].transpose(1, 2), size=frames, mode="linear", align_corners=False
-    ).transpose(1, 2)
-    native.load_state_dict({**reference, "embeddings.time_embeddings": expected_time})
+    native.load_state_dict({**saved, "embeddings.time_embeddings": expected_time})
     x = clips(frames)
     torch.testing.assert_close(hidden(loaded, x), hidden(native, x), atol=1e-5, rtol=1e-5)
+
+
+def test_native_frame_count_leaves_the_weights_alone(tiny_dir):
+    saved = TimesformerModel.from_pretrained(str(tiny_dir)).state_dict()
+    assert saved["embeddings.time_embeddings"].abs().max() > 0  # random, so interpolation is tested
+    loaded = load_backbone(str(tiny_dir), 8).state_dict()
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[name], saved[name]) for name in saved)
 
 
 def test_the_num_frames_trap_is_real(tiny_dir):
     """Resampling the embeddings without telling the layers runs, but gives other features."""
     model = load_backbone(str(tiny_dir), 8)
     set_num_frames(model, 4)
-    good = hidden(model, clips(4))
+    x = clips(4)
+    good = hidden(model, x)
     model.config.num_frames = 8  # layers now split 4-frame tokens as if there were 8 frames
-    with torch.inference_mode():
-        stale = model(pixel_values=clips(4)).last_hidden_state
+    stale = hidden(model, x)
+    assert stale.shape == good.shape
     assert not torch.allclose(good, stale, atol=1e-3)
+    with pytest.raises(ValueError, match="4 frames but the backbone is set up for 8"):
+        encode_clips(model, x)
 
 
-def lora_params_per_layer(hidden_size, intermediate, r):
-    qkv = r * (hidden_size + 3 * hidden_size)
-    out = r * (2 * hidden_size)
-    mlp_in, mlp_out = r * (hidden_size + intermediate), r * (intermediate + hidden_size)
-    return 2 * qkv + 2 * out + out + mlp_in + mlp_out  # spatial + temporal qkv/out, temporal_dense, MLP
+def test_a_local_folder_without_config_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(ValueError, match=str(path)):
+            load_backbone(str(path), 8)
 
 
-def trainable(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
+# --- LoRA --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("r", [2, 8])
 def test_lora_adapts_the_seven_kinds_in_every_layer(tiny_dir, r):
@@ -65,84 +97,143 @@ def test_lora_adapts_the_seven_kinds_in_every_layer(tiny_dir, r):
 
     model = add_lora(load_backbone(str(tiny_dir), 8), LoraSettings(r=r, alpha=2 * r))
     names = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-    assert len(names) == LORA_KINDS_PER_LAYER * 2
-    assert sum(n.endswith("temporal_attention.output.dense") for n in names) == 2
-    assert sum(n.endswith(".attention.output.dense") and "temporal" not in n for n in names) == 2
-    assert trainable(model) == 2 * lora_params_per_layer(32, 64, r)
+    assert len(names) == LORA_KINDS_PER_LAYER * LAYERS
+    kinds = {n.split(".layer.")[1].split(".", 1)[1] for n in names}
+    assert kinds == {
+        "attention.attention.qkv", "attention.output.dense", "temporal_attention.attention.qkv",
+        "temporal_attention.output.dense", "temporal_dense", "intermediate.dense", "output.dense",
+    }
+    assert trainable(model) == LAYERS * lora_params_per_layer(HIDDEN, INTERMEDIATE, r)
+    assert not any(m.training for m in model.modules())  # the eval base stays eval, LoRA dropouts too
 
 
 def test_base_size_lora_count_matches_the_reference():
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory, no init: only shapes count
         base = TimesformerModel(TimesformerConfig())
     model = add_lora(base, LoraSettings(r=32))
     assert trainable(model) == 221_184 * 32 == 12 * lora_params_per_layer(768, 3072, 32)
 
 
+def test_a_target_pattern_missing_modules_is_refused(tiny_dir, monkeypatch):
+    monkeypatch.setattr(backbone, "LORA_TARGETS", r".*\.layer\.\d+\.attention\.attention\.qkv")
+    with pytest.raises(RuntimeError, match=f"adapted {LAYERS} modules, expected 7 x {LAYERS}"):
+        add_lora(load_backbone(str(tiny_dir), 8), LoraSettings(r=2))
+
+
 def test_adapter_round_trip_in_both_folder_forms(tiny_dir, tmp_path):
     adapted = add_lora(load_backbone(str(tiny_dir), 4), LoraSettings(r=4, alpha=8))
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in adapted.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    adapted.eval()
+            if "lora_B" in name:  # zeros at init: make the adapter change the outputs
+                p.normal_(0, 0.5, generator=generator)
     adapted.save_pretrained(tmp_path / "run" / "adapter")
     x = clips(4)
     want = hidden(adapted, x)
-    base_out = hidden(load_backbone(str(tiny_dir), 4), x)
-    assert not torch.allclose(want, base_out, atol=1e-3)
+    assert not torch.allclose(want, hidden(load_backbone(str(tiny_dir), 4), x), atol=1e-3)
     for folder in (tmp_path / "run", tmp_path / "run" / "adapter"):
-        loaded = load_adapter(load_backbone(str(tiny_dir), 4), folder).eval()
-        torch.testing.assert_close(hidden(loaded, x), want)
-    with pytest.raises(FileNotFoundError, match="no LoRA adapter"):
+        loaded = load_adapter(load_backbone(str(tiny_dir), 4), folder)
+        assert not loaded.training and trainable(loaded) == 0
+        torch.testing.assert_close(hidden(loaded, x), want, atol=0, rtol=0)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no LoRA adapter"):
         load_adapter(load_backbone(str(tiny_dir), 4), tmp_path)
 
 
-def test_hashes_identify_weights_and_adapters(tiny_dir, tmp_path):
+# --- fingerprints ------------------------------------------------------------------------------
+
+def test_weights_hash_identifies_the_weights(tiny_dir, tmp_path):
     first, second = load_backbone(str(tiny_dir), 8), load_backbone(str(tiny_dir), 8)
     assert weights_hash(first) == weights_hash(second)
     with torch.no_grad():
         second.encoder.layer[0].output.dense.weight[0, 0] += 1e-3
     assert weights_hash(first) != weights_hash(second)
-    adapted = add_lora(first, LoraSettings(r=2))
+    assert weights_hash(load_backbone(str(tiny_dir), 4)) != weights_hash(first)  # resampled time embeddings
+    again = load_backbone(str(save_tiny_backbone(tmp_path / "same", seed=0)), 8)
+    other = load_backbone(str(save_tiny_backbone(tmp_path / "other", seed=1)), 8)
+    assert weights_hash(again) == weights_hash(first) != weights_hash(other)
+
+
+def test_adapter_hash_identifies_the_adapter(tiny_dir, tmp_path):
+    adapted = add_lora(load_backbone(str(tiny_dir), 8), LoraSettings(r=2))
     adapted.save_pretrained(tmp_path / "a")
+    adapted.save_pretrained(tmp_path / "b" / "adapter")
     before = adapter_hash(tmp_path / "a")
+    assert adapter_hash(tmp_path / "b") == before  # content, not location
     with torch.no_grad():
         next(p for n, p in adapted.named_parameters() if "lora_B" in n).fill_(0.5)
     adapted.save_pretrained(tmp_path / "a")
     assert adapter_hash(tmp_path / "a") != before
 
 
+# --- encoding ----------------------------------------------------------------------------------
+
 def test_encoded_tokens_are_cls_and_per_frame_patch_means(tiny_dir):
     model = load_backbone(str(tiny_dir), 4)
     x = clips(4)
     full = hidden(model, x)  # (B, 1 + N*T, D)
-    with torch.inference_mode():
-        tokens = encode_clips(model, x)
-    assert tokens.shape == (2, 5, 32)
-    torch.testing.assert_close(tokens[:, 0], full[:, 0])
-    # independent layout check: frame t's patches are tokens 1 + n*T + t (patch-major, time fastest)
-    for t in range(4):
+    tokens = encode(model, x)
+    assert tokens.shape == (1, 1 + 4, HIDDEN) and tokens.dtype == torch.float32
+    torch.testing.assert_close(tokens[:, 0], full[:, 0], atol=0, rtol=0)
+    for t in range(4):  # frame t's patches are tokens 1 + n*T + t
         torch.testing.assert_close(tokens[:, 1 + t], full[:, 1 + t :: 4].mean(1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(reference_view_feature(tokens, 196), full.mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference_view_feature(tokens, NUM_PATCHES), full.mean(1), atol=1e-5, rtol=1e-5)
 
 
-def test_frames_are_really_distinguished(tiny_dir):
-    """The per-frame rows follow their own frame: changing frame 2 changes row 3 most."""
+@torch.inference_mode()
+def test_layout_matches_an_independent_embedding_computation():
+    """With no layers the output is layernorm(embeddings): rebuild frame t's tokens by hand."""
+    torch.manual_seed(0)
+    model = TimesformerModel(tiny_config(num_frames=4, num_hidden_layers=0)).eval()
+    torch.nn.init.normal_(model.embeddings.time_embeddings)  # zeros at init; make frames differ
+    x = clips(4, batch=2)
+    emb = model.embeddings
+    frame_means = []
+    for t in range(4):
+        patches = emb.patch_embeddings.projection(x[:, t]).flatten(2).transpose(1, 2)  # (B, N, D), row-major
+        patches = patches + emb.position_embeddings[:, 1:] + emb.time_embeddings[:, t]
+        frame_means.append(model.layernorm(patches).mean(1))  # (B, D)
+    cls = model.layernorm(emb.cls_token + emb.position_embeddings[:, :1]).expand(2, 1, HIDDEN)  # (B, 1, D)
+    torch.testing.assert_close(encode_clips(model, x), torch.cat([cls, torch.stack(frame_means, 1)], 1))
+
+
+def test_frame_rows_follow_their_frames_through_every_layer(tiny_dir):
+    """Without time embeddings TimeSformer is frame-permutation equivariant: rows must permute too."""
     model = load_backbone(str(tiny_dir), 4)
-    x = clips(4, batch=1)
-    y = x.clone()
-    y[:, 2] = torch.randn_like(y[:, 2])
-    with torch.inference_mode():
-        delta = (encode_clips(model, x) - encode_clips(model, y)).abs().mean(-1)[0]
-    assert delta.argmax().item() == 3
+    with torch.no_grad():
+        model.embeddings.time_embeddings.zero_()
+    x, order = clips(4), torch.tensor([2, 0, 3, 1])
+    tokens, permuted = encode(model, x), encode(model, x[:, order])
+    torch.testing.assert_close(permuted[:, 0], tokens[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(permuted[:, 1:], tokens[:, 1 + order], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(tokens[:, 1], tokens[:, 2], atol=1e-3)  # rows really differ
 
 
-def test_bf16_autocast_is_close_to_fp32(tiny_dir):
+def test_changing_one_frame_moves_its_row_most(tiny_dir):
     model = load_backbone(str(tiny_dir), 4)
     x = clips(4)
-    with torch.inference_mode():
-        exact = encode_clips(model, x)
-        with autocast_context(torch.device("cpu")):
-            fast = encode_clips(model, x)
-    assert fast.dtype == torch.float32
+    y = x.clone()
+    y[:, 2] = torch.randn(y[:, 2].shape, generator=torch.Generator().manual_seed(5))
+    delta = (encode(model, x) - encode(model, y)).abs().mean(-1)[0]  # (1 + T,)
+    assert delta.argmax().item() == 1 + 2
+
+
+# --- precision ---------------------------------------------------------------------------------
+
+def test_bf16_autocast_is_close_to_fp32_and_disabling_is_exact(tiny_dir):
+    model = load_backbone(str(tiny_dir), 4)
+    x = clips(4)
+    exact = encode(model, x)
+    with autocast_context(torch.device("cpu"), enabled=False):
+        torch.testing.assert_close(encode(model, x), exact, atol=0, rtol=0)
+    with autocast_context(torch.device("cpu")):
+        fast = encode(model, x)
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)  # autocast really ran
     assert (fast - exact).abs().max() < 0.1 * exact.abs().max()
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+@pytest.mark.parametrize(("bf16", "dtype"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_cuda_autocast_falls_back_to_fp16_without_bf16(monkeypatch, bf16, dtype):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert autocast_context(torch.device("cuda")).fast_dtype == dtype
+    assert autocast_context(torch.device("cpu")).fast_dtype == torch.bfloat16
