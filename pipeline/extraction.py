@@ -79,7 +79,7 @@ def code_version() -> str:
         return "unknown"
 
 
-def fingerprint(config: ExtractConfig, model: torch.nn.Module, weights_sha256: str) -> dict:
+def fingerprint(config: ExtractConfig, weights_sha256: str) -> dict:
     """Everything that changes the numbers in the cache. Device and batch size are left out."""
     return {
         "backbone": config.backbone,
@@ -98,7 +98,7 @@ def build_cache_spec(config: ExtractConfig, model: torch.nn.Module, weights_sha2
     model_config = model.config
     num_patches = (model_config.image_size // model_config.patch_size) ** 2
     return CacheSpec(
-        fingerprint=fingerprint(config, model, weights_sha256),
+        fingerprint=fingerprint(config, weights_sha256),
         views=tuple(config.views),
         frames=config.frames,
         num_patches=num_patches,
