@@ -2,15 +2,25 @@
 
     python -m bench.fit_head [--cells 3]
 
-1904 train + 466 val takes, 5 views, T=16, D=768; one cell = 4 epochs, H=1536, 16 heads, batch 64.
-Prints the skillpipe loop (the stage's own FeatureTable + train_head) beside a plain eager fp32
-loop with default AdamW, and the achieved FLOP/s against the measured bf16 matmul peak.
+The cache (1904 train + 466 val takes, 5 views, T=16, D=768) is written with pipeline.cache into a
+temporary folder and read back once through the stage's own loader (load_complete_split +
+FeatureTable). A cell is crossview on ego+exos: 4 epochs over all 1904 train takes (holdout 0),
+H=1536, 16 heads, batch 64. Measured, in this order:
+  plain   the obvious eager fp32 loop with default AdamW (run first: it gets glibc's defaults)
+  cell    skillpipe's train_head, one cell alone (best of --cells seeds)
+  grid    the stage's run_grid over --cells seeds, cells one after another: cache read, pooling,
+          training, val evaluation, metrics, plots and weights, divided by the number of cells
+plus the achieved FLOP/s against a bf16 matmul peak measured in this process, and the time the
+cell's estimated memory traffic needs at this process's measured copy bandwidth.
+stdout: one JSON object (read by `python -m bench`); stderr: the side-by-side summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,33 +28,42 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 
 from bench.common import count_flops, matmul_peak_gflops
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.fusion import HeadConfig, build_head
 from pipeline.head_training import FeatureTable, FitHeadConfig, head_config_for, load_complete_split, train_head
-from pipeline.takes import VIEWS
+from pipeline.takes import SCENARIOS, VIEWS
+from stages.fit_head import run_grid
 
-TRAIN, VAL, FRAMES, DIM = 1904, 466, 16, 768
+TRAIN, VAL, FRAMES, DIM, PATCHES = 1904, 466, 16, 768, 196
+# Bytes one step moves per head parameter with bf16 autocast and fused AdamW: cast the fp32 weight
+# to bf16 (4 + 2), read it in the forward and backward matmuls (2 + 2), write the bf16 weight
+# gradient and cast it to fp32 (2 + 2 + 4), AdamW reads weight, gradient and both moments and
+# writes weight and both moments (16 + 12).
+BYTES_PER_PARAMETER_STEP = 46
 
 
-def random_cache(root: Path) -> FeatureCache:
-    spec = CacheSpec(fingerprint={"bench": "random"}, views=VIEWS, frames=FRAMES, num_patches=196, hidden_size=DIM, shard_size=64)
+def random_cache(root: Path, seed: int = 0) -> FeatureCache:
+    spec = CacheSpec(fingerprint={"bench": "random"}, views=VIEWS, frames=FRAMES, num_patches=PATCHES, hidden_size=DIM,
+                     shard_size=64)
     cache = FeatureCache.open_or_create(root, spec)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for split, count in (("train", TRAIN), ("val", VAL)):
         uids = [f"{split}{i:05d}" for i in range(count)]
         for shard, shard_uids in enumerate(cache.plan_split(split, uids)):
             tokens = rng.standard_normal((len(shard_uids), len(VIEWS), 1 + FRAMES, DIM), dtype=np.float32)
-            records = [TakeRecord(u, u, split, int(rng.integers(4)), "Dance", (True,) * len(VIEWS)) for u in shard_uids]
+            records = [TakeRecord(u, u, split, int(rng.integers(4)), SCENARIOS[int(rng.integers(6))], (True,) * len(VIEWS))
+                       for u in shard_uids]
             cache.write_shard(split, shard, tokens.astype(np.float16), records, {})
     return cache
 
 
-def plain_loop(table: FeatureTable, head_config: HeadConfig, epochs: int, batch: int) -> float:
-    """The obvious eager fp32 loop with default AdamW, for comparison."""
+def plain_loop_s(table: FeatureTable, head_config: HeadConfig, epochs: int, batch: int) -> float:
+    """The obvious eager fp32 loop with default AdamW, on the same resident inputs."""
     torch.manual_seed(0)
-    head = build_head(head_config)
+    head = build_head(head_config).train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-4)
     started = time.perf_counter()
     for _ in range(epochs):
@@ -56,45 +75,85 @@ def plain_loop(table: FeatureTable, head_config: HeadConfig, epochs: int, batch:
     return time.perf_counter() - started
 
 
+def copy_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
+    """Best-of bytes moved per second by a large tensor copy (read + write)."""
+    source = torch.randn(megabytes * 2**18)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.numel() * 4 / best / 1e9
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cells", type=int, default=3, help="cells (seeds) in the amortised grid")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=3, help="seeds: single-cell repeats and the grid's size")
+    parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core this process may use, one thread each
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         cache = random_cache(Path(folder) / "cache")
         build_s = time.perf_counter() - started
-        config = FitHeadConfig(cache=cache.root, out=Path(folder) / "run", epochs=4, batch_size=64, hidden=1536, heads=16, holdout=0.0)
+        config = FitHeadConfig(cache=cache.root, out=Path(folder) / "run", seeds=tuple(range(args.cells)), epochs=args.epochs,
+                               batch_size=64, hidden=1536, heads=16, holdout=0.0)
         head_config = head_config_for(cache, config, "crossview", len(VIEWS))
         started = time.perf_counter()
         table = FeatureTable(load_complete_split(cache, "train"), cache.spec.views, VIEWS, head_config)
         load_s = time.perf_counter() - started
-        cell_s = []
-        for seed in range(args.cells):
-            started = time.perf_counter()
-            train_head(table, head_config, config, seed, VIEWS)
-            cell_s.append(time.perf_counter() - started)
-        plain_s = plain_loop(table, head_config, config.epochs, config.batch_size)
+
+        plain_s = plain_loop_s(table, head_config, config.epochs, config.batch_size)
+        cell_s = [train_head(table, head_config, config, seed).seconds for seed in config.seeds]
+        started = time.perf_counter()
+        run_grid(config, Console(file=sys.stderr))
+        grid_s = time.perf_counter() - started
 
         head = build_head(head_config)
         batch = torch.arange(config.batch_size)
-        step_flops = count_flops(lambda: F.cross_entropy(head(table.inputs[batch], table.present[batch]), table.labels[batch]).backward())
-        steps = config.epochs * -(-len(table) // config.batch_size)
-        peak = matmul_peak_gflops(torch.bfloat16)
-        ideal_s = step_flops * steps / (peak * 1e9)
-        print(json.dumps({
-            "cache_build_s": round(build_s, 2),
-            "cache_load_and_pool_s": round(load_s, 2),
-            "fit_head_cell_s": round(min(cell_s), 3),
-            "fit_head_cells_s": [round(s, 3) for s in cell_s],
-            "fit_head_cell_amortised_s": round(sum(cell_s) / len(cell_s), 3),
-            "plain_fp32_loop_cell_s": round(plain_s, 3),
-            "speedup_vs_plain": round(plain_s / min(cell_s), 2),
-            "cell_gflop": round(step_flops * steps / 1e9, 1),
-            "bf16_matmul_peak_gflops": round(peak, 1),
-            "cell_s_at_bf16_peak": round(ideal_s, 3),
-            "fraction_of_peak": round(ideal_s / min(cell_s), 3),
-        }, indent=2))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step_flops = count_flops(
+                lambda: F.cross_entropy(head(table.inputs[batch], table.present[batch]).float(), table.labels[batch]).backward()
+            )
+        parameters = sum(p.numel() for p in head.parameters())
+    steps = config.epochs * -(-TRAIN // config.batch_size)
+    peak = matmul_peak_gflops(torch.bfloat16)
+    bandwidth = copy_bandwidth_gbs()
+    best = min(cell_s)
+    figures = {
+        "threads": torch.get_num_threads(),
+        "cache_build_s": round(build_s, 2),
+        "cache_load_and_pool_s": round(load_s, 2),
+        "plain_fp32_loop_cell_s": round(plain_s, 3),
+        "fit_head_cell_s": round(best, 3),
+        "fit_head_cells_s": [round(s, 3) for s in cell_s],
+        "grid_cells": args.cells,
+        "grid_wall_s": round(grid_s, 3),
+        "grid_per_cell_s": round(grid_s / args.cells, 3),
+        "speedup_vs_plain": round(plain_s / best, 2),
+        "cell_gflop": round(step_flops * steps / 1e9, 1),
+        "achieved_gflops": round(step_flops * steps / best / 1e9, 1),
+        "bf16_matmul_peak_gflops": round(peak, 1),
+        "fraction_of_bf16_peak": round(step_flops * steps / best / 1e9 / peak, 3),
+        "cell_s_at_bf16_peak": round(step_flops * steps / (peak * 1e9), 3),
+        "head_parameters": parameters,
+        "cell_memory_traffic_gb_estimate": round(BYTES_PER_PARAMETER_STEP * parameters * steps / 1e9, 1),
+        "copy_bandwidth_gbs": round(bandwidth, 1),
+        "cell_s_at_copy_bandwidth": round(BYTES_PER_PARAMETER_STEP * parameters * steps / (bandwidth * 1e9), 3),
+    }
+    print(json.dumps(figures, indent=2))
+    print(
+        f"\none cell ({args.epochs} epochs, {TRAIN} takes, H=1536): skillpipe {best:.2f} s (seeds: "
+        f"{', '.join(f'{s:.2f}' for s in cell_s)}) | plain eager fp32 loop {plain_s:.2f} s | x{plain_s / best:.1f}\n"
+        f"grid of {args.cells} cells through the stage, everything included: {grid_s / args.cells:.2f} s per cell\n"
+        f"{figures['achieved_gflops']:.0f} GFLOP/s = {figures['fraction_of_bf16_peak']:.2f} of the bf16 matmul peak "
+        f"({peak:.0f} GFLOP/s: {figures['cell_s_at_bf16_peak']:.2f} s per cell); estimated memory traffic "
+        f"{figures['cell_memory_traffic_gb_estimate']:.0f} GB per cell = {figures['cell_s_at_copy_bandwidth']:.2f} s "
+        f"at the measured copy bandwidth ({bandwidth:.0f} GB/s)",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

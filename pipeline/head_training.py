@@ -1,15 +1,23 @@
 """Train and evaluate fusion heads on cached features: whole ablation grids in one process.
 
-The cache is read once; per-view features are pooled once per (views, input kind) and stay in
-memory; each cell then runs a tight loop on resident tensors (index, forward, backward, fused
-AdamW step) with bf16 autocast on CPU. Model selection uses a stratified held-out part of train
-(best epoch by held-out loss); the val split is only ever used for the final evaluation.
+The cache is read once; head inputs are pooled once per (view selection, input kind) and stay
+resident; each cell then runs a tight loop on those tensors (index a batch, forward, backward,
+fused AdamW step, cosine schedule) with bf16 autocast. Model selection uses a stratified held-out
+part of train (best epoch by held-out loss); the val split is only used for the final evaluation.
+
+At the reference size (H=1536, 7.1M parameters) a step does ~5.4 GFLOP but also moves ~46 bytes
+per parameter (the fp32 weights cast to bf16, bf16 weight gradients cast back, AdamW reading and
+writing weights and both moments): ~330 MB, so on a 2-core CPU the loop is bound by memory
+bandwidth more than by matmul throughput (see bench/fit_head.py).
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+import ctypes
+import ctypes.util
+import sys
+import time
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -20,43 +28,75 @@ from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.cache import CacheError, CachedSplit, FeatureCache
 from pipeline.config import ConfigError
-from pipeline.fusion import FUSIONS, HeadConfig, build_head, head_inputs
+from pipeline.fusion import FUSIONS, NUM_CLASSES, HeadConfig, build_head, head_inputs
 from pipeline.views import parse_view_setting
 
 
 @dataclass(frozen=True)
 class FitHeadConfig:
-    """Settings of `skillpipe fit-head`; saved as `<out>/config.json`."""
+    """Settings of `skillpipe fit-head`; saved as `<out>/config.json` and, narrowed to one cell, per cell."""
 
-    cache: Path  # feature cache written by `skillpipe extract` (needs train and val)
-    out: Path  # run folder: one sub-folder per grid cell
-    views: tuple[str, ...] = ("ego+exos",)  # view settings of the grid
-    fusions: tuple[str, ...] = ("crossview",)  # fusion variants of the grid
-    seeds: tuple[int, ...] = (0,)
-    epochs: int = 10
-    lr: float = 1e-4  # head only, on frozen features: higher than the reference's end-to-end 2e-5..5e-5
-    batch_size: int = 64
-    hidden: int = 1536
-    heads: int = 16
-    dropout: float = 0.1
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    holdout: float = 0.1  # fraction of train held out (stratified) to pick the best epoch; 0 = last epoch
-    precision: Literal["bf16", "fp32"] = "bf16"
-    submission: Path | None = None  # write the challenge JSON of the first cell here
+    cache: Path = field(metadata={"help": "feature cache written by `skillpipe extract` (finished train and val splits)"})
+    out: Path = field(metadata={"help": "run folder: one sub-folder per grid cell, plus grid.json and grid.png"})
+    views: tuple[str, ...] = field(
+        default=("ego+exos",), metadata={"help": "view settings of the grid: ego, exos, ego+exos, ego+exo2, ..."}
+    )
+    fusions: tuple[str, ...] = field(default=("crossview",), metadata={"help": f"fusion variants: {', '.join(FUSIONS)}"})
+    seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "seeds of the grid (initialisation, dropout, data order)"})
+    epochs: int = field(default=10, metadata={"help": "training epochs; the best one by held-out loss is kept"})
+    lr: float = field(
+        default=1e-4, metadata={"help": "peak learning rate; a head on frozen features: 5x the reference's end-to-end 2e-5"}
+    )
+    batch_size: int = field(default=64, metadata={"help": "takes per optimizer step"})
+    hidden: int = field(default=2560, metadata={"help": "projector size H (reference Ego+Exos recipe: 2560)"})
+    heads: int = field(default=16, metadata={"help": "attention heads; must divide the feature size"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout in attention and projector (reference: 0.1)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (reference: 0.01)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps warming up the cosine schedule (ref.: 0.1)"})
+    holdout: float = field(
+        default=0.1, metadata={"help": "stratified share of train held out to pick the best epoch; 0 keeps the last epoch"}
+    )
+    precision: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "bf16 autocast or plain fp32"})
+    device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:1, ..."})
+    submission: Path | None = field(
+        default=None, metadata={"help": "write the challenge submission JSON of the (single) cell here"}
+    )
 
     def __post_init__(self):
         unknown = [f for f in self.fusions if f not in FUSIONS]
         if unknown:
-            raise ConfigError(f"FitHeadConfig.fusions: unknown {unknown} (choose from {sorted(FUSIONS)})")
-        if self.epochs < 1 or self.batch_size < 1 or not 0 <= self.holdout < 0.5:
-            raise ConfigError("FitHeadConfig: epochs and batch_size must be >= 1, holdout in [0, 0.5)")
-        if not self.views or not self.fusions or not self.seeds:
-            raise ConfigError("FitHeadConfig: views, fusions and seeds need at least one value each")
+            raise ConfigError(f"FitHeadConfig.fusions: unknown {unknown} (choose from {list(FUSIONS)})")
+        for setting in self.views:
+            parse_view_setting(setting)  # names only; the cache's views are checked when it is opened
+        for name in ("views", "fusions", "seeds"):
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(f"FitHeadConfig.{name}: needs at least one value")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"FitHeadConfig.{name}: repeated values in {list(values)}")
+        for name in ("epochs", "batch_size", "hidden", "heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"FitHeadConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError(f"FitHeadConfig: lr must be > 0 and weight_decay >= 0 (got {self.lr}, {self.weight_decay})")
+        for name, high in (("holdout", 0.5), ("warmup_ratio", 1.0), ("dropout", 1.0)):
+            if not 0 <= getattr(self, name) < high:
+                raise ConfigError(f"FitHeadConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"FitHeadConfig.device: expected cpu or cuda[:N], got {self.device!r}")
+
+
+def field_help(name: str) -> str:
+    """The help text of a FitHeadConfig field and its default, for the CLI options."""
+    spec = next(f for f in fields(FitHeadConfig) if f.name == name)
+    default = "" if spec.default in (MISSING, None) else f" (default {spec.default})"
+    return spec.metadata["help"] + default
 
 
 @dataclass(frozen=True)
 class Cell:
+    """One point of the grid."""
+
     views: str
     fusion: str
     seed: int
@@ -66,21 +106,8 @@ class Cell:
         return f"{self.views}__{self.fusion}__seed{self.seed}"
 
 
-@dataclass
-class Evaluation:
-    take_uids: list[str]
-    labels: np.ndarray  # (N,)
-    scenarios: list[str]
-    probabilities: np.ndarray  # (N, 4)
-
-
-@dataclass
-class TrainedHead:
-    head: torch.nn.Module
-    config: HeadConfig
-    view_names: tuple[str, ...]
-    best_epoch: int
-    holdout_losses: list[float] = field(default_factory=list)
+def grid_cells(config: FitHeadConfig) -> list[Cell]:
+    return [Cell(v, f, s) for v in config.views for f in config.fusions for s in config.seeds]
 
 
 def load_complete_split(cache: FeatureCache, split: str) -> CachedSplit:
@@ -99,10 +126,13 @@ def load_complete_split(cache: FeatureCache, split: str) -> CachedSplit:
     return data
 
 
-def select_views(data: CachedSplit, cache_views: tuple[str, ...], view_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Token slots and presence of the chosen views: (N, V', 1 + T, D), (N, V')."""
-    slots = [cache_views.index(v) for v in view_names]
-    return data.tokens[:, slots], data.present[:, slots]
+def head_config_for(cache: FeatureCache, config: FitHeadConfig, fusion: str, num_views: int) -> HeadConfig:
+    if cache.spec.hidden_size % config.heads:
+        raise ConfigError(f"FitHeadConfig.heads={config.heads} must divide the feature size {cache.spec.hidden_size}")
+    return HeadConfig(
+        fusion=fusion, dim=cache.spec.hidden_size, num_views=num_views, frames=cache.spec.frames,
+        num_patches=cache.spec.num_patches, hidden=config.hidden, heads=config.heads, dropout=config.dropout,
+    )
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -117,89 +147,123 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> np
 
 
 class FeatureTable:
-    """A split's head inputs for one view selection, pooled once and kept in memory."""
+    """One split's head inputs for one view selection, pooled once and resident on the device.
 
-    def __init__(self, data: CachedSplit, cache_views, view_names, head_config: HeadConfig):
-        tokens, present = select_views(data, cache_views, view_names)
-        usable = present.any(1)  # a take with none of the chosen views cannot be classified
-        self.dropped = [r.take_uid for r, ok in zip(data.records, usable) if not ok]
-        records = [r for r, ok in zip(data.records, usable) if ok]
-        tokens = torch.from_numpy(tokens[usable]).float()
-        self.inputs = head_inputs(tokens, head_config).contiguous()  # (N, V, D) or (N, V, T, D)
-        self.present = torch.from_numpy(present[usable])
-        self.labels = torch.tensor([r.label for r in records], dtype=torch.long)
-        self.take_uids = [r.take_uid for r in records]
-        self.scenarios = [r.scenario for r in records]
+    Every take of the split keeps its row, in cache order; `usable` marks the takes with at least
+    one of the chosen views (the others cannot be seen by the head: training skips them and
+    evaluation gives them the train label prior, so every cell is scored on the same takes).
+    """
+
+    def __init__(self, data: CachedSplit, cache_views: tuple[str, ...], view_names: tuple[str, ...],
+                 head_config: HeadConfig, device: str = "cpu", chunk: int = 256):
+        slots = [cache_views.index(v) for v in view_names]
+        present = data.present[:, slots]  # (N, V')
+        pooled = [
+            head_inputs(torch.from_numpy(data.tokens[start : start + chunk, slots]).float(), head_config)
+            for start in range(0, len(data.records), chunk)
+        ]  # chunks keep the float32 copy of the (N, V', 1 + T, D) float16 tokens small
+        self.inputs = torch.cat(pooled).contiguous().to(device)  # (N, V', D), or (N, V', T, D) for temporal
+        self.present = torch.from_numpy(present).to(device)  # (N, V') bool
+        self.labels = torch.tensor([r.label for r in data.records], dtype=torch.long, device=device)  # (N,)
+        self.usable = present.any(1)  # (N,) numpy bool
+        self.take_uids = [r.take_uid for r in data.records]
+        self.scenarios = [r.scenario for r in data.records]
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.take_uids)
 
 
-def train_head(
-    train: FeatureTable, head_config: HeadConfig, config: FitHeadConfig, seed: int, view_names: tuple[str, ...]
-) -> TrainedHead:
-    """Fit one head on `train` (minus its holdout); returns the best epoch's weights."""
-    torch.manual_seed(seed)
-    head = build_head(head_config)
-    held = torch.from_numpy(stratified_holdout(train.labels.numpy(), config.holdout))
-    fit_rows = torch.nonzero(~held).flatten()
-    holdout_rows = torch.nonzero(held).flatten()
-    steps_per_epoch = -(-len(fit_rows) // config.batch_size)
+@dataclass
+class TrainedHead:
+    head: torch.nn.Module
+    config: HeadConfig
+    label_prior: np.ndarray  # (4,) label frequencies of the takes it was fitted on
+    best_epoch: int
+    train_losses: list[float] = field(default_factory=list)  # mean loss per epoch
+    holdout_losses: list[float] = field(default_factory=list)  # per epoch; empty without a holdout
+    seconds: float = 0.0
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    Each step autograd allocates and frees buffers as large as the weights (bf16 casts, gradients)
+    and, for `temporal`, activations of tens of MB. glibc serves buffers above its mmap threshold
+    (adaptive, but at most 32 MiB) with fresh mmaps and trims freed heap memory, so such buffers
+    fault their pages in anew every step: measured 14-25k page faults per step for `temporal`, at
+    most ~1.5k with this setting. Process-wide and idempotent; a no-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if hasattr(libc, "mallopt"):
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)  # buffers up to 1 GiB come from the reusable heap
+        libc.mallopt(m_trim_threshold, (1 << 31) - 1)  # and the heap is never trimmed back
+
+
+def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConfig, seed: int) -> TrainedHead:
+    """Fit one head on the usable train takes minus the holdout; returns the best epoch's weights."""
+    started = time.perf_counter()
+    keep_freed_memory()
+    device = torch.device(config.device)
+    torch.manual_seed(seed)  # initialisation and dropout
+    head = build_head(head_config).to(device)
+    rows = np.flatnonzero(train.usable)
+    labels = train.labels.cpu().numpy()
+    held = stratified_holdout(labels[rows], config.holdout)
+    fit_rows, holdout_rows = torch.from_numpy(rows[~held]), torch.from_numpy(rows[held]).to(device)
+    steps = -(-len(fit_rows) // config.batch_size) * config.epochs
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    schedule = get_cosine_schedule_with_warmup(
-        optimizer, int(config.warmup_ratio * steps_per_epoch * config.epochs), steps_per_epoch * config.epochs
-    )
-    order = torch.Generator().manual_seed(seed)
-    bf16 = config.precision == "bf16"
-    best_state, best_loss, best_epoch, losses = None, float("inf"), config.epochs - 1, []
+    schedule = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * steps), steps)
+    order = torch.Generator().manual_seed(seed)  # data order, independent of the device's generator
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    best = {"loss": float("inf"), "epoch": config.epochs - 1, "state": None}
+    train_losses, holdout_losses = [], []
     for epoch in range(config.epochs):
         head.train()
-        permuted = fit_rows[torch.randperm(len(fit_rows), generator=order)]
-        for start in range(0, len(permuted), config.batch_size):
-            rows = permuted[start : start + config.batch_size]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = head(train.inputs[rows], train.present[rows])
-            loss = F.cross_entropy(logits.float(), train.labels[rows])
+        total = torch.zeros((), device=device)  # summed on the device: no sync per step
+        for batch in fit_rows[torch.randperm(len(fit_rows), generator=order)].split(config.batch_size):
+            batch = batch.to(device, non_blocking=True)
+            with autocast:
+                logits = head(train.inputs[batch], train.present[batch])  # (B, 4)
+            loss = F.cross_entropy(logits.float(), train.labels[batch])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
+            total += loss.detach() * len(batch)
+        train_losses.append(float(total) / len(fit_rows))
         if len(holdout_rows):
-            logits = predict_logits(head, train.inputs[holdout_rows], train.present[holdout_rows], bf16)
-            losses.append(float(F.cross_entropy(logits, train.labels[holdout_rows])))
-            if losses[-1] < best_loss:
-                best_loss, best_epoch, best_state = losses[-1], epoch, copy.deepcopy(head.state_dict())
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    return TrainedHead(head.eval(), head_config, view_names, best_epoch, losses)
+            logits = predict_logits(head, train.inputs[holdout_rows], train.present[holdout_rows], config.precision)
+            holdout_losses.append(float(F.cross_entropy(logits, train.labels[holdout_rows])))
+            if holdout_losses[-1] < best["loss"]:
+                state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+                best = {"loss": holdout_losses[-1], "epoch": epoch, "state": state}
+    if best["state"] is not None:
+        head.load_state_dict(best["state"])
+    prior = np.bincount(labels[fit_rows.numpy()], minlength=NUM_CLASSES) / len(fit_rows)
+    return TrainedHead(head.eval(), head_config, prior, best["epoch"], train_losses, holdout_losses,
+                       time.perf_counter() - started)
 
 
 @torch.inference_mode()
-def predict_logits(head: torch.nn.Module, inputs: torch.Tensor, present: torch.Tensor, bf16: bool, batch: int = 512) -> torch.Tensor:
+def predict_logits(head: torch.nn.Module, inputs: torch.Tensor, present: torch.Tensor, precision: str,
+                   batch: int = 512) -> torch.Tensor:
+    """(N, V, ...) inputs, (N, V) present -> (N, 4) float32 logits, in eval mode."""
     head.eval()
+    enabled = precision == "bf16"
     outputs = []
     for start in range(0, len(inputs), batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=enabled):
             outputs.append(head(inputs[start : start + batch], present[start : start + batch]).float())
-    return torch.cat(outputs) if outputs else torch.zeros(0, 4)
+    return torch.cat(outputs) if outputs else torch.zeros(0, NUM_CLASSES, device=inputs.device)
 
 
-def evaluate_head(trained: TrainedHead, table: FeatureTable, bf16: bool) -> Evaluation:
-    probabilities = torch.softmax(predict_logits(trained.head, table.inputs, table.present, bf16), -1)
-    return Evaluation(table.take_uids, table.labels.numpy(), table.scenarios, probabilities.numpy())
-
-
-def grid_cells(config: FitHeadConfig) -> list[Cell]:
-    return [Cell(v, f, s) for v in config.views for f in config.fusions for s in config.seeds]
-
-
-def head_config_for(cache: FeatureCache, config: FitHeadConfig, fusion: str, num_views: int) -> HeadConfig:
-    return HeadConfig(
-        fusion=fusion, dim=cache.spec.hidden_size, num_views=num_views, frames=cache.spec.frames,
-        num_patches=cache.spec.num_patches, hidden=config.hidden, heads=config.heads, dropout=config.dropout,
-    )
-
-
-def check_heads(cache: FeatureCache, config: FitHeadConfig) -> None:
-    if cache.spec.hidden_size % config.heads:
-        raise ConfigError(f"FitHeadConfig.heads={config.heads} must divide the feature size {cache.spec.hidden_size}")
+def predict_probabilities(trained: TrainedHead, table: FeatureTable, precision: str) -> np.ndarray:
+    """(N, 4) class probabilities for every take of `table`; takes without any chosen view get the prior."""
+    probabilities = np.tile(trained.label_prior, (len(table), 1))
+    rows = torch.from_numpy(np.flatnonzero(table.usable)).to(table.inputs.device)
+    logits = predict_logits(trained.head, table.inputs[rows], table.present[rows], precision)
+    probabilities[table.usable] = torch.softmax(logits, -1).cpu().numpy()
+    return probabilities

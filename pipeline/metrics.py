@@ -21,6 +21,7 @@ def evaluation_metrics(labels: np.ndarray, probabilities: np.ndarray, scenarios:
     return {
         "accuracy": float(correct.mean()) if len(labels) else 0.0,
         "per_scenario": {s: float(correct[scenario_array == s].mean()) for s in sorted(set(scenarios))},
+        "scenario_takes": {s: int(np.sum(scenario_array == s)) for s in sorted(set(scenarios))},
         "confusion_matrix": confusion.tolist(),
         "label_order": list(LABEL_NAMES),
         "num_takes": int(len(labels)),
@@ -75,8 +76,8 @@ def plot_confusion(path: Path, confusion: list[list[int]], title: str) -> None:
     _save(figure, path)
 
 
-def plot_grid(path: Path, groups: dict[str, list[float]], chance: float | None = None) -> None:
-    """Bar per (views, fusion) group: mean accuracy over seeds, with the spread as error bar."""
+def plot_grid(path: Path, groups: dict[str, list[float]], baseline: float | None = None) -> None:
+    """Bar per (views, fusion) group: mean accuracy over seeds, the spread as error bar, seeds as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,9 +87,11 @@ def plot_grid(path: Path, groups: dict[str, list[float]], chance: float | None =
     means = [float(np.mean(groups[n])) for n in names]
     spreads = [float(np.std(groups[n])) for n in names]
     figure, axes = plt.subplots(figsize=(max(4, 1.2 * len(names)), 4))
-    axes.bar(range(len(names)), means, yerr=spreads, capsize=4, color="tab:blue")
-    if chance is not None:
-        axes.axhline(chance, color="grey", linestyle="--", label="majority class")
+    axes.bar(range(len(names)), means, yerr=spreads, capsize=4, color="tab:blue", alpha=0.8)
+    for x, name in enumerate(names):
+        axes.plot([x] * len(groups[name]), groups[name], "k.", markersize=4)
+    if baseline is not None:
+        axes.axhline(baseline, color="grey", linestyle="--", label="train-majority class")
         axes.legend()
     axes.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     axes.set_ylabel("val accuracy")
@@ -109,9 +112,9 @@ def _save(figure, path: Path) -> None:
 
 
 def write_evaluation(folder: Path, take_uids: list[str], labels: np.ndarray, probabilities: np.ndarray,
-                     scenarios: list[str], settings: dict, title: str) -> dict:
+                     scenarios: list[str], settings: dict, title: str, extra: dict | None = None) -> dict:
     """metrics.json, predictions.jsonl and confusion.png of one evaluated model; returns the metrics."""
-    metrics = {**evaluation_metrics(labels, probabilities, scenarios), "settings": settings}
+    metrics = {**evaluation_metrics(labels, probabilities, scenarios), **(extra or {}), "settings": settings}
     write_json_atomic(Path(folder) / "metrics.json", metrics)
     write_predictions(Path(folder) / "predictions.jsonl", prediction_rows(take_uids, labels, probabilities))
     plot_confusion(Path(folder) / "confusion.png", metrics["confusion_matrix"], f"{title}\naccuracy {metrics['accuracy']:.3f}")

@@ -11,96 +11,131 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cache import FeatureCache
+from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoints import save_head
-from pipeline.config import config_to_dict, load_config, save_config
+from pipeline.config import ConfigError, config_to_dict, load_config, save_config
 from pipeline.files import write_json_atomic
+from pipeline.fusion import FUSIONS, HeadConfig
 from pipeline.head_training import (
-    FeatureTable, FitHeadConfig, check_heads, evaluate_head, grid_cells, head_config_for, load_complete_split, train_head,
+    Cell, FeatureTable, FitHeadConfig, field_help, grid_cells, head_config_for, load_complete_split, predict_probabilities,
+    train_head,
 )
 from pipeline.metrics import plot_grid, write_evaluation, write_submission
 from pipeline.views import parse_view_setting
 
 
 def fit_head(
-    cache: Optional[Path] = typer.Option(None, help="Feature cache folder (needs finished train and val splits)."),
-    out: Optional[Path] = typer.Option(None, help="Run folder: one sub-folder per grid cell, plus grid.json."),
-    views: Optional[List[str]] = typer.Option(None, help="View setting: ego, exos, ego+exos or e.g. ego+exo2. Repeat for a grid."),
-    fusion: Optional[List[str]] = typer.Option(None, help="crossview, crossview-nogate, mean, concat, temporal. Repeat for a grid."),
-    seed: Optional[List[int]] = typer.Option(None, help="Random seed. Repeat for a grid."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs (default 10)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-4)."),
-    batch_size: Optional[int] = typer.Option(None, help="Takes per step (default 64)."),
-    hidden: Optional[int] = typer.Option(None, help="Projector size H (default 1536)."),
-    heads: Optional[int] = typer.Option(None, help="Attention heads (default 16)."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 0.01)."),
-    warmup_ratio: Optional[float] = typer.Option(None, help="Share of steps warming up the cosine schedule (default 0.1)."),
-    holdout: Optional[float] = typer.Option(None, help="Stratified share of train held out to pick the best epoch (default 0.1)."),
-    precision: Optional[str] = typer.Option(None, help="bf16 (autocast, default) or fp32."),
-    submission: Optional[Path] = typer.Option(None, help="Write the challenge submission JSON of the first cell here."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON config file; flags override it."),
+    cache: Optional[Path] = typer.Option(None, help=field_help("cache")),
+    out: Optional[Path] = typer.Option(None, help=field_help("out")),
+    views: Optional[List[str]] = typer.Option(None, help="View setting: ego, exos, ego+exos, ego+exo2, ... Repeat for a grid."),
+    fusion: Optional[List[str]] = typer.Option(None, help=f"Fusion variant: {', '.join(FUSIONS)}. Repeat for a grid."),
+    seed: Optional[List[int]] = typer.Option(None, help="Seed (initialisation, dropout, data order). Repeat for a grid."),
+    epochs: Optional[int] = typer.Option(None, help=field_help("epochs")),
+    lr: Optional[float] = typer.Option(None, help=field_help("lr")),
+    batch_size: Optional[int] = typer.Option(None, help=field_help("batch_size")),
+    hidden: Optional[int] = typer.Option(None, help=field_help("hidden")),
+    heads: Optional[int] = typer.Option(None, help=field_help("heads")),
+    dropout: Optional[float] = typer.Option(None, help=field_help("dropout")),
+    weight_decay: Optional[float] = typer.Option(None, help=field_help("weight_decay")),
+    warmup_ratio: Optional[float] = typer.Option(None, help=field_help("warmup_ratio")),
+    holdout: Optional[float] = typer.Option(None, help=field_help("holdout")),
+    precision: Optional[str] = typer.Option(None, help=field_help("precision")),
+    device: Optional[str] = typer.Option(None, help=field_help("device")),
+    submission: Optional[Path] = typer.Option(None, help=field_help("submission")),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON file of FitHeadConfig fields; flags win."),
 ) -> None:
-    """Train fusion heads on cached features over views x fusions x seeds; evaluate on val."""
+    """Train fusion heads on cached features over views x fusions x seeds; evaluate each on val."""
     overrides = dict(
-        cache=cache, out=out, views=tuple(views) if views else None, fusions=tuple(fusion) if fusion else None,
-        seeds=tuple(seed) if seed else None, epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden, heads=heads,
-        weight_decay=weight_decay, warmup_ratio=warmup_ratio, holdout=holdout, precision=precision, submission=submission,
+        cache=cache, out=out, views=_split_commas(views), fusions=_split_commas(fusion), seeds=tuple(seed) if seed else None,
+        epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden, heads=heads, dropout=dropout, weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio, holdout=holdout, precision=precision, device=device, submission=submission,
     )
     run_grid(load_config(FitHeadConfig, config, overrides))
 
 
 def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[dict]:
+    """Train and evaluate every cell; writes the cell folders, grid.json and grid.png; returns the grid rows."""
     console = console or Console()
+    cells = grid_cells(settings)
+    if settings.submission and len(cells) > 1:
+        raise ConfigError(f"FitHeadConfig.submission: needs a grid of one cell, this one has {len(cells)}; "
+                          "give a single --views, --fusion and --seed")
     cache = FeatureCache.open(settings.cache)
-    check_heads(cache, settings)
     view_names = {setting: parse_view_setting(setting, cache.spec.views) for setting in settings.views}
+    head_configs = {cell: head_config_for(cache, settings, cell.fusion, len(view_names[cell.views])) for cell in cells}
     train, val = load_complete_split(cache, "train"), load_complete_split(cache, "val")
+    for setting, names in view_names.items():
+        if not train.present[:, [cache.spec.views.index(v) for v in names]].any():
+            raise CacheError(f"{cache.root}: no train take has any of the views {list(names)} (view setting {setting!r})")
     save_config(settings, settings.out / "config.json")
-    bf16 = settings.precision == "bf16"
     rows, tables = [], {}
-    for cell in grid_cells(settings):
-        names = view_names[cell.views]
-        head_config = head_config_for(cache, settings, cell.fusion, len(names))
+    for cell in cells:
         kind = (cell.views, cell.fusion == "temporal")
-        if kind not in tables:  # pooled once per view selection and input kind, shared by seeds
-            tables[kind] = tuple(FeatureTable(split, cache.spec.views, names, head_config) for split in (train, val))
-        train_table, val_table = tables[kind]
-        trained = train_head(train_table, head_config, settings, cell.seed, names)
-        result = evaluate_head(trained, val_table, bf16)
-        folder = settings.out / cell.name
-        cell_settings = {
-            **config_to_dict(settings), "views": cell.views, "view_names": list(names), "fusion": cell.fusion,
-            "seed": cell.seed, "best_epoch": trained.best_epoch, "holdout_losses": trained.holdout_losses,
-            "train_takes": len(train_table), "dropped_val_takes": val_table.dropped,
-        }
-        metrics = write_evaluation(folder, result.take_uids, result.labels, result.probabilities, result.scenarios,
-                                   cell_settings, cell.name)
-        save_head(folder, trained.head, head_config, names, cache=str(cache.root.resolve()),
-                  cache_fingerprint=cache.spec.fingerprint, frames=cache.spec.frames, settings=cell_settings)
-        if settings.submission and not rows:
-            write_submission(settings.submission, result.take_uids, result.probabilities)
-        rows.append({"cell": cell.name, "views": cell.views, "fusion": cell.fusion, "seed": cell.seed,
-                     "accuracy": metrics["accuracy"], "num_takes": metrics["num_takes"]})
-    write_json_atomic(settings.out / "grid.json", {"cells": rows, "config": config_to_dict(settings)})
-    groups = _group_by_setting(rows)
-    majority = float(np.bincount(val.labels, minlength=4).max() / len(val.labels))
-    plot_grid(settings.out / "grid.png", groups, chance=majority)
-    _print_grid(console, groups, len(val.records))
+        if kind not in tables:  # pooled once per view selection and input kind, shared by fusions and seeds
+            tables[kind] = tuple(FeatureTable(split, cache.spec.views, view_names[cell.views], head_configs[cell], settings.device)
+                                 for split in (train, val))
+        rows.append(_fit_cell(cell, cache, settings, head_configs[cell], view_names[cell.views], *tables[kind]))
+    groups = _summarise(rows)
+    write_json_atomic(settings.out / "grid.json", {"cells": rows, "groups": groups, "config": config_to_dict(settings)})
+    baseline = _majority_baseline(train.labels, val.labels)
+    plot_grid(settings.out / "grid.png", {f"{g['views']} / {g['fusion']}": g["accuracies"] for g in groups}, baseline)
+    _print_grid(console, groups, len(val.records), baseline)
     return rows
 
 
-def _group_by_setting(rows: list[dict]) -> dict[str, list[float]]:
-    groups: dict[str, list[float]] = {}
+def _fit_cell(cell: Cell, cache: FeatureCache, settings: FitHeadConfig, head_config: HeadConfig, names: tuple[str, ...],
+              train: FeatureTable, val: FeatureTable) -> dict:
+    """Train one cell, evaluate it on val and write its folder; returns its grid row."""
+    trained = train_head(train, head_config, settings, cell.seed)
+    probabilities = predict_probabilities(trained, val, settings.precision)
+    folder = settings.out / cell.name
+    cell_config = dataclasses.replace(settings, views=(cell.views,), fusions=(cell.fusion,), seeds=(cell.seed,))
+    save_config(cell_config, folder / "config.json")
+    cell_settings = {
+        "views": cell.views, "view_names": list(names), "fusion": cell.fusion, "seed": cell.seed,
+        "best_epoch": trained.best_epoch, "train_losses": trained.train_losses, "holdout_losses": trained.holdout_losses,
+        "train_takes": int(train.usable.sum()), "train_seconds": round(trained.seconds, 3),
+        "config": config_to_dict(cell_config),
+    }
+    metrics = write_evaluation(folder, val.take_uids, val.labels.cpu().numpy(), probabilities, val.scenarios, cell_settings,
+                               cell.name, extra={"takes_without_views": int((~val.usable).sum())})
+    save_head(folder, trained.head, head_config, names, cache=str(cache.root.resolve()),
+              cache_fingerprint=cache.spec.fingerprint, frames=cache.spec.frames, settings=cell_settings)
+    if settings.submission:
+        write_submission(settings.submission, val.take_uids, probabilities)
+    return {"cell": cell.name, "views": cell.views, "fusion": cell.fusion, "seed": cell.seed,
+            "accuracy": metrics["accuracy"], "num_takes": metrics["num_takes"], "best_epoch": trained.best_epoch,
+            "train_seconds": round(trained.seconds, 3)}
+
+
+def _split_commas(values: list[str] | None) -> tuple[str, ...] | None:
+    """`--views ego,exos` and `--views ego --views exos` mean the same grid."""
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip()) if values else None
+
+
+def _summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread over seeds of each (views, fusion) pair, in grid order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault(f"{row['views']} / {row['fusion']}", []).append(row["accuracy"])
-    return groups
+        groups.setdefault((row["views"], row["fusion"]), []).append(row)
+    return [
+        {"views": views, "fusion": fusion, "seeds": len(members), "mean": float(np.mean([r["accuracy"] for r in members])),
+         "std": float(np.std([r["accuracy"] for r in members])), "accuracies": [r["accuracy"] for r in members],
+         "train_seconds": float(np.mean([r["train_seconds"] for r in members]))}
+        for (views, fusion), members in groups.items()
+    ]
 
 
-def _print_grid(console: Console, groups: dict[str, list[float]], num_val: int) -> None:
-    table = Table(title=f"fit-head: val accuracy over {num_val} takes")
-    for column in ("views / fusion", "seeds", "mean", "std", "per seed"):
+def _majority_baseline(train_labels: np.ndarray, val_labels: np.ndarray) -> float:
+    """Val accuracy of always predicting train's most frequent label."""
+    return float(np.mean(val_labels == np.bincount(train_labels, minlength=4).argmax()))
+
+
+def _print_grid(console: Console, groups: list[dict], num_val: int, baseline: float) -> None:
+    table = Table(title=f"fit-head: val accuracy over {num_val} takes (train-majority baseline {baseline:.3f})")
+    for column in ("views", "fusion", "seeds", "accuracy (mean ± std)", "per seed", "s / cell"):
         table.add_column(column)
-    for name, accuracies in groups.items():
-        table.add_row(name, str(len(accuracies)), f"{np.mean(accuracies):.3f}", f"{np.std(accuracies):.3f}",
-                      " ".join(f"{a:.3f}" for a in accuracies))
+    for group in groups:
+        table.add_row(group["views"], group["fusion"], str(group["seeds"]), f"{group['mean']:.3f} ± {group['std']:.3f}",
+                      " ".join(f"{a:.3f}" for a in group["accuracies"]), f"{group['train_seconds']:.1f}")
     console.print(table)

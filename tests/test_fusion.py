@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.backbone import reference_view_feature
@@ -88,3 +89,28 @@ def test_nogate_variant_has_no_gate_and_calibration_starts_at_reference_values()
     assert gated.projector.calibration.mean.item() == pytest.approx(0.0007)
     with pytest.raises(ValueError, match="unknown fusion"):
         build_head(HeadConfig(fusion="sum", **CONFIG))
+
+
+def test_crossview_is_the_reference_sequence_of_steps():
+    """SkillFormer's steps 1-7 written out with stock ops on the head's weights, for a take with an absent view."""
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(fusion="crossview", **CONFIG)).eval()
+    for p in head.parameters():  # move LayerNorm affines and calibration off their identity initialisation
+        p.data += 0.1 * torch.randn_like(p)
+    features = head_inputs(inputs(), HeadConfig(fusion="crossview", **CONFIG))  # (3, 5, 32)
+    present = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 1], [0, 1, 1, 0, 1]], dtype=torch.bool)
+    attention = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    attention.in_proj_weight.data, attention.in_proj_bias.data = head.attention.qkv.weight.data, head.attention.qkv.bias.data
+    attention.out_proj.weight.data, attention.out_proj.bias.data = head.attention.out.weight.data, head.attention.out.bias.data
+    up, up_norm, gate = head.projector.up[0], head.projector.up[2], head.projector.gate
+    down, down_norm, calibration = head.projector.down[0], head.projector.down[1], head.projector.calibration
+    with torch.no_grad():
+        x = F.layer_norm(features, (32,), head.norm.weight, head.norm.bias)  # 1. per-view LayerNorm
+        x, _ = attention(x, x, x, key_padding_mask=~present)  # 2. attention across views
+        x = torch.stack([x[i][present[i]].mean(0) for i in range(3)])  # 3. mean over the present views
+        h = F.layer_norm(F.gelu(F.linear(x, up.weight, up.bias)), (48,), up_norm.weight, up_norm.bias)  # 4.
+        h = h * torch.sigmoid(F.linear(h, gate.weight, gate.bias))  # 5. gate
+        y = F.layer_norm(F.linear(h, down.weight, down.bias), (32,), down_norm.weight, down_norm.bias)  # 6.
+        y = (y - y.mean(-1, keepdim=True)) / y.std(-1, keepdim=True) * calibration.std + calibration.mean  # 7.
+        expected = F.linear(y, head.classifier.weight, head.classifier.bias)
+        torch.testing.assert_close(head(features, present), expected, atol=1e-5, rtol=1e-4)
