@@ -14,17 +14,23 @@ from pipeline.takes import Take
 
 
 @torch.inference_mode()
+def take_logits(model, takes: list[Take], views, frames: int, precision: str, device: str = "cpu",
+                batch_size: int = 2, workers: int = 0) -> torch.Tensor:
+    """(N, 4) fp32 logits for `takes`, in order, on the CPU."""
+    model.eval()
+    device = torch.device(device)
+    outputs = [torch.zeros(0, 4)]
+    for clips, present, _, _ in clip_loader(takes, views, frames, batch_size, workers):
+        with bb.autocast_context(device, enabled=precision == "bf16"):
+            outputs.append(model(clips.to(device), present.to(device)).float().cpu())
+    return torch.cat(outputs)
+
+
 def predict_takes(model, takes: list[Take], views, frames: int, precision: str, device: str = "cpu",
                   batch_size: int = 2, workers: int = 0) -> np.ndarray:
     """(N, 4) class probabilities for `takes`, in order."""
-    model.eval()
-    device = torch.device(device)
-    outputs = []
-    for clips, present, _, _ in clip_loader(takes, views, frames, batch_size, workers):
-        with bb.autocast_context(device, enabled=precision == "bf16"):
-            logits = model(clips.to(device), present.to(device))
-        outputs.append(torch.softmax(logits.float(), -1).cpu())
-    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 4))
+    logits = take_logits(model, takes, views, frames, precision, device, batch_size, workers)
+    return torch.softmax(logits, -1).numpy()
 
 
 def evaluate_split(model, takes: list[Take], views, frames: int, precision: str, out: Path, settings: dict,

@@ -29,7 +29,7 @@ from pipeline import backbone as bb
 from pipeline.checkpoints import load_head, save_head
 from pipeline.config import ConfigError, config_to_dict, save_config
 from pipeline.distributed import Ranks, barrier
-from pipeline.evaluation import evaluate_split
+from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
 from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
 from pipeline.fusion import FUSIONS, HeadConfig, build_head
@@ -192,17 +192,11 @@ def run_finetune(
     return state
 
 
-@torch.inference_mode()
 def _holdout_loss(model, takes, views, config: FinetuneConfig, device) -> float:
     if not takes:
         return float("nan")
-    model.eval()
-    total = 0.0
-    for clips, present, labels, _ in clip_loader(takes, views, config.frames, config.batch_size, config.workers):
-        with bb.autocast_context(device, enabled=config.precision == "bf16"):
-            logits = model(clips.to(device), present.to(device))
-        total += float(F.cross_entropy(logits.float(), labels.to(device), reduction="sum"))
-    return total / len(takes)
+    logits = take_logits(model, takes, views, config.frames, config.precision, device, config.batch_size, config.workers)
+    return float(F.cross_entropy(logits, torch.tensor([int(t.label) for t in takes])))
 
 
 def _save_checkpoint(folder: Path, model, optimizer, schedule, state: dict) -> None:
