@@ -18,6 +18,7 @@ stdout: one JSON object (read by `python -m bench`); stderr: the side-by-side su
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -107,6 +108,8 @@ def main() -> None:
 
         plain_s = plain_loop_s(table, head_config, config.epochs, config.batch_size)
         cell_s = [train_head(table, head_config, config, seed).seconds for seed in config.seeds]
+        compiled = dataclasses.replace(config, compile=True)
+        compiled_s = [train_head(table, head_config, compiled, seed).seconds for seed in (-1, *config.seeds)]
         started = time.perf_counter()
         run_grid(config, Console(file=sys.stderr))
         grid_s = time.perf_counter() - started
@@ -129,6 +132,9 @@ def main() -> None:
         "plain_fp32_loop_cell_s": round(plain_s, 3),
         "fit_head_cell_s": round(best, 3),
         "fit_head_cells_s": [round(s, 3) for s in cell_s],
+        "fit_head_compiled_cell_s": round(min(compiled_s[1:]), 3),
+        "fit_head_compiled_cells_s": [round(s, 3) for s in compiled_s[1:]],
+        "compile_once_s": round(compiled_s[0] - min(compiled_s[1:]), 1),
         "grid_cells": args.cells,
         "grid_wall_s": round(grid_s, 3),
         "grid_per_cell_s": round(grid_s / args.cells, 3),

@@ -18,6 +18,7 @@ import ctypes.util
 import sys
 import time
 from dataclasses import MISSING, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +30,7 @@ from transformers import get_cosine_schedule_with_warmup
 from pipeline.cache import CacheError, CachedSplit, FeatureCache
 from pipeline.config import ConfigError
 from pipeline.fusion import FUSIONS, NUM_CLASSES, HeadConfig, build_head, head_inputs
+from pipeline.head_step import CompiledHeadTrainer
 from pipeline.views import parse_view_setting
 
 
@@ -58,6 +60,11 @@ class FitHeadConfig:
     )
     precision: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "bf16 autocast or plain fp32"})
     device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:1, ..."})
+    compile: bool = field(
+        default=False,
+        metadata={"help": "one torch.compile graph per step (bf16 weights, fp32 AdamW masters): ~2x faster steps after a "
+                          "one-off compile of ~30-50 s per head shape, cached on disk; pays off for long cells and grids"},
+    )
     submission: Path | None = field(
         default=None, metadata={"help": "write the challenge submission JSON of the (single) cell here"}
     )
@@ -82,6 +89,8 @@ class FitHeadConfig:
         for name, high in (("holdout", 0.5), ("warmup_ratio", 1.0), ("dropout", 1.0)):
             if not 0 <= getattr(self, name) < high:
                 raise ConfigError(f"FitHeadConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")
+        if self.compile and self.precision != "bf16":
+            raise ConfigError("FitHeadConfig.compile: the compiled step trains in bf16; use precision bf16 or no compile")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"FitHeadConfig.device: expected cpu or cuda[:N], got {self.device!r}")
 
@@ -214,37 +223,50 @@ def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConf
     held = stratified_holdout(labels[rows], config.holdout)
     fit_rows, holdout_rows = torch.from_numpy(rows[~held]), torch.from_numpy(rows[held]).to(device)
     steps = -(-len(fit_rows) // config.batch_size) * config.epochs
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    if config.compile:
+        trainer = CompiledHeadTrainer(head, config.batch_size, config.weight_decay)
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)  # only carries the schedule's lr
+        train_step = lambda batch: trainer.step(train.inputs, train.present, train.labels, batch, schedule.get_last_lr()[0])
+    else:
+        optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+        train_step = partial(_eager_step, head, optimizer, train, config.precision)
     schedule = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * steps), steps)
+    current_head = trainer.copy_to_head if config.compile else lambda: head
     order = torch.Generator().manual_seed(seed)  # data order, independent of the device's generator
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     best = {"loss": float("inf"), "epoch": config.epochs - 1, "state": None}
     train_losses, holdout_losses = [], []
     for epoch in range(config.epochs):
-        head.train()
         total = torch.zeros((), device=device)  # summed on the device: no sync per step
         for batch in fit_rows[torch.randperm(len(fit_rows), generator=order)].split(config.batch_size):
             batch = batch.to(device, non_blocking=True)
-            with autocast:
-                logits = head(train.inputs[batch], train.present[batch])  # (B, 4)
-            loss = F.cross_entropy(logits.float(), train.labels[batch])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            total += train_step(batch) * len(batch)
             schedule.step()
-            total += loss.detach() * len(batch)
         train_losses.append(float(total) / len(fit_rows))
         if len(holdout_rows):
-            logits = predict_logits(head, train.inputs[holdout_rows], train.present[holdout_rows], config.precision)
+            logits = predict_logits(current_head(), train.inputs[holdout_rows], train.present[holdout_rows], config.precision)
             holdout_losses.append(float(F.cross_entropy(logits, train.labels[holdout_rows])))
             if holdout_losses[-1] < best["loss"]:
                 state = {k: v.detach().clone() for k, v in head.state_dict().items()}
                 best = {"loss": holdout_losses[-1], "epoch": epoch, "state": state}
+    current_head()
     if best["state"] is not None:
         head.load_state_dict(best["state"])
     prior = np.bincount(labels[fit_rows.numpy()], minlength=NUM_CLASSES) / len(fit_rows)
     return TrainedHead(head.eval(), head_config, prior, best["epoch"], train_losses, holdout_losses,
                        time.perf_counter() - started)
+
+
+def _eager_step(head: torch.nn.Module, optimizer: torch.optim.Optimizer, train: FeatureTable, precision: str,
+                batch: torch.Tensor) -> torch.Tensor:
+    """Forward under autocast, backward, fused AdamW; returns the batch's mean loss (0-d tensor)."""
+    head.train()
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = head(train.inputs[batch], train.present[batch])  # (B, 4)
+    loss = F.cross_entropy(logits.float(), train.labels[batch])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 @torch.inference_mode()

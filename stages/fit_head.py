@@ -41,6 +41,7 @@ def fit_head(
     holdout: Optional[float] = typer.Option(None, help=field_help("holdout")),
     precision: Optional[str] = typer.Option(None, help=field_help("precision")),
     device: Optional[str] = typer.Option(None, help=field_help("device")),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help=field_help("compile")),
     submission: Optional[Path] = typer.Option(None, help=field_help("submission")),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON file of FitHeadConfig fields; flags win."),
 ) -> None:
@@ -48,7 +49,8 @@ def fit_head(
     overrides = dict(
         cache=cache, out=out, views=_split_commas(views), fusions=_split_commas(fusion), seeds=tuple(seed) if seed else None,
         epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden, heads=heads, dropout=dropout, weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio, holdout=holdout, precision=precision, device=device, submission=submission,
+        warmup_ratio=warmup_ratio, holdout=holdout, precision=precision, device=device, compile=compile,
+        submission=submission,
     )
     run_grid(load_config(FitHeadConfig, config, overrides))
 
