@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,6 +22,19 @@ def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", size: int = 4096
         _sync(device)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best / 1e9
+
+
+def best_of_interleaved(rates: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """The highest value of each rate over `rounds` rounds that measure every rate in turn.
+
+    On a shared machine noise only ever slows a measurement down, by as much as 1.5x here for minutes
+    at a time; interleaving lets the peak and the figures divided by it see the same quiet moments.
+    """
+    best = dict.fromkeys(rates, 0.0)
+    for _ in range(rounds):
+        for name, measure in rates.items():
+            best[name] = max(best[name], measure())
+    return best
 
 
 def count_flops(function, *args, **kwargs) -> int:

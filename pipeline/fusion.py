@@ -50,6 +50,23 @@ def masked_mean(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
+class Dropout(nn.Module):
+    """Inverted dropout as a comparison with uniform noise.
+
+    Same distribution as nn.Dropout, but torch.compile fuses it into the neighbouring kernel, where
+    nn.Dropout's bernoulli_ stays a separate kernel on CPU (~7% of a compiled fit-head step).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) / (1 - self.p)
+
+
 class SelfCalibration(nn.Module):
     """Standardise each sample over its features, then apply a learnable scalar std and mean."""
 
@@ -72,17 +89,18 @@ class PooledCrossViewAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.dropout = Dropout(dropout)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """(B, S, D), (B, S) bool -> (B, D)."""
         batch, slots, dim = x.shape
         q, k, v = self.qkv(x).view(batch, slots, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, S, d) each
-        attended = nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=present[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
-        )  # (B, h, S, d)
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, h, S, S)
+        scores = scores.masked_fill(~present[:, None, None, :], float("-inf"))
+        attended = self.dropout(scores.softmax(-1)) @ v  # (B, h, S, d)
         pooled = masked_mean(attended.transpose(1, 2).reshape(batch, slots, dim), present)  # (B, D)
         return self.out(pooled)
 
@@ -92,7 +110,7 @@ class GatedProjector(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dropout: float, gate: bool = True):
         super().__init__()
-        self.up = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Dropout(dropout))
+        self.up = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.LayerNorm(hidden), Dropout(dropout))
         self.gate = nn.Linear(hidden, hidden) if gate else None
         self.down = nn.Sequential(nn.Linear(hidden, dim), nn.LayerNorm(dim))
         self.calibration = SelfCalibration()
@@ -163,7 +181,7 @@ class ConcatFusion(nn.Module):
         self.norm = nn.LayerNorm(config.dim)
         self.absent = nn.Parameter(torch.zeros(config.num_views, config.dim))
         self.classifier = nn.Sequential(
-            nn.Linear(config.num_views * config.dim, config.hidden), nn.GELU(), nn.Dropout(config.dropout),
+            nn.Linear(config.num_views * config.dim, config.hidden), nn.GELU(), Dropout(config.dropout),
             nn.Linear(config.hidden, NUM_CLASSES),
         )
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.backbone import reference_view_feature
-from pipeline.fusion import FUSIONS, HeadConfig, PooledCrossViewAttention, build_head, head_inputs, masked_mean
+from pipeline.fusion import FUSIONS, Dropout, HeadConfig, PooledCrossViewAttention, build_head, head_inputs, masked_mean
 
 CONFIG = dict(dim=32, num_views=5, frames=4, num_patches=196, hidden=48, heads=4, dropout=0.1)
 
@@ -114,3 +114,14 @@ def test_crossview_is_the_reference_sequence_of_steps():
         y = (y - y.mean(-1, keepdim=True)) / y.std(-1, keepdim=True) * calibration.std + calibration.mean  # 7.
         expected = F.linear(y, head.classifier.weight, head.classifier.bias)
         torch.testing.assert_close(head(features, present), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_zeroes_a_share_p_keeps_the_mean_and_is_off_in_eval():
+    torch.manual_seed(0)
+    dropout = Dropout(0.25)
+    x = torch.ones(200_000)
+    y = dropout(x)
+    assert float((y == 0).float().mean()) == pytest.approx(0.25, abs=0.01)
+    assert float(y.mean()) == pytest.approx(1.0, abs=0.01)
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.75)]
+    assert torch.equal(dropout.eval()(x), x)
