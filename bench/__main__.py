@@ -22,15 +22,17 @@ import torch
 from transformers import TimesformerConfig, TimesformerModel
 
 from bench.common import best_of_interleaved, count_flops, matmul_peak_gflops
-from pipeline.backbone import autocast_context, encode_clips
+from pipeline.backbone import autocast_context, cast_for_autocast_inference, encode_clips
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, decode_take, run_extraction
 from pipeline.takes import VIEWS, load_takes
 
 
 def backbone_gflops(frames: int, device: str, batch: int = 1) -> Callable[[], float]:
-    """A measurement of the base-size TimeSformer forward's FLOP/s (bf16 autocast, inference, random weights)."""
+    """A measurement of the base-size TimeSformer forward's FLOP/s as extract runs it (bf16 autocast, weights cast
+    once), random weights."""
     model = TimesformerModel(TimesformerConfig(num_frames=frames)).to(device).eval()
+    cast_for_autocast_inference(model, torch.device(device))
     clips = torch.randn(batch, frames, 3, 224, 224, device=device)
     with torch.inference_mode(), autocast_context(torch.device(device)):
         flops = count_flops(encode_clips, model, clips)
@@ -63,7 +65,7 @@ def decode_only_s(root: Path, frames: int) -> tuple[float, int]:
 def model_only_s(backbone: Path, frames: int, clips: int, batch: int, device: str) -> float:
     from pipeline.backbone import load_backbone
 
-    model = load_backbone(str(backbone), frames).to(device)
+    model = cast_for_autocast_inference(load_backbone(str(backbone), frames).to(device), torch.device(device))
     pixels = torch.randn(batch, frames, 3, 224, 224, device=device)
     started = time.perf_counter()
     with torch.inference_mode(), autocast_context(torch.device(device)):

@@ -108,12 +108,15 @@ def build_cache_spec(config: ExtractConfig, model: torch.nn.Module, weights_sha2
 
 
 def load_extraction_model(config: ExtractConfig) -> tuple[torch.nn.Module, str]:
-    """The backbone (with adapter if any) in eval mode on the device, and the base weights' hash."""
+    """The backbone (with adapter if any) in eval mode on the device, and the fp32 base weights' hash."""
     model = bb.load_backbone(config.backbone, config.frames)
     weights_sha256 = bb.weights_hash(model)
     if config.adapter:
         model = bb.load_adapter(model, config.adapter)
-    return model.to(config.device).eval(), weights_sha256
+    model = model.to(config.device).eval()
+    if config.precision == "bf16":
+        model = bb.cast_for_autocast_inference(model, config.device)
+    return model, weights_sha256
 
 
 @dataclass

@@ -5,7 +5,7 @@ from transformers import TimesformerConfig, TimesformerModel
 
 import pipeline.backbone as backbone
 from pipeline.backbone import (
-    LORA_KINDS_PER_LAYER, LoraSettings, adapter_hash, add_lora, autocast_context, encode_clips, load_adapter,
+    LORA_KINDS_PER_LAYER, LoraSettings, adapter_hash, add_lora, autocast_context, cast_for_autocast_inference, encode_clips, load_adapter,
     load_backbone, reference_view_feature, save_tiny_backbone, set_num_frames, tiny_config, weights_hash,
 )
 
@@ -229,6 +229,26 @@ def test_bf16_autocast_is_close_to_fp32_and_disabling_is_exact(tiny_dir):
         fast = encode(model, x)
     assert fast.dtype == torch.float32 and not torch.equal(fast, exact)  # autocast really ran
     assert (fast - exact).abs().max() < 0.1 * exact.abs().max()
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_weights_cast_for_inference_give_bitwise_the_autocast_outputs(tiny_dir, adapter):
+    model = load_backbone(str(tiny_dir), 4)
+    if adapter:
+        model = add_lora(model, LoraSettings(r=4, alpha=8))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:  # zeros at init: make the adapter change the outputs
+                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        model.eval()
+    x = clips(4, batch=2)
+    with autocast_context(torch.device("cpu")):
+        want = encode(model, x)
+        cast = cast_for_autocast_inference(model, torch.device("cpu"))
+        got = encode(cast, x)
+    linear_weights = [m.weight.dtype for m in cast.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear_weights and set(linear_weights) == {torch.bfloat16}
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
