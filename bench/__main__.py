@@ -1,6 +1,7 @@
 """The performance harness: `python -m bench [--device cpu|cuda] [--takes N]` prints one JSON object.
 
-Figures: bf16/fp32 matmul peak, backbone FLOP/s (base config, random weights, T=8 and 16; best of
+Figures: bf16/fp32 matmul peak, backbone FLOP/s (base config, random weights, T=8 and 16, as extract
+runs it and as `extract --compile` does; best of
 interleaved rounds, so the peak and the backbone see the same quiet moments of a shared machine),
 decode fps, end-to-end extract clips/s and its ratio to the slower of decode-only and model-only,
 cache bytes per take, extract peak RSS, and the fit-head cell time (bench.fit_head).
@@ -22,26 +23,31 @@ import torch
 from transformers import TimesformerConfig, TimesformerModel
 
 from bench.common import best_of_interleaved, count_flops, matmul_peak_gflops
-from pipeline.backbone import autocast_context, cast_for_autocast_inference, encode_clips
+from pipeline.backbone import autocast_context, cast_for_autocast_inference, encode_clips, use_sdpa_attention
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, decode_take, run_extraction
 from pipeline.takes import VIEWS, load_takes
 
 
-def backbone_gflops(frames: int, device: str, batch: int = 1) -> Callable[[], float]:
+def backbone_gflops(frames: int, device: str, compiled: bool = False, batch: int = 1) -> Callable[[], float]:
     """A measurement of the base-size TimeSformer forward's FLOP/s as extract runs it (bf16 autocast, weights cast
-    once), random weights."""
+    once; with `compiled`, as `extract --compile` does), random weights."""
     model = TimesformerModel(TimesformerConfig(num_frames=frames)).to(device).eval()
     cast_for_autocast_inference(model, torch.device(device))
     clips = torch.randn(batch, frames, 3, 224, 224, device=device)
     with torch.inference_mode(), autocast_context(torch.device(device)):
         flops = count_flops(encode_clips, model, clips)
-        encode_clips(model, clips)
+    encode = encode_clips
+    if compiled:
+        encode = torch.compile(encode_clips)
+        use_sdpa_attention(model)
+    with torch.inference_mode(), autocast_context(torch.device(device)):
+        encode(model, clips)
 
     def measure() -> float:
         with torch.inference_mode(), autocast_context(torch.device(device)):
             started = time.perf_counter()
-            encode_clips(model, clips)
+            encode(model, clips)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             return flops / (time.perf_counter() - started) / 1e9
@@ -62,16 +68,22 @@ def decode_only_s(root: Path, frames: int) -> tuple[float, int]:
     return time.perf_counter() - started, clips
 
 
-def model_only_s(backbone: Path, frames: int, clips: int, batch: int, device: str) -> float:
-    from pipeline.backbone import load_backbone
-
-    model = cast_for_autocast_inference(load_backbone(str(backbone), frames).to(device), torch.device(device))
-    pixels = torch.randn(batch, frames, 3, 224, 224, device=device)
-    started = time.perf_counter()
-    with torch.inference_mode(), autocast_context(torch.device(device)):
-        for _ in range(-(-clips // batch)):
-            encode_clips(model, pixels)
-    return time.perf_counter() - started
+def model_only_in_child(backbone: Path, frames: int, clips: int, batch: int, device: str) -> float:
+    """Seconds for `clips` forwards of the backbone as extract sets it up, in a fresh process like extract's:
+    first-call kernel setup is paid by both sides of extract_vs_bottleneck."""
+    code = (
+        "import json, sys, time, torch; import pipeline.backbone as bb; "
+        "backbone, frames, clips, batch, device = json.loads(sys.argv[1]); "
+        "model = bb.cast_for_autocast_inference(bb.load_backbone(backbone, frames).to(device), torch.device(device)); "
+        "pixels = torch.randn(batch, frames, 3, 224, 224, device=device); started = time.perf_counter(); "
+        "ctx = bb.autocast_context(torch.device(device)); inference = torch.inference_mode()\n"
+        "with inference, ctx:\n"
+        "    for _ in range(-(-clips // batch)): bb.encode_clips(model, pixels)\n"
+        "print(time.perf_counter() - started)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, json.dumps([str(backbone), frames, clips, batch, device])],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def extract_in_child(config: ExtractConfig) -> dict:
@@ -91,7 +103,7 @@ def extract_in_child(config: ExtractConfig) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--takes", type=int, default=4, help="demo takes for the extract figures")
+    parser.add_argument("--takes", type=int, default=6, help="demo takes (5 clips each) for the extract figures")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the peak and backbone measurements")
     parser.add_argument("--skip-fit-head", action="store_true")
@@ -101,13 +113,16 @@ def main() -> None:
         "fp32": lambda: matmul_peak_gflops(torch.float32, args.device, repeats=1),
         "T8": backbone_gflops(8, args.device),
         "T16": backbone_gflops(16, args.device),
+        "T8_compiled": backbone_gflops(8, args.device, compiled=True),
+        "T16_compiled": backbone_gflops(16, args.device, compiled=True),
     }, rounds=args.rounds)
+    backbone_rates = ("T8", "T16", "T8_compiled", "T16_compiled")
     figures = {
         "device": args.device,
         "threads": torch.get_num_threads(),
         "matmul_peak_gflops": {"bf16": round(rates["bf16"], 1), "fp32": round(rates["fp32"], 1)},
-        "backbone_gflops": {t: round(rates[t], 1) for t in ("T8", "T16")},
-        "backbone_fraction_of_bf16_peak": {t: round(rates[t] / rates["bf16"], 3) for t in ("T8", "T16")},
+        "backbone_gflops": {t: round(rates[t], 1) for t in backbone_rates},
+        "backbone_fraction_of_bf16_peak": {t: round(rates[t] / rates["bf16"], 3) for t in backbone_rates},
     }
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -117,7 +132,7 @@ def main() -> None:
         config = ExtractConfig(root=folder / "data", split="train", cache=folder / "cache", backbone=str(backbone),
                                frames=args.frames, device=args.device, workers=1, shard_size=2)
         extract = extract_in_child(config)
-        model_s = model_only_s(backbone, args.frames, clips, config.clips_per_forward, args.device)
+        model_s = model_only_in_child(backbone, args.frames, clips, config.clips_per_forward, args.device)
         cache_bytes = sum(p.stat().st_size for p in (folder / "cache" / "features.zarr").rglob("*") if p.is_file())
         figures.update({
             "decode_fps": round(clips * args.frames / decode_s, 1),

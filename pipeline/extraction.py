@@ -42,6 +42,9 @@ class ExtractConfig:
     batch_size: int | None = None  # clips per backbone forward; None: 1 on CPU (fastest per clip here), 16 on CUDA
     workers: int = 1  # decoding processes (0 = decode in the main process)
     shard_size: int = 16  # takes per zarr shard (the unit of commit and resume)
+    # SDPA attention + torch.compile: ~1.3x faster forwards after a one-off compile (~30-60 s);
+    # bf16-rounding-level differences from the eager features, so it is part of the fingerprint
+    compile: bool = False
 
     def __post_init__(self):
         problems = []
@@ -91,7 +94,7 @@ def fingerprint(config: ExtractConfig, weights_sha256: str) -> dict:
         "precision": config.precision,
         "dtype": "float16",
         "code_version": code_version(),
-    }
+    } | ({"backbone_forward": "sdpa+torch.compile"} if config.compile else {})  # eager caches keep their fingerprint
 
 
 def build_cache_spec(config: ExtractConfig, model: torch.nn.Module, weights_sha256: str) -> CacheSpec:
@@ -116,6 +119,8 @@ def load_extraction_model(config: ExtractConfig) -> tuple[torch.nn.Module, str]:
     model = model.to(config.device).eval()
     if config.precision == "bf16":
         model = bb.cast_for_autocast_inference(model, config.device)
+    if config.compile:
+        model = bb.use_sdpa_attention(model)
     return model, weights_sha256
 
 
@@ -192,9 +197,10 @@ def run_extraction(
             prefetch_factor=2 if config.workers else None,
         )
         takes_by_shard = dict(pending)
+        encode = torch.compile(bb.encode_clips) if config.compile else bb.encode_clips
         for shard, decoded in _group_by_shard(loader, {k: len(t) for k, t in pending}):
             shard_takes = takes_by_shard[shard]
-            tokens = encode_shard(model, decoded, config)
+            tokens = encode_shard(encode, model, decoded, config)
             records = [_record(take, item, config.views) for take, item in zip(shard_takes, decoded)]
             failures = {take.take_uid: item.failures for take, item in zip(shard_takes, decoded) if item.failures}
             cache.write_shard(config.split, shard, tokens, records, failures)
@@ -223,7 +229,7 @@ def _group_by_shard(loader, sizes: dict[int, int]) -> Iterator[tuple[int, list[D
 
 
 @torch.inference_mode()
-def encode_shard(model: torch.nn.Module, decoded: list[DecodedTake], config: ExtractConfig) -> np.ndarray:
+def encode_shard(encode: Callable, model: torch.nn.Module, decoded: list[DecodedTake], config: ExtractConfig) -> np.ndarray:
     """(k, V, 1 + T, D) float16 for the shard's takes; absent views stay zero."""
     hidden = model.config.hidden_size
     out = np.zeros((len(decoded), len(config.views), 1 + config.frames, hidden), np.float16)
@@ -233,7 +239,7 @@ def encode_shard(model: torch.nn.Module, decoded: list[DecodedTake], config: Ext
         batch = slots[start : start + config.clips_per_forward]
         pixels = torch.stack([decoded[i].clips[config.views[v]] for i, v in batch]).to(device)  # (B, T, 3, 224, 224)
         with bb.autocast_context(device, enabled=config.precision == "bf16"):
-            tokens = bb.encode_clips(model, pixels)  # (B, 1 + T, D) fp32
+            tokens = encode(model, pixels)  # (B, 1 + T, D) fp32
         for (i, v), row in zip(batch, tokens.float().cpu().numpy()):
             out[i, v] = row
     return out

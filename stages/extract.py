@@ -30,12 +30,17 @@ def extract(
     batch_size: Optional[int] = typer.Option(None, help="Clips per backbone forward (default 1 on CPU, 16 on CUDA)."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes; 0 decodes in the main process (default 1)."),
     shard_size: Optional[int] = typer.Option(None, help="Takes per zarr shard, the unit of commit and resume (default 16)."),
+    compile: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile",
+        help="SDPA attention + torch.compile: ~1.3x faster forwards after a one-off compile; recorded in the fingerprint.",
+    ),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON config file; flags override it."),
 ) -> None:
     """Decode takes, run the backbone per view, and commit token features to a zarr cache (resumable)."""
     overrides = dict(
         root=root, split=split, cache=cache, backbone=backbone, frames=frames, views=views, adapter=adapter,
         device=device, precision=precision, batch_size=batch_size, workers=workers, shard_size=shard_size,
+        compile=compile,
     )
     settings = load_config(ExtractConfig, config, overrides)
     ranks = init_distributed(settings.device)  # torchrun: each rank extracts its own shards

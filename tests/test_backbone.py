@@ -5,8 +5,8 @@ from transformers import TimesformerConfig, TimesformerModel
 
 import pipeline.backbone as backbone
 from pipeline.backbone import (
-    LORA_KINDS_PER_LAYER, LoraSettings, adapter_hash, add_lora, autocast_context, cast_for_autocast_inference, encode_clips, load_adapter,
-    load_backbone, reference_view_feature, save_tiny_backbone, set_num_frames, tiny_config, weights_hash,
+    LORA_KINDS_PER_LAYER, LoraSettings, SdpaSelfAttention, adapter_hash, add_lora, autocast_context, cast_for_autocast_inference, encode_clips, load_adapter,
+    load_backbone, reference_view_feature, save_tiny_backbone, set_num_frames, tiny_config, use_sdpa_attention, weights_hash,
 )
 
 NUM_PATCHES = 196  # (224 / 16) ** 2
@@ -249,6 +249,22 @@ def test_weights_cast_for_inference_give_bitwise_the_autocast_outputs(tiny_dir, 
     linear_weights = [m.weight.dtype for m in cast.modules() if isinstance(m, torch.nn.Linear)]
     assert linear_weights and set(linear_weights) == {torch.bfloat16}
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_sdpa_attention_equals_hf_attention(tiny_dir, adapter):
+    model = load_backbone(str(tiny_dir), 4)
+    if adapter:
+        model = add_lora(model, LoraSettings(r=4, alpha=8)).eval()
+    x = clips(4, batch=2)
+    want = encode(model, x)
+    swapped = use_sdpa_attention(model)
+    kinds = {type(m) for m in swapped.modules() if "Attention" in type(m).__name__ and hasattr(m, "qkv")}
+    assert kinds == {SdpaSelfAttention}
+    torch.testing.assert_close(encode(swapped, x), want, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        maps = swapped(pixel_values=x, output_attentions=True).attentions  # falls back to HF's path for the maps
+    assert maps is not None and len(maps) == LAYERS
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")

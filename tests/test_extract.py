@@ -172,3 +172,16 @@ def test_torchrun_two_ranks_write_disjoint_shards_equal_to_one_process(dataset, 
     want, got = FeatureCache.open(single).read("train"), FeatureCache.open(distributed).read("train")
     assert got.records == want.records
     np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+def test_compiled_extract_matches_eager_and_has_its_own_fingerprint(dataset, backbone_dir, tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert run_cli(*extract_args(dataset, eager, backbone_dir)).exit_code == 0
+    result = run_cli(*extract_args(dataset, compiled, backbone_dir, "--compile"))
+    assert result.exit_code == 0, result.output
+    want, got = FeatureCache.open(eager).read("train").tokens, FeatureCache.open(compiled).read("train").tokens
+    assert np.abs(got.astype(np.float32) - want).max() < 0.05 * np.abs(want).max()  # bf16 rounding, not another model
+    assert FeatureCache.open(compiled).spec.fingerprint["backbone_forward"] == "sdpa+torch.compile"
+    assert "backbone_forward" not in FeatureCache.open(eager).spec.fingerprint  # older eager caches stay valid
+    refused = CliRunner().invoke(app, extract_args(dataset, compiled, backbone_dir))
+    assert refused.exit_code == 2 and "backbone_forward" in refused.output
