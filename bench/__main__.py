@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from transformers import TimesformerConfig, TimesformerModel
 from bench.common import best_of_interleaved, count_flops, matmul_peak_gflops
 from pipeline.backbone import autocast_context, cast_for_autocast_inference, encode_clips, use_sdpa_attention
 from pipeline.demo_data import write_demo_dataset
-from pipeline.extraction import ExtractConfig, decode_take, run_extraction
+from pipeline.extraction import ExtractConfig, decode_take
 from pipeline.takes import VIEWS, load_takes
 
 

@@ -37,7 +37,7 @@ from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.fusion import HeadConfig, build_head
 from pipeline.head_training import FeatureTable, FitHeadConfig, head_config_for, load_complete_split, train_head
 from pipeline.takes import SCENARIOS, VIEWS
-from stages.fit_head import run_grid
+from pipeline.head_grid import run_grid
 
 TRAIN, VAL, FRAMES, DIM, PATCHES = 1904, 466, 16, 768, 196
 # Bytes one step moves per head parameter. Eager (autocast + fused AdamW): cast the fp32 weight to

@@ -9,11 +9,11 @@ from rich.console import Console
 
 from pipeline.backbone import save_tiny_backbone
 from pipeline.demo_data import write_demo_dataset
-from pipeline.extraction import ExtractConfig
 from pipeline.config import load_config
+from pipeline.extraction import ExtractConfig
+from pipeline.extraction_progress import extract_with_progress
+from pipeline.head_grid import run_grid
 from pipeline.head_training import FitHeadConfig
-from stages.extract import extract_with_progress
-from stages.fit_head import run_grid
 
 DEMO_FRAMES = 8
 DEMO_FIT_HEAD = Path(__file__).resolve().parent.parent / "configs" / "demo-fit-head.yaml"

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.config import load_config
-from pipeline.distributed import Ranks, init_distributed, local_device
-from pipeline.extraction import ExtractConfig, ExtractSummary, run_extraction
+from pipeline.distributed import init_distributed, local_device
+from pipeline.extraction import ExtractConfig
+from pipeline.extraction_progress import extract_with_progress
 
 FAILURES_EXIT = 3  # the run finished, but some views could not be used
 
@@ -47,38 +46,3 @@ def extract(
     settings = dataclasses.replace(settings, device=local_device(settings.device))
     summary = extract_with_progress(settings, ranks=ranks)
     raise typer.Exit(FAILURES_EXIT if summary.failures else 0)
-
-
-def extract_with_progress(settings: ExtractConfig, console: Console | None = None, ranks: Ranks = Ranks()) -> ExtractSummary:
-    """Run extraction under a rich progress bar, then print a summary naming every failed view."""
-    console = console or Console()
-    columns = (
-        TextColumn(f"extract {settings.split}"), BarColumn(), MofNCompleteColumn(), TextColumn("takes"),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, disable=not ranks.is_main) as progress:
-        task = progress.add_task("extract", total=None, rate="")
-        clips = [0]
-
-        def on_start(total: int, skipped: int) -> None:
-            progress.reset(task, total=total, completed=skipped)
-
-        def on_take(num_clips: int) -> None:
-            clips[0] += num_clips
-            elapsed = progress.tasks[task].elapsed or 1e-9
-            progress.update(task, advance=1, rate=f"{clips[0] / elapsed:.2f} clips/s")
-
-        summary = run_extraction(settings, on_take=on_take, on_start=on_start, ranks=ranks)
-    rate = summary.clips / summary.seconds if summary.seconds else 0.0
-    where = f"rank {ranks.rank}/{ranks.world_size} " if ranks.world_size > 1 else ""
-    console.print(
-        f"{where}{settings.split}: {summary.total_takes} takes; computed {summary.computed_takes}, "
-        f"already cached {summary.skipped_takes}; {summary.clips} clips in {summary.seconds:.1f} s "
-        f"({rate:.2f} clips/s) -> {settings.cache}"
-    )
-    if summary.failures and ranks.is_main:
-        console.print(f"[yellow]{len(summary.failures)} take(s) with failed views[/] (see {settings.cache}/failures.json):")
-        for uid, reasons in sorted(summary.failures.items()):
-            for view, reason in reasons.items():
-                console.print(f"  {uid} {view}: {reason}", highlight=False, markup=False)
-    return summary

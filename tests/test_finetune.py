@@ -1,7 +1,6 @@
 """finetune / evaluate / predict on generated takes with a tiny random TimeSformer."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -1,0 +1,107 @@
+"""Run a fit-head grid (views x fusions x seeds) on one cache: train, evaluate and write every cell.
+
+The cache is read and pooled once per view selection and input kind; cells train one after
+another on the resident tensors. Shared by `skillpipe fit-head`, `skillpipe demo` and the bench.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.cache import CacheError, FeatureCache
+from pipeline.checkpoints import save_head
+from pipeline.config import ConfigError, config_to_dict, save_config
+from pipeline.files import write_json_atomic
+from pipeline.fusion import HeadConfig
+from pipeline.head_training import (
+    Cell, FeatureTable, FitHeadConfig, grid_cells, head_config_for, load_complete_split, predict_probabilities, train_head,
+)
+from pipeline.metrics import plot_grid, write_evaluation, write_submission
+from pipeline.views import parse_view_setting
+
+
+def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[dict]:
+    """Train and evaluate every cell; writes the cell folders, grid.json and grid.png; returns the grid rows."""
+    console = console or Console()
+    cells = grid_cells(settings)
+    if settings.submission and len(cells) > 1:
+        raise ConfigError(f"FitHeadConfig.submission: needs a grid of one cell, this one has {len(cells)}; "
+                          "give a single --views, --fusion and --seed")
+    cache = FeatureCache.open(settings.cache)
+    view_names = {setting: parse_view_setting(setting, cache.spec.views) for setting in settings.views}
+    head_configs = {cell: head_config_for(cache, settings, cell.fusion, len(view_names[cell.views])) for cell in cells}
+    train, val = load_complete_split(cache, "train"), load_complete_split(cache, "val")
+    for setting, names in view_names.items():
+        if not train.present[:, [cache.spec.views.index(v) for v in names]].any():
+            raise CacheError(f"{cache.root}: no train take has any of the views {list(names)} (view setting {setting!r})")
+    save_config(settings, settings.out / "config.json")
+    rows, tables = [], {}
+    for cell in cells:
+        kind = (cell.views, cell.fusion == "temporal")
+        if kind not in tables:  # pooled once per view selection and input kind, shared by fusions and seeds
+            tables[kind] = tuple(FeatureTable(split, cache.spec.views, view_names[cell.views], head_configs[cell], settings.device)
+                                 for split in (train, val))
+        rows.append(_fit_cell(cell, cache, settings, head_configs[cell], view_names[cell.views], *tables[kind]))
+    groups = _summarise(rows)
+    write_json_atomic(settings.out / "grid.json", {"cells": rows, "groups": groups, "config": config_to_dict(settings)})
+    baseline = _majority_baseline(train.labels, val.labels)
+    plot_grid(settings.out / "grid.png", {f"{g['views']} / {g['fusion']}": g["accuracies"] for g in groups}, baseline)
+    _print_grid(console, groups, len(val.records), baseline)
+    return rows
+
+
+def _fit_cell(cell: Cell, cache: FeatureCache, settings: FitHeadConfig, head_config: HeadConfig, names: tuple[str, ...],
+              train: FeatureTable, val: FeatureTable) -> dict:
+    """Train one cell, evaluate it on val and write its folder; returns its grid row."""
+    trained = train_head(train, head_config, settings, cell.seed)
+    probabilities = predict_probabilities(trained, val, settings.precision)
+    folder = settings.out / cell.name
+    cell_config = dataclasses.replace(settings, views=(cell.views,), fusions=(cell.fusion,), seeds=(cell.seed,))
+    save_config(cell_config, folder / "config.json")
+    cell_settings = {
+        "views": cell.views, "view_names": list(names), "fusion": cell.fusion, "seed": cell.seed,
+        "best_epoch": trained.best_epoch, "train_losses": trained.train_losses, "holdout_losses": trained.holdout_losses,
+        "train_takes": int(train.usable.sum()), "train_seconds": round(trained.seconds, 3),
+        "config": config_to_dict(cell_config),
+    }
+    metrics = write_evaluation(folder, val.take_uids, val.labels.cpu().numpy(), probabilities, val.scenarios, cell_settings,
+                               cell.name, extra={"takes_without_views": int((~val.usable).sum())})
+    save_head(folder, trained.head, head_config, names, cache=str(cache.root.resolve()),
+              cache_fingerprint=cache.spec.fingerprint, frames=cache.spec.frames, settings=cell_settings)
+    if settings.submission:
+        write_submission(settings.submission, val.take_uids, probabilities)
+    return {"cell": cell.name, "views": cell.views, "fusion": cell.fusion, "seed": cell.seed,
+            "accuracy": metrics["accuracy"], "num_takes": metrics["num_takes"], "best_epoch": trained.best_epoch,
+            "train_seconds": round(trained.seconds, 3)}
+
+
+def _summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread over seeds of each (views, fusion) pair, in grid order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["views"], row["fusion"]), []).append(row)
+    return [
+        {"views": views, "fusion": fusion, "seeds": len(members), "mean": float(np.mean([r["accuracy"] for r in members])),
+         "std": float(np.std([r["accuracy"] for r in members])), "accuracies": [r["accuracy"] for r in members],
+         "train_seconds": float(np.mean([r["train_seconds"] for r in members]))}
+        for (views, fusion), members in groups.items()
+    ]
+
+
+def _majority_baseline(train_labels: np.ndarray, val_labels: np.ndarray) -> float:
+    """Val accuracy of always predicting train's most frequent label."""
+    return float(np.mean(val_labels == np.bincount(train_labels, minlength=4).argmax()))
+
+
+def _print_grid(console: Console, groups: list[dict], num_val: int, baseline: float) -> None:
+    table = Table(title=f"fit-head: val accuracy over {num_val} takes (train-majority baseline {baseline:.3f})")
+    for column in ("views", "fusion", "seeds", "accuracy (mean ± std)", "per seed", "s / cell"):
+        table.add_column(column)
+    for group in groups:
+        table.add_row(group["views"], group["fusion"], str(group["seeds"]), f"{group['mean']:.3f} ± {group['std']:.3f}",
+                      " ".join(f"{a:.3f}" for a in group["accuracies"]), f"{group['train_seconds']:.1f}")
+    console.print(table)
