@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from transformers import TimesformerConfig, TimesformerModel
 
-from bench.common import best_of_interleaved, count_flops, matmul_peak_gflops
+from bench.common import best_of_interleaved, count_flops, matmul_peak_gflops, timed_seconds
 from pipeline.backbone import autocast_context, cast_for_autocast_inference, encode_clips, use_sdpa_attention
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, decode_take
@@ -40,18 +40,13 @@ def backbone_gflops(frames: int, device: str, compiled: bool = False, batch: int
     if compiled:
         encode = torch.compile(encode_clips)
         use_sdpa_attention(model)
-    with torch.inference_mode(), autocast_context(torch.device(device)):
-        encode(model, clips)
 
-    def measure() -> float:
+    def forward() -> None:
         with torch.inference_mode(), autocast_context(torch.device(device)):
-            started = time.perf_counter()
             encode(model, clips)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            return flops / (time.perf_counter() - started) / 1e9
 
-    return measure
+    forward()  # warm-up (and compilation)
+    return lambda: flops / timed_seconds(forward, device) / 1e9
 
 
 def save_base_backbone(folder: Path, frames: int) -> Path:
@@ -67,36 +62,36 @@ def decode_only_s(root: Path, frames: int) -> tuple[float, int]:
     return time.perf_counter() - started, clips
 
 
-def model_only_in_child(backbone: Path, frames: int, clips: int, batch: int, device: str) -> float:
-    """Seconds for `clips` forwards of the backbone as extract sets it up, in a fresh process like extract's:
-    first-call kernel setup is paid by both sides of extract_vs_bottleneck."""
-    code = (
-        "import json, sys, time, torch; import pipeline.backbone as bb; "
-        "backbone, frames, clips, batch, device = json.loads(sys.argv[1]); "
-        "model = bb.cast_for_autocast_inference(bb.load_backbone(backbone, frames).to(device), torch.device(device)); "
-        "pixels = torch.randn(batch, frames, 3, 224, 224, device=device); started = time.perf_counter(); "
-        "ctx = bb.autocast_context(torch.device(device)); inference = torch.inference_mode()\n"
-        "with inference, ctx:\n"
-        "    for _ in range(-(-clips // batch)): bb.encode_clips(model, pixels)\n"
-        "print(time.perf_counter() - started)"
-    )
-    out = subprocess.run([sys.executable, "-c", code, json.dumps([str(backbone), frames, clips, batch, device])],
-                         capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def extract_in_child(config: ExtractConfig) -> dict:
-    """Run extraction in a fresh process so its peak RSS is its own."""
-    code = (
-        "import json, resource, sys; from pipeline.extraction import ExtractConfig, run_extraction; "
-        "from pipeline.config import build_config; c = build_config(ExtractConfig, json.loads(sys.argv[1])); "
-        "s = run_extraction(c); print(json.dumps({'seconds': s.seconds, 'clips': s.clips, "
-        "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
-    )
+def run_in_child(code: str, config: ExtractConfig, *args: str) -> dict:
+    """Run `code` in a fresh Python process with the ExtractConfig `c` built from `config` (and `args` from
+    sys.argv[2] on); returns the JSON object it prints last. Fresh processes keep peak RSS and first-call
+    kernel setup their own."""
+    prologue = ("import json, resource, sys, time, torch; from pipeline.config import build_config; "
+                "from pipeline.extraction import ExtractConfig; c = build_config(ExtractConfig, json.loads(sys.argv[1]))\n")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items() if v is not None}
     settings["views"] = list(config.views)
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", prologue + code, json.dumps(settings), *args], capture_output=True,
+                         text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+MODEL_ONLY = """
+# `clips` forwards of the backbone exactly as extract loads it, on random pixels
+from pipeline.backbone import autocast_context, encode_clips; from pipeline.extraction import load_extraction_model
+model, _ = load_extraction_model(c); clips = int(sys.argv[2])
+pixels = torch.randn(c.clips_per_forward, c.frames, 3, 224, 224, device=c.device); started = time.perf_counter()
+with torch.inference_mode(), autocast_context(torch.device(c.device), enabled=c.precision == "bf16"):
+    for _ in range(-(-clips // c.clips_per_forward)):
+        encode_clips(model, pixels)
+print(json.dumps({"seconds": time.perf_counter() - started}))
+"""
+
+EXTRACT = """
+from pipeline.extraction import run_extraction
+s = run_extraction(c)
+print(json.dumps({"seconds": s.seconds, "clips": s.clips,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
 
 
 def main() -> None:
@@ -130,8 +125,8 @@ def main() -> None:
         decode_s, clips = decode_only_s(folder / "data", args.frames)
         config = ExtractConfig(root=folder / "data", split="train", cache=folder / "cache", backbone=str(backbone),
                                frames=args.frames, device=args.device, workers=1, shard_size=2)
-        extract = extract_in_child(config)
-        model_s = model_only_in_child(backbone, args.frames, clips, config.clips_per_forward, args.device)
+        extract = run_in_child(EXTRACT, config)
+        model_s = run_in_child(MODEL_ONLY, config, str(clips))["seconds"]
         cache_bytes = sum(p.stat().st_size for p in (folder / "cache" / "features.zarr").rglob("*") if p.is_file())
         figures.update({
             "decode_fps": round(clips * args.frames / decode_s, 1),

@@ -9,19 +9,26 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def timed_seconds(function: Callable[[], object], device: str = "cpu") -> float:
+    """Wall seconds of one call, with the device's queue drained before and after."""
+    _sync(device)
+    started = time.perf_counter()
+    function()
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def best_seconds(function: Callable[[], object], repeats: int, device: str = "cpu") -> float:
+    """The fastest of `repeats` timed calls, after one untimed warm-up call."""
+    function()
+    return min(timed_seconds(function, device) for _ in range(repeats))
+
+
 def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", size: int = 4096, repeats: int = 5) -> float:
     """Best-of achieved FLOP/s of a large square matmul: the practical ceiling for model compute."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best / 1e9
+    return 2 * size**3 / best_seconds(lambda: a @ b, repeats, device) / 1e9
 
 
 def best_of_interleaved(rates: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:

@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from bench.common import count_flops, matmul_peak_gflops
+from bench.common import best_seconds, count_flops, matmul_peak_gflops
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.fusion import HeadConfig, build_head
 from pipeline.head_training import FeatureTable, FitHeadConfig, head_config_for, load_complete_split, train_head
-from pipeline.takes import SCENARIOS, VIEWS
 from pipeline.head_grid import run_grid
+from pipeline.takes import SCENARIOS, VIEWS
 
 TRAIN, VAL, FRAMES, DIM, PATCHES = 1904, 466, 16, 768, 196
 # Bytes one step moves per head parameter. Eager (autocast + fused AdamW): cast the fp32 weight to
@@ -84,13 +84,7 @@ def copy_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
     """Best-of bytes moved per second by a large tensor copy (read + write)."""
     source = torch.randn(megabytes * 2**18)
     target = torch.empty_like(source)
-    target.copy_(source)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        target.copy_(source)
-        best = min(best, time.perf_counter() - started)
-    return 2 * source.numel() * 4 / best / 1e9
+    return 2 * source.numel() * 4 / best_seconds(lambda: target.copy_(source), repeats) / 1e9
 
 
 def main() -> None:

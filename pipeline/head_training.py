@@ -18,7 +18,6 @@ import ctypes.util
 import sys
 import time
 from dataclasses import MISSING, dataclass, field, fields
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -223,15 +222,12 @@ def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConf
     held = stratified_holdout(labels[rows], config.holdout)
     fit_rows, holdout_rows = torch.from_numpy(rows[~held]), torch.from_numpy(rows[held]).to(device)
     steps = -(-len(fit_rows) // config.batch_size) * config.epochs
-    if config.compile:
-        trainer = CompiledHeadTrainer(head, config.batch_size, config.weight_decay)
-        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)  # only carries the schedule's lr
-        train_step = lambda batch: trainer.step(train.inputs, train.present, train.labels, batch, schedule.get_last_lr()[0])
+    trainer = CompiledHeadTrainer(head, config.batch_size, config.weight_decay) if config.compile else None
+    if trainer:  # the trainer applies AdamW itself; a placeholder optimizer only carries the schedule's lr
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
     else:
         optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
-        train_step = partial(_eager_step, head, optimizer, train, config.precision)
     schedule = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * steps), steps)
-    current_head = trainer.copy_to_head if config.compile else lambda: head
     order = torch.Generator().manual_seed(seed)  # data order, independent of the device's generator
     best = {"loss": float("inf"), "epoch": config.epochs - 1, "state": None}
     train_losses, holdout_losses = [], []
@@ -239,16 +235,21 @@ def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConf
         total = torch.zeros((), device=device)  # summed on the device: no sync per step
         for batch in fit_rows[torch.randperm(len(fit_rows), generator=order)].split(config.batch_size):
             batch = batch.to(device, non_blocking=True)
-            total += train_step(batch) * len(batch)
+            if trainer:
+                loss = trainer.step(train.inputs, train.present, train.labels, batch, schedule.get_last_lr()[0])
+            else:
+                loss = _eager_step(head, optimizer, train, config.precision, batch)
+            total += loss * len(batch)
             schedule.step()
         train_losses.append(float(total) / len(fit_rows))
+        if trainer:
+            trainer.copy_to_head()
         if len(holdout_rows):
-            logits = predict_logits(current_head(), train.inputs[holdout_rows], train.present[holdout_rows], config.precision)
+            logits = predict_logits(head, train.inputs[holdout_rows], train.present[holdout_rows], config.precision)
             holdout_losses.append(float(F.cross_entropy(logits, train.labels[holdout_rows])))
             if holdout_losses[-1] < best["loss"]:
                 state = {k: v.detach().clone() for k, v in head.state_dict().items()}
                 best = {"loss": holdout_losses[-1], "epoch": epoch, "state": state}
-    current_head()
     if best["state"] is not None:
         head.load_state_dict(best["state"])
     prior = np.bincount(labels[fit_rows.numpy()], minlength=NUM_CLASSES) / len(fit_rows)
