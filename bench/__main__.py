@@ -99,7 +99,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--takes", type=int, default=6, help="demo takes (5 clips each) for the extract figures")
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the peak and backbone measurements (>= 3: one round on a noisy host can even read the backbone above the peak)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds of the peak and backbone measurements (>= 3: one round on a noisy "
+                             "host can even read the backbone above the peak)")
     parser.add_argument("--skip-fit-head", action="store_true")
     args = parser.parse_args()
     rates = best_of_interleaved({
