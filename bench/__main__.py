@@ -22,7 +22,7 @@ import torch
 from transformers import TimesformerConfig, TimesformerModel
 
 from bench.common import best_of_interleaved, count_flops, matmul_peak_gflops, timed_seconds
-from pipeline.backbone import autocast_context, cast_for_autocast_inference, encode_clips, use_sdpa_attention
+from pipeline.backbone import autocast_context, cast_for_autocast_inference, encode_clips, use_fused_attention
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, decode_take
 from pipeline.takes import VIEWS, load_takes
@@ -39,7 +39,7 @@ def backbone_gflops(frames: int, device: str, compiled: bool = False, batch: int
     encode = encode_clips
     if compiled:
         encode = torch.compile(encode_clips)
-        use_sdpa_attention(model)
+        use_fused_attention(model)
 
     def forward() -> None:
         with torch.inference_mode(), autocast_context(torch.device(device)):

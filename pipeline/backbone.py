@@ -169,12 +169,18 @@ def cast_for_autocast_inference(model: torch.nn.Module, device: torch.device) ->
     return model
 
 
-class SdpaSelfAttention(TimesformerSelfAttention):
-    """HF's TimeSformer self-attention computed with F.scaled_dot_product_attention (fused kernels).
+# Below this many tokens (TimeSformer's temporal attention: one sequence of T frames per patch)
+# the fused SDPA kernel's per-sequence overhead dominates; plain matmuls + softmax, which
+# torch.compile fuses, measured ~2x faster there on the CPU. Spatial attention (197 tokens) keeps SDPA.
+SHORT_SEQUENCE = 64
 
-    Same maths as the eager `softmax(q k^T * scale) v`, different rounding in bf16: measured ~8%
-    faster eager and ~20% with torch.compile on the CPU. Used by `extract --compile`, whose
-    fingerprint records it.
+
+class FusedSelfAttention(TimesformerSelfAttention):
+    """HF's TimeSformer self-attention with kernels picked for torch.compile.
+
+    Long sequences go through F.scaled_dot_product_attention (fused kernels); short ones through
+    HF's own maths (matmuls, softmax in fp32), which the compiler fuses. Same maths as HF's eager
+    attention, different rounding in bf16. Used by `extract --compile`, whose fingerprint records it.
     """
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
@@ -183,16 +189,20 @@ class SdpaSelfAttention(TimesformerSelfAttention):
         batch, tokens, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4)  # (B, h, N, d) each
-        dropout = self.attn_drop.p if self.training else 0.0
-        context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scale)
+        if tokens < SHORT_SEQUENCE:
+            weights = ((query @ key.transpose(-2, -1)).float() * self.scale).softmax(-1)
+            context = self.attn_drop(weights).to(value.dtype) @ value
+        else:
+            dropout = self.attn_drop.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scale)
         return (context.transpose(1, 2).reshape(batch, tokens, dim),)
 
 
-def use_sdpa_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch every TimeSformer self-attention of `model` (adapted or not) to SdpaSelfAttention, in place."""
+def use_fused_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch every TimeSformer self-attention of `model` (adapted or not) to FusedSelfAttention, in place."""
     for module in model.modules():
         if type(module) is TimesformerSelfAttention:
-            module.__class__ = SdpaSelfAttention
+            module.__class__ = FusedSelfAttention
     return model
 
 

@@ -42,7 +42,7 @@ class ExtractConfig:
     batch_size: int | None = None  # clips per backbone forward; None: 1 on CPU (fastest per clip here), 16 on CUDA
     workers: int = 1  # decoding processes (0 = decode in the main process)
     shard_size: int = 16  # takes per zarr shard (the unit of commit and resume)
-    # SDPA attention + torch.compile: ~1.3x faster forwards after a one-off compile (~30-60 s);
+    # fused attention + torch.compile: ~1.3x faster forwards after a one-off compile (~30-60 s);
     # bf16-rounding-level differences from the eager features, so it is part of the fingerprint
     compile: bool = False
 
@@ -94,7 +94,7 @@ def fingerprint(config: ExtractConfig, weights_sha256: str) -> dict:
         "precision": config.precision,
         "dtype": "float16",
         "code_version": code_version(),
-    } | ({"backbone_forward": "sdpa+torch.compile"} if config.compile else {})  # eager caches keep their fingerprint
+    } | ({"backbone_forward": "fused-attention+torch.compile"} if config.compile else {})  # eager caches keep their fingerprint
 
 
 def build_cache_spec(config: ExtractConfig, model: torch.nn.Module, weights_sha256: str) -> CacheSpec:
@@ -120,7 +120,7 @@ def load_extraction_model(config: ExtractConfig) -> tuple[torch.nn.Module, str]:
     if config.precision == "bf16":
         model = bb.cast_for_autocast_inference(model, config.device)
     if config.compile:
-        model = bb.use_sdpa_attention(model)
+        model = bb.use_fused_attention(model)
     return model, weights_sha256
 
 

@@ -5,8 +5,8 @@ from transformers import TimesformerConfig, TimesformerModel
 
 import pipeline.backbone as backbone
 from pipeline.backbone import (
-    LORA_KINDS_PER_LAYER, LoraSettings, SdpaSelfAttention, adapter_hash, add_lora, autocast_context, cast_for_autocast_inference, encode_clips, load_adapter,
-    load_backbone, reference_view_feature, save_tiny_backbone, set_num_frames, tiny_config, use_sdpa_attention, weights_hash,
+    LORA_KINDS_PER_LAYER, LoraSettings, FusedSelfAttention, adapter_hash, add_lora, autocast_context, cast_for_autocast_inference, encode_clips, load_adapter,
+    load_backbone, reference_view_feature, save_tiny_backbone, set_num_frames, tiny_config, use_fused_attention, weights_hash,
 )
 
 NUM_PATCHES = 196  # (224 / 16) ** 2
@@ -251,16 +251,18 @@ def test_weights_cast_for_inference_give_bitwise_the_autocast_outputs(tiny_dir, 
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("short_sequence", [backbone.SHORT_SEQUENCE, 0])  # 0: SDPA for the temporal attention too
 @pytest.mark.parametrize("adapter", [False, True])
-def test_sdpa_attention_equals_hf_attention(tiny_dir, adapter):
+def test_fused_attention_equals_hf_attention(tiny_dir, adapter, short_sequence, monkeypatch):
+    monkeypatch.setattr(backbone, "SHORT_SEQUENCE", short_sequence)  # default: temporal (4 tokens) matmuls, spatial (197) SDPA
     model = load_backbone(str(tiny_dir), 4)
     if adapter:
         model = add_lora(model, LoraSettings(r=4, alpha=8)).eval()
     x = clips(4, batch=2)
     want = encode(model, x)
-    swapped = use_sdpa_attention(model)
+    swapped = use_fused_attention(model)
     kinds = {type(m) for m in swapped.modules() if "Attention" in type(m).__name__ and hasattr(m, "qkv")}
-    assert kinds == {SdpaSelfAttention}
+    assert kinds == {FusedSelfAttention}
     torch.testing.assert_close(encode(swapped, x), want, atol=1e-5, rtol=1e-5)
     with torch.inference_mode():
         maps = swapped(pixel_values=x, output_attentions=True).attentions  # falls back to HF's path for the maps
