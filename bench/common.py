@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -31,17 +32,25 @@ def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", size: int = 4096
     return 2 * size**3 / best_seconds(lambda: a @ b, repeats, device) / 1e9
 
 
-def best_of_interleaved(rates: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """The highest value of each rate over `rounds` rounds that measure every rate in turn.
+def interleaved_rounds(rates: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Every rate's value in each of `rounds` rounds that measure every rate in turn.
 
     On a shared machine noise only ever slows a measurement down, by as much as 1.5x here for minutes
     at a time; interleaving lets the peak and the figures divided by it see the same quiet moments.
     """
-    best = dict.fromkeys(rates, 0.0)
+    values: dict[str, list[float]] = {name: [] for name in rates}
     for _ in range(rounds):
         for name, measure in rates.items():
-            best[name] = max(best[name], measure())
-    return best
+            values[name].append(measure())
+    return values
+
+
+def median_paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of numerator / denominator measured in the same round.
+
+    Less sensitive than a ratio of two bests to a single lucky (or throttled) reading of either side.
+    """
+    return statistics.median(n / d for n, d in zip(numerator, denominator))
 
 
 def count_flops(function, *args, **kwargs) -> int:
