@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import sys
 import time
 from dataclasses import MISSING, dataclass, field, fields
@@ -24,7 +25,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.cache import CacheError, CachedSplit, FeatureCache
 from pipeline.config import ConfigError
@@ -210,6 +210,17 @@ def keep_freed_memory() -> None:
         libc.mallopt(m_trim_threshold, (1 << 31) - 1)  # and the heap is never trimmed back
 
 
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate factor at `step`: linear warmup from 0, then half a cosine down to 0.
+
+    The same values as transformers' get_cosine_schedule_with_warmup (tested).
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConfig, seed: int) -> TrainedHead:
     """Fit one head on the usable train takes minus the holdout; returns the best epoch's weights."""
     started = time.perf_counter()
@@ -223,11 +234,9 @@ def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConf
     fit_rows, holdout_rows = torch.from_numpy(rows[~held]), torch.from_numpy(rows[held]).to(device)
     steps = -(-len(fit_rows) // config.batch_size) * config.epochs
     trainer = CompiledHeadTrainer(head, config.batch_size, config.weight_decay) if config.compile else None
-    if trainer:  # the trainer applies AdamW itself; a placeholder optimizer only carries the schedule's lr
-        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
-    else:
-        optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    schedule = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * steps), steps)
+    optimizer = None if trainer else torch.optim.AdamW(  # the compiled trainer applies AdamW itself
+        head.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    warmup_steps, step = round(config.warmup_ratio * steps), 0
     order = torch.Generator().manual_seed(seed)  # data order, independent of the device's generator
     best = {"loss": float("inf"), "epoch": config.epochs - 1, "state": None}
     train_losses, holdout_losses = [], []
@@ -235,12 +244,14 @@ def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConf
         total = torch.zeros((), device=device)  # summed on the device: no sync per step
         for batch in fit_rows[torch.randperm(len(fit_rows), generator=order)].split(config.batch_size):
             batch = batch.to(device, non_blocking=True)
+            lr = config.lr * cosine_with_warmup(step, warmup_steps, steps)
             if trainer:
-                loss = trainer.step(train.inputs, train.present, train.labels, batch, schedule.get_last_lr()[0])
+                loss = trainer.step(train.inputs, train.present, train.labels, batch, lr)
             else:
+                optimizer.param_groups[0]["lr"] = lr
                 loss = _eager_step(head, optimizer, train, config.precision, batch)
             total += loss * len(batch)
-            schedule.step()
+            step += 1
         train_losses.append(float(total) / len(fit_rows))
         if trainer:
             trainer.copy_to_head()

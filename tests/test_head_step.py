@@ -7,7 +7,7 @@ import torch
 
 from pipeline.config import read_saved_config
 from pipeline.fusion import HeadConfig, build_head
-from pipeline.head_training import FitHeadConfig
+from pipeline.head_training import FitHeadConfig, cosine_with_warmup
 from pipeline.head_step import CompiledHeadTrainer, adamw_scalars, adamw_update
 from tests.cachegen import split_view_cache
 from tests.test_fit_head import fit
@@ -48,6 +48,20 @@ def tiny_trainer(compile: bool, rows_per_step: int = 8) -> CompiledHeadTrainer:
     torch.manual_seed(0)
     head = build_head(HeadConfig(dim=16, num_views=5, hidden=24, heads=4, dropout=0.0))
     return CompiledHeadTrainer(head, rows_per_step, weight_decay=0.01, compile=compile)
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(0, 7), (3, 12), (5, 5)])
+def test_cosine_with_warmup_equals_transformers_schedule(warmup, total):
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    expected = []
+    for _ in range(total + 2):
+        expected.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert [cosine_with_warmup(step, warmup, total) for step in range(total + 2)] == pytest.approx(expected, abs=1e-12)
 
 
 def test_a_padded_short_batch_gives_the_update_of_the_batch_alone():
