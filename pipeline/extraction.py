@@ -2,7 +2,9 @@
 
 Decoding runs in DataLoader worker processes (overlapping the model) when `workers > 0`. Clips
 are batched across the takes and views of one shard, never across shards, so a resumed run
-forms exactly the batches an uninterrupted run would and writes identical features.
+forms exactly the batches an uninterrupted run would and writes identical features. A file that
+crashes the decoder itself costs only its view (pipeline.decoder_crashes): the run goes on, and
+so does a rerun after a crash of the main process.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -21,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import backbone as bb
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.config import ConfigError, save_config
+from pipeline.decoder_crashes import decoding, triage
 from pipeline.distributed import Ranks, barrier
 from pipeline.takes import VIEWS, Take, load_takes
 from pipeline.video import PREPROCESSING, VideoError, decode_clip, preprocess
@@ -135,22 +139,31 @@ class DecodedTake:
 class ShardTakes(IterableDataset):
     """Decodes the takes of the given shards in order; worker w of W decodes takes w, w+W, ..."""
 
-    def __init__(self, shards: list[tuple[int, list[Take]]], views: tuple[str, ...], frames: int):
-        self.shards, self.views, self.frames = shards, views, frames
+    def __init__(self, shards: list[tuple[int, list[Take]]], views: tuple[str, ...], frames: int, cache_root: Path,
+                 crashes: dict[tuple[str, str], str]):
+        self.shards, self.views, self.frames, self.cache_root, self.crashes = shards, views, frames, cache_root, crashes
 
     def __iter__(self) -> Iterator[DecodedTake]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         items = [(shard, pos, take) for shard, takes in self.shards for pos, take in enumerate(takes)]
         for shard, position, take in items[worker::num_workers]:
-            yield decode_take(take, self.views, self.frames, shard, position)
+            yield decode_take(take, self.views, self.frames, shard, position, self.cache_root, self.crashes)
 
 
-def decode_take(take: Take, views: tuple[str, ...], frames: int, shard: int = 0, position: int = 0) -> DecodedTake:
+def decode_take(take: Take, views: tuple[str, ...], frames: int, shard: int = 0, position: int = 0,
+                cache_root: Path | None = None, crashes: dict[tuple[str, str], str] | None = None) -> DecodedTake:
+    """Decode and preprocess every view; with `cache_root`, each decode is guarded by a crash marker
+    (pipeline.decoder_crashes) and the views in `crashes` are failed without decoding them."""
     clips, failures = {}, {}
     for view in views:
+        if crashes and (take.take_uid, view) in crashes:
+            failures[view] = crashes[(take.take_uid, view)]
+            continue
+        guard = decoding(cache_root, take.take_uid, view, take.videos[view], frames) if cache_root else nullcontext()
         try:
-            clips[view] = preprocess(decode_clip(take.videos[view], frames))
+            with guard:
+                clips[view] = preprocess(decode_clip(take.videos[view], frames))
         except VideoError as err:
             failures[view] = str(err)
     return DecodedTake(shard, position, clips, failures)
@@ -180,35 +193,26 @@ def run_extraction(
     cache = FeatureCache.open_or_create(config.cache, spec)
     by_uid = {take.take_uid: take for take in takes}
     plan = cache.plan_split(config.split, [take.take_uid for take in takes])
+    owned_shards = [(k, [by_uid[uid] for uid in uids]) for k, uids in enumerate(plan) if ranks.owns(k)]
     done = cache.committed_shards(config.split)
-    pending = [(k, [by_uid[uid] for uid in uids]) for k, uids in enumerate(plan) if k not in done and ranks.owns(k)]
-
-    owned = sum(len(uids) for k, uids in enumerate(plan) if ranks.owns(k))
-    summary = ExtractSummary(total_takes=owned, skipped_takes=owned - sum(len(t) for _, t in pending))
+    pending = [(k, takes) for k, takes in owned_shards if k not in done]
+    summary = ExtractSummary(total_takes=sum(len(t) for _, t in owned_shards),
+                             skipped_takes=sum(len(t) for k, t in owned_shards if k in done))
     if on_start:
         on_start(summary.total_takes, summary.skipped_takes)
     started = time.perf_counter()
-    if pending:
-        loader = DataLoader(
-            ShardTakes(pending, config.views, config.frames),
-            batch_size=None,
-            num_workers=config.workers,
-            collate_fn=lambda item: item,
-            prefetch_factor=2 if config.workers else None,
-        )
-        takes_by_shard = dict(pending)
-        encode = torch.compile(bb.encode_clips) if config.compile else bb.encode_clips
-        for shard, decoded in _group_by_shard(loader, {k: len(t) for k, t in pending}):
-            shard_takes = takes_by_shard[shard]
-            tokens = encode_shard(encode, model, decoded, config)
-            records = [_record(take, item, config.views) for take, item in zip(shard_takes, decoded)]
-            failures = {take.take_uid: item.failures for take, item in zip(shard_takes, decoded) if item.failures}
-            cache.write_shard(config.split, shard, tokens, records, failures)
-            for item in decoded:
-                summary.clips += len(item.clips)
-                summary.computed_takes += 1
-                if on_take:
-                    on_take(len(item.clips))
+    crashes = triage(config.cache)  # files that crashed the decoder in an earlier run
+    while pending:
+        try:
+            _extract_shards(config, model, cache, pending, crashes, summary, on_take)
+            break
+        except RuntimeError:  # a DataLoader worker died: was it the decoder crashing on a file?
+            found = triage(config.cache)
+            if config.workers == 0 or found.keys() <= crashes.keys():
+                raise
+            crashes = found  # record those views as failed and go on with the shards not yet committed
+            done = cache.committed_shards(config.split)
+            pending = [(k, takes) for k, takes in pending if k not in done]
     summary.seconds = time.perf_counter() - started
     barrier(ranks)
     if ranks.is_main:
@@ -216,6 +220,31 @@ def run_extraction(
     split_uids = set(by_uid)
     summary.failures = {uid: r for uid, r in cache.read_failures().items() if uid in split_uids}
     return summary
+
+
+def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: FeatureCache, pending: list[tuple[int, list[Take]]],
+                    crashes: dict[tuple[str, str], str], summary: ExtractSummary, on_take: Callable[[int], None] | None) -> None:
+    """Decode (in DataLoader workers), encode and commit the pending shards, one whole shard at a time."""
+    loader = DataLoader(
+        ShardTakes(pending, config.views, config.frames, Path(config.cache), crashes),
+        batch_size=None,
+        num_workers=config.workers,
+        collate_fn=lambda item: item,
+        prefetch_factor=2 if config.workers else None,
+    )
+    takes_by_shard = dict(pending)
+    encode = torch.compile(bb.encode_clips) if config.compile else bb.encode_clips
+    for shard, decoded in _group_by_shard(loader, {k: len(t) for k, t in pending}):
+        shard_takes = takes_by_shard[shard]
+        tokens = encode_shard(encode, model, decoded, config)
+        records = [_record(take, item, config.views) for take, item in zip(shard_takes, decoded)]
+        failures = {take.take_uid: item.failures for take, item in zip(shard_takes, decoded) if item.failures}
+        cache.write_shard(config.split, shard, tokens, records, failures)
+        for item in decoded:
+            summary.clips += len(item.clips)
+            summary.computed_takes += 1
+            if on_take:
+                on_take(len(item.clips))
 
 
 def _group_by_shard(loader, sizes: dict[int, int]) -> Iterator[tuple[int, list[DecodedTake]]]:

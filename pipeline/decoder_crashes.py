@@ -1,0 +1,88 @@
+"""Survive a video file that crashes the decoder (decord can abort in C++ on some corrupt H.264).
+
+A Python-level decode error is just a failed view (pipeline.video.VideoError). A crash kills the
+decoding process instead, so extract guards every decode with a marker file naming the video,
+`<cache>/decoding/<host>-<pid>.json`, written before and removed after (also on any Python
+exception). A marker whose process is gone names a *suspect*: the file that killed it, or a file
+that was being decoded when the whole job was killed from outside. `triage` tells the two apart by
+decoding each suspect once more in a child process: if the child dies too, the file is recorded
+in `<cache>/decoder_crashes/` and never decoded again (its view is absent, with the reason, like any
+failed view); otherwise the marker is simply dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.files import read_json, write_json_atomic
+
+MARKERS, CRASHES = "decoding", "decoder_crashes"
+CHILD_TIMEOUT_S = 600  # a decode that hangs this long counts as a crash too
+
+_CHILD = "import sys; from pipeline.video import decode_clip; decode_clip(sys.argv[1], int(sys.argv[2]))"
+
+
+@contextlib.contextmanager
+def decoding(cache_root: Path, take_uid: str, view: str, path: Path, frames: int) -> Iterator[None]:
+    """Mark `path` as being decoded by this process for the duration of the block."""
+    marker = Path(cache_root) / MARKERS / f"{socket.gethostname()}-{os.getpid()}.json"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_suffix(".tmp")  # no fsync: the marker only has to survive the process, not the OS
+    tmp.write_text(json.dumps({"take_uid": take_uid, "view": view, "path": str(path), "frames": frames}))
+    os.replace(tmp, marker)
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def known_crashes(cache_root: Path) -> dict[tuple[str, str], str]:
+    """(take_uid, view) -> reason, for every file recorded as crashing the decoder."""
+    folder = Path(cache_root) / CRASHES
+    records = [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return {(r["take_uid"], r["view"]): r["reason"] for r in records}
+
+
+def triage(cache_root: Path) -> dict[tuple[str, str], str]:
+    """Re-decode every suspect of this host in a child process, record the crashes; returns known_crashes."""
+    for marker in sorted((Path(cache_root) / MARKERS).glob(f"{socket.gethostname()}-*.json")):
+        pid = int(marker.stem.rsplit("-", 1)[1])
+        if _alive(pid):  # a decode in progress (another worker or rank on this host)
+            continue
+        suspect = read_json(marker)
+        reason = _crash_in_child(Path(suspect["path"]), suspect["frames"])
+        if reason:
+            name = f"{suspect['take_uid']}.{suspect['view']}.json"
+            write_json_atomic(Path(cache_root) / CRASHES / name, suspect | {"reason": reason})
+        marker.unlink(missing_ok=True)
+    return known_crashes(cache_root)
+
+
+def _crash_in_child(path: Path, frames: int) -> str | None:
+    """The reason if decoding `path` kills (or hangs) a fresh process; None if it returns or raises."""
+    command = [sys.executable, "-c", _CHILD, str(path), str(frames)]
+    try:
+        result = subprocess.run(command, capture_output=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"{path}: the decoder hung (> {CHILD_TIMEOUT_S} s) on this file"
+    if result.returncode >= 0:
+        return None
+    return f"{path}: the decoder crashed on this file ({signal.Signals(-result.returncode).name})"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -1,0 +1,103 @@
+"""A video that crashes the decoder process costs only its view, in this run or after a crash of the whole run."""
+
+import socket
+import subprocess
+import sys
+
+import decord
+import numpy as np
+import pytest
+
+from pipeline import decoder_crashes
+from pipeline.backbone import save_tiny_backbone
+from pipeline.cache import FeatureCache
+from pipeline.demo_data import write_demo_dataset
+from pipeline.extraction import ExtractConfig, run_extraction
+from pipeline.files import write_json_atomic
+from pipeline.takes import VIEWS, load_takes
+from tests import crashing_decoder
+
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("egoexo")
+    write_demo_dataset(root, takes=6, val_fraction=0.0, seed=3, frames=12)
+    return root
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    return save_tiny_backbone(tmp_path_factory.mktemp("backbone") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def clean(dataset, backbone_dir, tmp_path_factory):
+    """The same extraction without any crash."""
+    cache = tmp_path_factory.mktemp("clean") / "cache"
+    run_extraction(config(dataset, backbone_dir, cache, workers=0))
+    return FeatureCache.open(cache).read("train")
+
+
+@pytest.fixture
+def crash_on(monkeypatch):
+    """crash_on(*paths, here=False): those files kill their decoder in triage's child processes, and with
+    `here` also in this process and its forks (DataLoader workers)."""
+    monkeypatch.setattr(decoder_crashes, "_CHILD", "import tests.crashing_decoder as c; c.install(); " + decoder_crashes._CHILD)
+
+    def crash(*paths, here=False):
+        monkeypatch.setenv(crashing_decoder.CRASH_FILES, ":".join(str(p) for p in paths))
+        if here:
+            monkeypatch.setattr(decord, "VideoReader", crashing_decoder.reader)
+
+    return crash
+
+
+def config(root, backbone, cache, workers):
+    return ExtractConfig(root=root, split="train", cache=cache, backbone=str(backbone), frames=FRAMES, workers=workers,
+                         shard_size=2, precision="fp32")
+
+
+def assert_only_slot_missing(cache_dir, clean, take_index, view_index):
+    split = FeatureCache.open(cache_dir).read("train")
+    expected_present = np.ones_like(clean.present)
+    expected_present[take_index, view_index] = False
+    np.testing.assert_array_equal(split.present, expected_present)
+    keep = expected_present.astype(bool)
+    np.testing.assert_array_equal(split.tokens[keep], clean.tokens[keep])
+
+
+def test_a_worker_killed_by_a_file_fails_that_view_and_the_run_goes_on(dataset, backbone_dir, clean, crash_on, tmp_path):
+    take = load_takes(dataset, "train")[2]
+    crash_on(take.videos[VIEWS[1]], here=True)
+    cache_dir = tmp_path / "cache"
+    summary = run_extraction(config(dataset, backbone_dir, cache_dir, workers=1))
+    reason = summary.failures[take.take_uid][VIEWS[1]]
+    assert "crashed" in reason and "SIGABRT" in reason and str(take.videos[VIEWS[1]]) in reason
+    assert_only_slot_missing(cache_dir, clean, 2, 1)
+    assert not list((cache_dir / decoder_crashes.MARKERS).glob("*.json"))  # no marker left behind
+    again = run_extraction(config(dataset, backbone_dir, cache_dir, workers=1))  # never decoded again
+    assert again.computed_takes == 0 and again.failures == summary.failures
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_markers_left_by_a_killed_run_are_retried_in_a_child_before_the_rerun(dataset, backbone_dir, clean, crash_on,
+                                                                               tmp_path):
+    takes = load_takes(dataset, "train")
+    crasher, innocent = takes[4].videos[VIEWS[0]], takes[1].videos[VIEWS[2]]
+    crash_on(crasher)  # only in triage's children: the run itself (workers=0) would decode it fine
+    cache_dir = tmp_path / "cache"
+    markers = cache_dir / decoder_crashes.MARKERS
+    for take, view, path in ((takes[4], VIEWS[0], crasher), (takes[1], VIEWS[2], innocent)):
+        marker = {"take_uid": take.take_uid, "view": view, "path": str(path), "frames": FRAMES}
+        write_json_atomic(markers / f"{socket.gethostname()}-{dead_pid()}.json", marker)
+    summary = run_extraction(config(dataset, backbone_dir, cache_dir, workers=0))
+    assert set(summary.failures) == {takes[4].take_uid} and "SIGABRT" in summary.failures[takes[4].take_uid][VIEWS[0]]
+    assert_only_slot_missing(cache_dir, clean, 4, 0)  # the innocent file was decoded as usual
+    assert not list(markers.glob("*.json"))
