@@ -57,7 +57,10 @@ def triage(cache_root: Path) -> dict[tuple[str, str], str]:
         pid = int(marker.stem.rsplit("-", 1)[1])
         if _alive(pid):  # a decode in progress (another worker or rank on this host)
             continue
-        suspect = read_json(marker)
+        try:
+            suspect = read_json(marker)
+        except FileNotFoundError:  # another rank on this host triaged it first
+            continue
         reason = _crash_in_child(Path(suspect["path"]), suspect["frames"])
         if reason:
             name = f"{suspect['take_uid']}.{suspect['view']}.json"
