@@ -23,7 +23,9 @@ import torch
 from transformers import TimesformerConfig, TimesformerModel
 
 from bench.common import count_flops, interleaved_rounds, median_paired_ratio, matmul_peak_gflops, timed_seconds
-from pipeline.backbone import autocast_context, cast_for_autocast_inference, encode_clips, use_fused_attention
+from pipeline.backbone import (
+    autocast_context, cast_for_autocast_inference, compiled_encode_clips, encode_clips, use_fused_attention,
+)
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, decode_take
 from pipeline.takes import VIEWS, load_takes
@@ -39,7 +41,7 @@ def backbone_gflops(frames: int, device: str, compiled: bool = False, batch: int
         flops = count_flops(encode_clips, model, clips)
     encode = encode_clips
     if compiled:
-        encode = torch.compile(encode_clips)
+        encode = compiled_encode_clips()
         use_fused_attention(model)
 
     def forward() -> None:

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +205,16 @@ def use_fused_attention(model: torch.nn.Module) -> torch.nn.Module:
         if type(module) is TimesformerSelfAttention:
             module.__class__ = FusedSelfAttention
     return model
+
+
+def compiled_encode_clips() -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
+    """encode_clips compiled for inference with frozen weights (`extract --compile`).
+
+    Inductor's `freezing` treats the weights as constants: oneDNN-prepacked matmul weights with
+    bias and GELU fused in. Measured x0.81-0.96 of plain torch.compile's time per forward on the
+    CPU, for ~30 s more compile. The weights must not change after the first call (inference only).
+    """
+    return torch.compile(encode_clips, options={"freezing": True})
 
 
 def encode_clips(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
