@@ -23,16 +23,23 @@ from pipeline.fusion import HeadConfig, head_inputs
 class SkillModel(nn.Module):
     """(B, V, T, 3, 224, 224) clips + (B, V) present -> (B, 4) logits."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, head_config: HeadConfig, round_like_cache: bool = False):
+    def __init__(self, backbone: nn.Module, head: nn.Module, head_config: HeadConfig, round_like_cache: bool = False,
+                 compiled: bool = False):
         super().__init__()
         self.backbone, self.head, self.head_config = backbone, head, head_config
         # fit-head trained on float16 cached tokens: rounding the same way reproduces its inputs
         self.round_like_cache = round_like_cache
+        # inference like `extract --compile` (the caller switched the backbone to fused attention):
+        # the same compiled graph, fed one clip at a time as extract does on the CPU
+        self.compiled_encode = bb.compiled_encode_clips() if compiled else None
 
     def tokens(self, clips: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Backbone tokens of the present clips only: (B, V, 1 + T, D); absent slots stay zero."""
         batch, views, frames = clips.shape[:3]
-        encoded = bb.encode_clips(self.backbone, clips[present])  # (P, 1 + T, D) fp32
+        if self.compiled_encode:
+            encoded = torch.cat([self.compiled_encode(self.backbone, clip[None]) for clip in clips[present]])
+        else:
+            encoded = bb.encode_clips(self.backbone, clips[present])  # (P, 1 + T, D) fp32
         if self.round_like_cache:
             encoded = encoded.half().float()
         out = encoded.new_zeros(batch, views, 1 + frames, encoded.shape[-1])
@@ -54,6 +61,7 @@ class ModelSpec:
     views: tuple[str, ...]
     precision: str
     from_cache: bool  # a fit-head cell: inputs rounded like the cache
+    compiled: bool = False  # its cache was extracted with --compile: evaluate the same way
 
 
 def read_model_spec(checkpoint: Path) -> ModelSpec:
@@ -66,7 +74,8 @@ def read_model_spec(checkpoint: Path) -> ModelSpec:
             raise ConfigError(f"{checkpoint}: its cache {cache} has no extract config; cannot rebuild the backbone")
         settings = read_json(extract_config)
         return ModelSpec(settings["backbone"], Path(settings["adapter"]) if settings.get("adapter") else None,
-                         int(settings["frames"]), tuple(info["views"]), settings["precision"], True)
+                         int(settings["frames"]), tuple(info["views"]), settings["precision"], True,
+                         bool(settings.get("compile", False)))
     if (checkpoint / "config.json").is_file() and info:  # a finetune run
         settings = read_json(checkpoint / "config.json")
         backbone = str(checkpoint / "backbone") if (checkpoint / "backbone").is_dir() else settings["backbone"]
@@ -76,10 +85,17 @@ def read_model_spec(checkpoint: Path) -> ModelSpec:
 
 
 def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel, ModelSpec]:
+    """The trained model for inference, with the backbone set up as the artifact's features were made."""
     spec = read_model_spec(checkpoint)
     backbone = bb.load_backbone(spec.backbone, spec.frames)
     if spec.adapter:
         backbone = bb.load_adapter(backbone, spec.adapter)
+    backbone = backbone.to(device).eval()
+    if spec.precision == "bf16":
+        backbone = bb.cast_for_autocast_inference(backbone, device)  # bitwise the same outputs, fewer casts
+    if spec.compiled:
+        backbone = bb.use_fused_attention(backbone)
     head, info = load_head(checkpoint)
-    model = SkillModel(backbone, head, HeadConfig(**info["head"]), round_like_cache=spec.from_cache)
+    model = SkillModel(backbone, head, HeadConfig(**info["head"]), round_like_cache=spec.from_cache,
+                       compiled=spec.compiled)
     return model.to(device).eval(), spec

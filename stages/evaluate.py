@@ -41,7 +41,8 @@ def evaluate(
     model, spec = load_skill_model(checkpoint, device)
     takes = load_takes(root, split)
     settings = {"checkpoint": str(checkpoint), "root": str(root), "split": split, "frames": spec.frames,
-                "views": list(spec.views), "backbone": spec.backbone, "precision": spec.precision}
+                "views": list(spec.views), "backbone": spec.backbone, "precision": spec.precision,
+                "backbone_forward": "compiled, as extract --compile" if spec.compiled else "eager"}
     metrics = evaluate_split(model, takes, spec.views, spec.frames, spec.precision, out, settings, device, workers)
     Console().print(f"{split}: accuracy {metrics['accuracy']:.3f} over {metrics['num_takes']} takes -> {out}")
 

@@ -17,7 +17,8 @@ from pipeline.cache import FeatureCache
 from pipeline.checkpoints import load_head
 from pipeline.demo_data import write_demo_dataset
 from pipeline.fusion import HeadConfig, head_inputs
-from pipeline.skill_model import SkillModel
+from pipeline.clips import TakeClips
+from pipeline.skill_model import SkillModel, load_skill_model, read_model_spec
 from pipeline.takes import VIEWS, load_takes
 from stages.cli import app
 
@@ -131,6 +132,33 @@ def test_parity_of_end_to_end_evaluation_with_fit_head(world, fitted_cell, tmp_p
     assert difference < 1e-3
 
 
+def test_a_cell_from_a_compiled_cache_is_evaluated_with_the_compiled_backbone(world, tmp_path):
+    cache = tmp_path / "cache-compiled"
+    for split in ("train", "val"):
+        result = cli("extract", "--root", world / "data", "--split", split, "--cache", cache, "--backbone", world / "tiny",
+                     "--frames", FRAMES, "--workers", "0", "--compile")
+        assert result.exit_code == 0, result.output
+    result = cli("fit-head", "--cache", cache, "--out", tmp_path / "heads", "--views", "ego+exos", *TINY_HEAD, "--epochs", "5")
+    assert result.exit_code == 0, result.output
+    cell = tmp_path / "heads" / "ego+exos__crossview__seed0"
+    assert read_model_spec(cell).compiled
+    result = cli("evaluate", "--checkpoint", cell, "--root", world / "data", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    fit = [json.loads(l) for l in (cell / "predictions.jsonl").read_text().splitlines()]
+    end_to_end = [json.loads(l) for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["predicted"] for r in fit] == [r["predicted"] for r in end_to_end]
+    difference = max(np.abs(np.subtract(a["probabilities"], b["probabilities"])).max() for a, b in zip(fit, end_to_end))
+    assert difference < 1e-3
+    # the tokens themselves are the cache's, bit for bit: the same compiled graph on the same clips
+    model, _ = load_skill_model(cell)
+    val = FeatureCache.open(cache).read("val")
+    take = next(t for t in load_takes(world / "data", "val") if t.take_uid == val.records[0].take_uid)
+    clips, present, _, _ = TakeClips([take], VIEWS, FRAMES)[0]
+    with torch.inference_mode(), bb.autocast_context(torch.device("cpu")):
+        tokens = model.tokens(clips[None], present[None])
+    np.testing.assert_array_equal(tokens[0].half().numpy(), val.tokens[0])
+
+
 def test_zero_lora_updates_give_the_frozen_cache_logits(world, fitted_cell):
     head, info = load_head(fitted_cell)
     adapted = bb.add_lora(bb.load_backbone(str(world / "tiny"), FRAMES), bb.LoraSettings(r=4))  # lora_B = 0
@@ -138,8 +166,6 @@ def test_zero_lora_updates_give_the_frozen_cache_logits(world, fitted_cell):
     cache = FeatureCache.open(world / "cache-fp32")
     val = cache.read("val")
     takes = {t.take_uid: t for t in load_takes(world / "data", "val")}
-    from pipeline.clips import TakeClips
-
     clips, present, _, _ = TakeClips([takes[r.take_uid] for r in val.records[:2]], VIEWS, FRAMES)[0]
     with torch.inference_mode():
         end_to_end = model(clips[None], present[None])
