@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
+import zarr
 
-from pipeline.cache import CacheError, CacheSpec, FeatureCache, TakeRecord
+from pipeline.cache import STORE_NAME, CacheError, CacheSpec, FeatureCache, TakeRecord
 
 VIEWS = ("ego", "exo1")
 
@@ -38,6 +39,19 @@ def test_round_trip_of_committed_shards_in_row_order(tmp_path):
     np.testing.assert_array_equal(loaded.tokens, np.stack([written[u] for u in uids]))
     assert loaded.labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert FeatureCache.open(tmp_path).is_complete("train")
+    assert zarr.open_array(store=tmp_path / STORE_NAME, path="train/tokens").chunks == (1, 2, 5, 8)  # one take per chunk
+
+
+def test_a_cache_with_the_earlier_one_chunk_per_view_layout_still_reads_and_resumes(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    uids = [f"t{i}" for i in range(7)]
+    cache.plan_split("train", uids)
+    zarr.create_array(store=tmp_path / STORE_NAME, name="train/tokens", shape=(7, 2, 5, 8), chunks=(1, 1, 5, 8),
+                      shards=(3, 2, 5, 8), dtype="float16", fill_value=0, compressors=None, overwrite=True)
+    written = fill(FeatureCache.open(tmp_path), "train", uids)  # plan_split keeps the existing array
+    loaded = FeatureCache.open(tmp_path).read("train")
+    assert zarr.open_array(store=tmp_path / STORE_NAME, path="train/tokens").chunks == (1, 1, 5, 8)
+    np.testing.assert_array_equal(loaded.tokens, np.stack([written[u] for u in uids]))
 
 
 def test_uncommitted_shards_are_invisible(tmp_path):
