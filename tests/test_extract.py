@@ -181,7 +181,7 @@ def test_compiled_extract_matches_eager_and_has_its_own_fingerprint(dataset, bac
     assert result.exit_code == 0, result.output
     want, got = FeatureCache.open(eager).read("train").tokens, FeatureCache.open(compiled).read("train").tokens
     assert np.abs(got.astype(np.float32) - want).max() < 0.05 * np.abs(want).max()  # bf16 rounding, not another model
-    assert FeatureCache.open(compiled).spec.fingerprint["backbone_forward"] == "fused-attention+torch.compile+freezing"
+    assert FeatureCache.open(compiled).spec.fingerprint["backbone_forward"] == "fused-attention+torch.compile"
     assert "backbone_forward" not in FeatureCache.open(eager).spec.fingerprint  # older eager caches stay valid
     refused = CliRunner().invoke(app, extract_args(dataset, compiled, backbone_dir))
     assert refused.exit_code == 2 and "backbone_forward" in refused.output
