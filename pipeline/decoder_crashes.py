@@ -51,8 +51,11 @@ def known_crashes(cache_root: Path) -> dict[tuple[str, str], str]:
     return {(r["take_uid"], r["view"]): r["reason"] for r in records}
 
 
-def triage(cache_root: Path) -> dict[tuple[str, str], str]:
-    """Re-decode every suspect of this host in a child process, record the crashes; returns known_crashes."""
+def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str, str], str]:
+    """Re-decode every suspect of this host in a child process, record the crashes; returns known_crashes.
+
+    Suspects that decode fine alone are appended to `cleared` when given.
+    """
     for marker in sorted((Path(cache_root) / MARKERS).glob(f"{socket.gethostname()}-*.json")):
         pid = int(marker.stem.rsplit("-", 1)[1])
         if _alive(pid):  # a decode in progress (another worker or rank on this host)
@@ -65,6 +68,8 @@ def triage(cache_root: Path) -> dict[tuple[str, str], str]:
         if reason:
             name = f"{suspect['take_uid']}.{suspect['view']}.json"
             write_json_atomic(Path(cache_root) / CRASHES / name, suspect | {"reason": reason})
+        elif cleared is not None:
+            cleared.append(suspect["path"])
         marker.unlink(missing_ok=True)
     return known_crashes(cache_root)
 

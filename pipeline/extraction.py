@@ -206,9 +206,16 @@ def run_extraction(
         try:
             _extract_shards(config, model, cache, pending, crashes, summary, on_take)
             break
-        except RuntimeError:  # a DataLoader worker died: was it the decoder crashing on a file?
-            found = triage(config.cache)
+        except RuntimeError as err:  # a DataLoader worker died: was it the decoder crashing on a file?
+            cleared: list[str] = []
+            found = triage(config.cache, cleared)
             if config.workers == 0 or found.keys() <= crashes.keys():
+                if cleared:
+                    raise RuntimeError(
+                        f"{err}\nThe worker died while decoding {', '.join(cleared)}, which decodes fine alone in a "
+                        "child process: the cause is outside the file (out of memory?). Committed shards are kept; "
+                        "rerun the same command to go on."
+                    ) from err
                 raise
             crashes = found  # record those views as failed and go on with the shards not yet committed
             done = cache.committed_shards(config.split)
@@ -234,17 +241,21 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
     )
     takes_by_shard = dict(pending)
     encode = bb.compiled_encode_clips() if config.compile else bb.encode_clips
-    for shard, decoded in _group_by_shard(loader, {k: len(t) for k, t in pending}):
-        shard_takes = takes_by_shard[shard]
-        tokens = encode_shard(encode, model, decoded, config)
-        records = [_record(take, item, config.views) for take, item in zip(shard_takes, decoded)]
-        failures = {take.take_uid: item.failures for take, item in zip(shard_takes, decoded) if item.failures}
-        cache.write_shard(config.split, shard, tokens, records, failures)
-        for item in decoded:
-            summary.clips += len(item.clips)
-            summary.computed_takes += 1
-            if on_take:
-                on_take(len(item.clips))
+    shards = _group_by_shard(loader, {k: len(t) for k, t in pending})
+    try:
+        for shard, decoded in shards:
+            shard_takes = takes_by_shard[shard]
+            tokens = encode_shard(encode, model, decoded, config)
+            records = [_record(take, item, config.views) for take, item in zip(shard_takes, decoded)]
+            failures = {take.take_uid: item.failures for take, item in zip(shard_takes, decoded) if item.failures}
+            cache.write_shard(config.split, shard, tokens, records, failures)
+            for item in decoded:
+                summary.clips += len(item.clips)
+                summary.computed_takes += 1
+                if on_take:
+                    on_take(len(item.clips))
+    finally:  # shut the workers down now, not when the traceback goes: triage must not see their signals
+        shards.close()
 
 
 def _group_by_shard(loader, sizes: dict[int, int]) -> Iterator[tuple[int, list[DecodedTake]]]:

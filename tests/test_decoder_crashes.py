@@ -101,3 +101,20 @@ def test_markers_left_by_a_killed_run_are_retried_in_a_child_before_the_rerun(da
     assert set(summary.failures) == {takes[4].take_uid} and "SIGABRT" in summary.failures[takes[4].take_uid][VIEWS[0]]
     assert_only_slot_missing(cache_dir, clean, 4, 0)  # the innocent file was decoded as usual
     assert not list(markers.glob("*.json"))
+
+
+def test_a_worker_death_that_the_file_alone_does_not_reproduce_names_the_file_and_keeps_the_work(dataset, backbone_dir,
+                                                                                                tmp_path, monkeypatch):
+    take = load_takes(dataset, "train")[3]  # in the second shard
+    monkeypatch.setattr(decord, "VideoReader", crashing_decoder.reader)  # the worker dies, triage's child does not
+    monkeypatch.setenv(crashing_decoder.CRASH_FILES, str(take.videos[VIEWS[1]]))
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="decodes fine alone") as raised:
+        run_extraction(config(dataset, backbone_dir, cache_dir, workers=1))
+    assert str(take.videos[VIEWS[1]]) in str(raised.value)
+    assert not (cache_dir / decoder_crashes.CRASHES).exists()  # an innocent file is never recorded
+    committed = FeatureCache.open(cache_dir).committed_shards("train")
+    monkeypatch.delenv(crashing_decoder.CRASH_FILES)
+    again = run_extraction(config(dataset, backbone_dir, cache_dir, workers=1))
+    assert again.skipped_takes == 2 * len(committed) and not again.failures  # shards of 2: committed work kept
+    assert FeatureCache.open(cache_dir).is_complete("train")
