@@ -24,7 +24,7 @@ from transformers import TimesformerConfig, TimesformerModel
 
 from bench.common import count_flops, interleaved_rounds, median_paired_ratio, matmul_peak_gflops, timed_seconds
 from pipeline.backbone import (
-    autocast_context, cast_for_autocast_inference, compiled_encode_clips, encode_clips, use_fused_attention,
+    autocast_context, compiled_encode_clips, encode_clips, prepare_for_inference, use_fused_attention,
 )
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, decode_take
@@ -34,8 +34,7 @@ from pipeline.takes import VIEWS, load_takes
 def backbone_gflops(frames: int, device: str, compiled: bool = False, batch: int = 1) -> Callable[[], float]:
     """A measurement of the base-size TimeSformer forward's FLOP/s as extract runs it (bf16 autocast, weights cast
     once; with `compiled`, as `extract --compile` does), random weights."""
-    model = TimesformerModel(TimesformerConfig(num_frames=frames)).to(device).eval()
-    cast_for_autocast_inference(model, torch.device(device))
+    model = prepare_for_inference(TimesformerModel(TimesformerConfig(num_frames=frames)), torch.device(device), "bf16")
     clips = torch.randn(batch, frames, 3, 224, 224, device=device)
     with torch.inference_mode(), autocast_context(torch.device(device)):
         flops = count_flops(encode_clips, model, clips)

@@ -207,6 +207,19 @@ def use_fused_attention(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def prepare_for_inference(model: torch.nn.Module, device: torch.device, precision: str, fused_attention: bool = False
+                          ) -> torch.nn.Module:
+    """The backbone on `device` in eval mode, set up as extract runs it: weights stored in the autocast
+    dtype under bf16, FusedSelfAttention for `extract --compile`. evaluate/predict use the same set-up,
+    so a fit-head cell sees the very features its cache holds."""
+    model = model.to(device).eval()
+    if precision == "bf16":
+        model = cast_for_autocast_inference(model, device)
+    if fused_attention:
+        model = use_fused_attention(model)
+    return model
+
+
 def compiled_encode_clips() -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
     """encode_clips compiled with torch.compile (`extract --compile`; the backbone uses FusedSelfAttention).
 

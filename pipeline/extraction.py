@@ -120,12 +120,7 @@ def load_extraction_model(config: ExtractConfig) -> tuple[torch.nn.Module, str]:
     weights_sha256 = bb.weights_hash(model)
     if config.adapter:
         model = bb.load_adapter(model, config.adapter)
-    model = model.to(config.device).eval()
-    if config.precision == "bf16":
-        model = bb.cast_for_autocast_inference(model, config.device)
-    if config.compile:
-        model = bb.use_fused_attention(model)
-    return model, weights_sha256
+    return bb.prepare_for_inference(model, config.device, config.precision, fused_attention=config.compile), weights_sha256
 
 
 @dataclass
@@ -206,10 +201,12 @@ def run_extraction(
         try:
             _extract_shards(config, model, cache, pending, crashes, summary, on_take)
             break
-        except RuntimeError as err:  # a DataLoader worker died: was it the decoder crashing on a file?
-            cleared: list[str] = []
+        except RuntimeError as err:
+            if config.workers == 0:  # decoding in this process: no worker died
+                raise
+            cleared: list[str] = []  # a DataLoader worker died: was it the decoder crashing on a file?
             found = triage(config.cache, cleared)
-            if config.workers == 0 or found.keys() <= crashes.keys():
+            if found.keys() <= crashes.keys():
                 if cleared:
                     raise RuntimeError(
                         f"{err}\nThe worker died while decoding {', '.join(cleared)}, which decodes fine alone in a "

@@ -90,11 +90,7 @@ def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel,
     backbone = bb.load_backbone(spec.backbone, spec.frames)
     if spec.adapter:
         backbone = bb.load_adapter(backbone, spec.adapter)
-    backbone = backbone.to(device).eval()
-    if spec.precision == "bf16":
-        backbone = bb.cast_for_autocast_inference(backbone, device)  # bitwise the same outputs, fewer casts
-    if spec.compiled:
-        backbone = bb.use_fused_attention(backbone)
+    backbone = bb.prepare_for_inference(backbone, device, spec.precision, fused_attention=spec.compiled)
     head, info = load_head(checkpoint)
     model = SkillModel(backbone, head, HeadConfig(**info["head"]), round_like_cache=spec.from_cache,
                        compiled=spec.compiled)
