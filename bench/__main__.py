@@ -22,7 +22,9 @@ from typing import Callable
 import torch
 from transformers import TimesformerConfig, TimesformerModel
 
-from bench.common import count_flops, interleaved_rounds, median_paired_ratio, matmul_peak_gflops, timed_seconds
+from bench.common import (
+    count_flops, interleaved_rounds, matmul_peak_gflops, median_paired_ratio, replayed_matmuls, timed_seconds,
+)
 from pipeline.backbone import (
     autocast_context, compiled_encode_clips, encode_clips, prepare_for_inference, use_fused_attention,
 )
@@ -31,22 +33,30 @@ from pipeline.extraction import ExtractConfig, decode_take
 from pipeline.takes import VIEWS, load_takes
 
 
-def backbone_gflops(frames: int, device: str, compiled: bool = False, batch: int = 1) -> Callable[[], float]:
+def backbone_gflops(frames: int, device: str, compiled: bool = False, matmuls_only: bool = False
+                    ) -> Callable[[], float]:
     """A measurement of the base-size TimeSformer forward's FLOP/s as extract runs it (bf16 autocast, weights cast
-    once; with `compiled`, as `extract --compile` does), random weights."""
+    once; with `compiled`, as `extract --compile` does), random weights.
+
+    With `matmuls_only`: the forward's FLOPs over the time of its matmuls alone (the same shapes replayed,
+    bench.common.matmuls_only), i.e. the rate the forward would reach if everything else were free. Its
+    fraction of the peak is the ceiling for the backbone's.
+    """
     model = prepare_for_inference(TimesformerModel(TimesformerConfig(num_frames=frames)), torch.device(device), "bf16")
-    clips = torch.randn(batch, frames, 3, 224, 224, device=device)
-    with torch.inference_mode(), autocast_context(torch.device(device)):
-        flops = count_flops(encode_clips, model, clips)
-    encode = encode_clips
+    clips = torch.randn(1, frames, 3, 224, 224, device=device)
+    encode = compiled_encode_clips() if compiled else encode_clips
     if compiled:
-        encode = compiled_encode_clips()
         use_fused_attention(model)
 
     def forward() -> None:
         with torch.inference_mode(), autocast_context(torch.device(device)):
             encode(model, clips)
 
+    with torch.inference_mode(), autocast_context(torch.device(device)):
+        flops = count_flops(encode_clips, model, clips)
+    if matmuls_only:
+        replay_seconds, _ = replayed_matmuls(forward, device)
+        return lambda: flops / replay_seconds() / 1e9
     forward()  # warm-up (and compilation)
     return lambda: flops / timed_seconds(forward, device) / 1e9
 
@@ -113,9 +123,11 @@ def main() -> None:
         "T16": backbone_gflops(16, args.device),
         "T8_compiled": backbone_gflops(8, args.device, compiled=True),
         "T16_compiled": backbone_gflops(16, args.device, compiled=True),
+        "T8_matmuls_only": backbone_gflops(8, args.device, matmuls_only=True),
+        "T16_matmuls_only": backbone_gflops(16, args.device, matmuls_only=True),
     }, rounds=args.rounds)
     rates = {name: max(values) for name, values in samples.items()}
-    backbone_rates = ("T8", "T16", "T8_compiled", "T16_compiled")
+    backbone_rates = ("T8", "T16", "T8_compiled", "T16_compiled", "T8_matmuls_only", "T16_matmuls_only")
     figures = {
         "device": args.device,
         "threads": torch.get_num_threads(),

@@ -7,6 +7,7 @@ import time
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -71,3 +72,48 @@ def count_flops(function, *args, **kwargs) -> int:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+# linear and matmul too: under inference_mode a dispatch mode sees them undecomposed
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten.baddbmm.default, torch.ops.aten.linear.default, torch.ops.aten.matmul.default}
+
+
+class _MatmulRecorder(TorchDispatchMode):
+    """Records every matmul's operands (shape, stride, dtype) and other arguments as it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _MATMULS:
+            operands = [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls.append((func, operands, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def replayed_matmuls(function: Callable[[], object], device: str = "cpu") -> tuple[Callable[[], float], int]:
+    """A replay of `function`'s matmuls alone (same shapes, strides and dtypes, random values) and their FLOPs.
+
+    Returns (a measurement of the replay's seconds, the replay's FLOPs). Everything a model does
+    besides its matmuls (attention kernels, norms, activations, the optimizer) is left out, so the
+    replay's time is a floor for the model's: it tells what a fraction-of-peak goal can reach at
+    these shapes on this machine.
+    """
+    recorder = _MatmulRecorder()
+    with recorder:
+        function()
+    calls = []
+    for func, operands, kwargs in recorder.calls:
+        args = [torch.empty_strided(o[0], o[1], dtype=o[2], device=device).normal_() if isinstance(o, tuple) else o
+                for o in operands]
+        calls.append((func, args, kwargs))
+
+    def replay() -> None:
+        for func, args, kwargs in calls:
+            func(*args, **kwargs)
+
+    flops = count_flops(replay)
+    replay()  # warm-up
+    return lambda: timed_seconds(replay, device), flops

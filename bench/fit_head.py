@@ -11,8 +11,10 @@ H=1536, 16 heads, batch 64. Measured, in this order:
   eager     skillpipe's train_head without it (compiled and eager interleaved, best of --cells seeds)
   grid      the stage's run_grid with --compile over --cells seeds, cells one after another: cache
             read, pooling, training, val evaluation, metrics, plots and weights, per cell
-plus the achieved FLOP/s against the best bf16 matmul peak measured between the cells, and the
-time the parameters' memory traffic alone needs at this process's measured copy bandwidth.
+plus the achieved FLOP/s against the best bf16 matmul peak measured between the cells, and two
+floors for a cell on this machine: its matmuls alone (one step's exact shapes replayed, x steps,
+measured between the cells) and the time the parameters' memory traffic alone needs at this
+process's measured copy bandwidth; their sum (matmuls + the AdamW pass's traffic) is the floor.
 stdout: one JSON object (read by `python -m bench`); stderr: the side-by-side summary.
 """
 
@@ -26,13 +28,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from bench.common import best_seconds, count_flops, matmul_peak_gflops
+from bench.common import best_seconds, count_flops, matmul_peak_gflops, replayed_matmuls
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.fusion import HeadConfig, build_head
 from pipeline.head_training import FeatureTable, FitHeadConfig, head_config_for, load_complete_split, train_head
@@ -48,6 +51,7 @@ TRAIN, VAL, FRAMES, DIM, PATCHES = 1904, 466, 16, 768, 196
 # both moments (2 + 12) and writes those and the bf16 working copy (12 + 2).
 EAGER_BYTES_PER_PARAMETER_STEP = 46
 COMPILED_BYTES_PER_PARAMETER_STEP = 34
+ADAMW_BYTES_PER_PARAMETER_STEP = 28  # the compiled step's AdamW pass alone, without the matmuls' 6
 
 
 def random_cache(root: Path, seed: int = 0) -> FeatureCache:
@@ -80,6 +84,19 @@ def plain_loop_s(table: FeatureTable, head_config: HeadConfig, epochs: int, batc
     return time.perf_counter() - started
 
 
+def autocast_step(table: FeatureTable, head_config: HeadConfig, batch_size: int) -> Callable[[], None]:
+    """One eager bf16-autocast forward + backward of a fresh head on the first batch (FLOPs and matmul shapes)."""
+    head = build_head(head_config).train()
+    rows = torch.arange(batch_size)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = head(table.inputs[rows], table.present[rows])
+        F.cross_entropy(logits.float(), table.labels[rows]).backward()
+
+    return step
+
+
 def copy_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
     """Best-of bytes moved per second by a large tensor copy (read + write)."""
     source = torch.randn(megabytes * 2**18)
@@ -107,27 +124,27 @@ def main() -> None:
         plain_s = min(plain_loop_s(table, head_config, config.epochs, config.batch_size) for _ in range(2))
         compiled = dataclasses.replace(config, compile=True)
         first_compiled_s = train_head(table, head_config, compiled, seed=-1).seconds  # compiles once for the process
-        cell_s, compiled_s, peaks = [], [], []
+        step_matmuls_s, _ = replayed_matmuls(autocast_step(table, head_config, config.batch_size))
+        cell_s, compiled_s, peaks, matmul_step_s = [], [], [], []
         for seed in config.seeds:  # interleaved, so every variant sees the same quiet and noisy moments
             cell_s.append(train_head(table, head_config, config, seed).seconds)
             compiled_s.append(train_head(table, head_config, compiled, seed).seconds)
             peaks.append(matmul_peak_gflops(torch.bfloat16, repeats=2))
+            matmul_step_s.append(min(step_matmuls_s() for _ in range(10)))
         started = time.perf_counter()
         run_grid(compiled, Console(file=sys.stderr))
         grid_s = time.perf_counter() - started
 
-        head = build_head(head_config)
-        batch = torch.arange(config.batch_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            step_flops = count_flops(
-                lambda: F.cross_entropy(head(table.inputs[batch], table.present[batch]).float(), table.labels[batch]).backward()
-            )
-        parameters = sum(p.numel() for p in head.parameters())
+        step_flops = count_flops(autocast_step(table, head_config, config.batch_size))
+        parameters = sum(p.numel() for p in build_head(head_config).parameters())
     steps = config.epochs * -(-TRAIN // config.batch_size)
     peak = max(peaks)
     bandwidth = copy_bandwidth_gbs()
     best, best_compiled = min(cell_s), min(compiled_s)
     cell_gflop = step_flops * steps / 1e9
+    traffic_s = COMPILED_BYTES_PER_PARAMETER_STEP * parameters * steps / (bandwidth * 1e9)
+    matmuls_s = min(matmul_step_s) * steps
+    adamw_s = ADAMW_BYTES_PER_PARAMETER_STEP * parameters * steps / (bandwidth * 1e9)
     figures = {
         "threads": torch.get_num_threads(),
         "cache_build_s": round(build_s, 2),
@@ -148,7 +165,11 @@ def main() -> None:
         "cell_s_at_bf16_peak": round(cell_gflop / peak, 3),
         "head_parameters": parameters,
         "copy_bandwidth_gbs": round(bandwidth, 1),
-        "compiled_step_traffic_s": round(COMPILED_BYTES_PER_PARAMETER_STEP * parameters * steps / (bandwidth * 1e9), 3),
+        "compiled_step_traffic_s": round(traffic_s, 3),
+        "matmuls_only_cell_s": round(matmuls_s, 3),
+        "matmuls_only_cells_s": [round(s * steps, 3) for s in matmul_step_s],
+        "adamw_traffic_cell_s": round(adamw_s, 3),
+        "floor_cell_s": round(matmuls_s + adamw_s, 3),
         "eager_step_traffic_s": round(EAGER_BYTES_PER_PARAMETER_STEP * parameters * steps / (bandwidth * 1e9), 3),
     }
     print(json.dumps(figures, indent=2))
@@ -161,7 +182,10 @@ def main() -> None:
         f"fraction of peak: compiled {figures['fraction_of_bf16_peak']['compiled']:.2f}, eager "
         f"{figures['fraction_of_bf16_peak']['eager']:.2f}\n"
         f"  parameter traffic alone at the measured copy bandwidth ({bandwidth:.0f} GB/s): compiled "
-        f"{figures['compiled_step_traffic_s']:.2f} s, eager {figures['eager_step_traffic_s']:.2f} s",
+        f"{traffic_s:.2f} s, eager {figures['eager_step_traffic_s']:.2f} s\n"
+        f"  the cell's matmuls alone (its exact shapes, best replay): {matmuls_s:.2f} s "
+        f"({cell_gflop / matmuls_s:.0f} GFLOP/s = {cell_gflop / matmuls_s / peak:.2f} of the peak); "
+        f"plus exact fp32 AdamW's traffic ({ADAMW_BYTES_PER_PARAMETER_STEP} B/parameter/step): {matmuls_s + adamw_s:.2f} s",
         file=sys.stderr,
     )
 

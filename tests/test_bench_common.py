@@ -1,0 +1,40 @@
+"""The benchmark's matmul replay: it must replay exactly the matmuls a function runs, no more, no less."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.common import count_flops, replayed_matmuls
+
+
+def test_replay_has_the_functions_matmul_flops_and_leaves_out_everything_else():
+    model = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.LayerNorm(24), nn.Linear(24, 4))
+    inputs = torch.randn(8, 12)
+
+    def step() -> None:
+        F.cross_entropy(model(inputs), torch.zeros(8, dtype=torch.long)).backward()
+
+    seconds, flops = replayed_matmuls(step)
+    # forward: 2 linears; backward: both weight gradients and the second layer's input gradient
+    assert flops == 2 * 8 * (12 * 24 + 24 * 4) + 2 * 8 * (12 * 24 + 24 * 4) + 2 * 8 * 24 * 4
+    assert flops == count_flops(step)  # GELU, LayerNorm and the loss do no matmul FLOPs
+    assert seconds() > 0
+
+
+def test_replay_keeps_batched_and_transposed_operands():
+    a, b = torch.randn(3, 5, 7), torch.randn(3, 6, 7).transpose(1, 2)  # b is a non-contiguous (3, 7, 6) view
+    seconds, flops = replayed_matmuls(lambda: torch.bmm(a, b))
+    assert flops == 2 * 3 * 5 * 7 * 6
+    assert seconds() > 0
+
+
+def test_replay_sees_linears_under_inference_mode():
+    model = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 4))
+    inputs = torch.randn(2, 8, 12)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(inputs)
+
+    _, flops = replayed_matmuls(forward)
+    assert flops == 2 * 16 * (12 * 24 + 24 * 4)
