@@ -78,7 +78,7 @@ def run_in_child(code: str, config: ExtractConfig, *args: str) -> dict:
     """Run `code` in a fresh Python process with the ExtractConfig `c` built from `config` (and `args` from
     sys.argv[2] on); returns the JSON object it prints last. Fresh processes keep peak RSS and first-call
     kernel setup their own."""
-    prologue = ("import json, resource, sys, time, torch; from pipeline.config import build_config; "
+    prologue = ("import json, sys, time, torch; from pipeline.config import build_config; "
                 "from pipeline.extraction import ExtractConfig; c = build_config(ExtractConfig, json.loads(sys.argv[1]))\n")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items() if v is not None}
     settings["views"] = list(config.views)
@@ -99,10 +99,10 @@ print(json.dumps({"seconds": time.perf_counter() - started}))
 """
 
 EXTRACT = """
-from pipeline.extraction import run_extraction
+from bench.common import peak_resident_mb; from pipeline.extraction import run_extraction
 s = run_extraction(c)
 print(json.dumps({"seconds": s.seconds, "clips": s.clips,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_resident_mb()}))
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from typing import Callable
@@ -60,6 +61,19 @@ def median_paired_ratio(numerator: list[float], denominator: list[float]) -> flo
     Less sensitive than a ratio of two bests to a single lucky (or throttled) reading of either side.
     """
     return statistics.median(n / d for n, d in zip(numerator, denominator))
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    From /proc/self/status (VmHWM) where there is one: on Linux getrusage's ru_maxrss carries the
+    parent's peak over into a child across exec, so an extract child of a 5 GB bench process read 5 GB.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def count_flops(function, *args, **kwargs) -> int:

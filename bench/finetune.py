@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TimesformerConfig, TimesformerModel
 
+from bench.common import peak_resident_mb
 from pipeline import backbone as bb
 from pipeline.fusion import HeadConfig, build_head
 from pipeline.skill_model import SkillModel
@@ -51,7 +52,7 @@ def one_variant(frames: int, views: int, checkpointing: bool, steps: int = 3) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_resident_mb()
     return {"checkpointing": checkpointing, "step_s": round(min(times[1:]), 2), "peak_rss_mb": round(peak),
             "activation_mb": round(peak - before)}
 

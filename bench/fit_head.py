@@ -12,9 +12,10 @@ H=1536, 16 heads, batch 64. Measured, in this order:
   grid      the stage's run_grid with --compile over --cells seeds, cells one after another: cache
             read, pooling, training, val evaluation, metrics, plots and weights, per cell
 plus the achieved FLOP/s against the best bf16 matmul peak measured between the cells, and two
-floors for a cell on this machine: its matmuls alone (one step's exact shapes replayed, x steps,
-measured between the cells) and the time the parameters' memory traffic alone needs at this
-process's measured copy bandwidth; their sum (matmuls + the AdamW pass's traffic) is the floor.
+floors for a cell on this machine, measured between the cells: its matmuls alone (one step's exact
+shapes replayed) and the compiled AdamW pass alone, x steps; their sum is the floor any loop with
+these shapes and exact fp32 AdamW meets here. Also: the time the parameters' memory traffic alone
+needs at this process's measured copy bandwidth.
 stdout: one JSON object (read by `python -m bench`); stderr: the side-by-side summary.
 """
 
@@ -35,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from bench.common import best_seconds, count_flops, matmul_peak_gflops, replayed_matmuls
+from bench.common import best_seconds, count_flops, matmul_peak_gflops, replayed_matmuls, timed_seconds
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.fusion import HeadConfig, build_head
 from pipeline.head_training import FeatureTable, FitHeadConfig, head_config_for, load_complete_split, train_head
 from pipeline.head_grid import run_grid
+from pipeline.head_step import adamw_scalars, adamw_update
 from pipeline.takes import SCENARIOS, VIEWS
 
 TRAIN, VAL, FRAMES, DIM, PATCHES = 1904, 466, 16, 768, 196
@@ -51,7 +53,7 @@ TRAIN, VAL, FRAMES, DIM, PATCHES = 1904, 466, 16, 768, 196
 # both moments (2 + 12) and writes those and the bf16 working copy (12 + 2).
 EAGER_BYTES_PER_PARAMETER_STEP = 46
 COMPILED_BYTES_PER_PARAMETER_STEP = 34
-ADAMW_BYTES_PER_PARAMETER_STEP = 28  # the compiled step's AdamW pass alone, without the matmuls' 6
+ADAMW_BYTES_PER_PARAMETER_STEP = 28  # the compiled step's AdamW pass alone: the 34 less the matmuls' 6
 
 
 def random_cache(root: Path, seed: int = 0) -> FeatureCache:
@@ -97,6 +99,24 @@ def autocast_step(table: FeatureTable, head_config: HeadConfig, batch_size: int)
     return step
 
 
+def adamw_pass(head_config: HeadConfig) -> Callable[[], float]:
+    """A measurement of the compiled step's AdamW pass alone (fp32 masters and moments, bf16 gradients in and
+    working copy out), compiled the same way, over a fresh head's parameters."""
+    master = {name: p.detach().clone() for name, p in build_head(head_config).named_parameters()}
+    working = {name: p.to(torch.bfloat16) for name, p in master.items()}
+    grads = {name: torch.randn_like(p).to(torch.bfloat16) for name, p in master.items()}
+    first = {name: torch.zeros_like(p) for name, p in master.items()}
+    second = {name: torch.zeros_like(p) for name, p in master.items()}
+    scalars = [torch.tensor(value) for value in adamw_scalars(1e-4, 10, (0.9, 0.999), 0.01)]
+    update = torch.compile(adamw_update)
+
+    def run() -> None:
+        update(master, working, grads, first, second, *scalars, (0.9, 0.999), 1e-8)
+
+    run()  # compiles
+    return lambda: timed_seconds(run)
+
+
 def copy_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
     """Best-of bytes moved per second by a large tensor copy (read + write)."""
     source = torch.randn(megabytes * 2**18)
@@ -125,12 +145,14 @@ def main() -> None:
         compiled = dataclasses.replace(config, compile=True)
         first_compiled_s = train_head(table, head_config, compiled, seed=-1).seconds  # compiles once for the process
         step_matmuls_s, _ = replayed_matmuls(autocast_step(table, head_config, config.batch_size))
-        cell_s, compiled_s, peaks, matmul_step_s = [], [], [], []
+        step_adamw_s = adamw_pass(head_config)
+        cell_s, compiled_s, peaks, matmul_step_s, adamw_step_s = [], [], [], [], []
         for seed in config.seeds:  # interleaved, so every variant sees the same quiet and noisy moments
             cell_s.append(train_head(table, head_config, config, seed).seconds)
             compiled_s.append(train_head(table, head_config, compiled, seed).seconds)
             peaks.append(matmul_peak_gflops(torch.bfloat16, repeats=2))
             matmul_step_s.append(min(step_matmuls_s() for _ in range(10)))
+            adamw_step_s.append(min(step_adamw_s() for _ in range(10)))
         started = time.perf_counter()
         run_grid(compiled, Console(file=sys.stderr))
         grid_s = time.perf_counter() - started
@@ -144,7 +166,7 @@ def main() -> None:
     cell_gflop = step_flops * steps / 1e9
     traffic_s = COMPILED_BYTES_PER_PARAMETER_STEP * parameters * steps / (bandwidth * 1e9)
     matmuls_s = min(matmul_step_s) * steps
-    adamw_s = ADAMW_BYTES_PER_PARAMETER_STEP * parameters * steps / (bandwidth * 1e9)
+    adamw_s = min(adamw_step_s) * steps
     figures = {
         "threads": torch.get_num_threads(),
         "cache_build_s": round(build_s, 2),
@@ -168,7 +190,8 @@ def main() -> None:
         "compiled_step_traffic_s": round(traffic_s, 3),
         "matmuls_only_cell_s": round(matmuls_s, 3),
         "matmuls_only_cells_s": [round(s * steps, 3) for s in matmul_step_s],
-        "adamw_traffic_cell_s": round(adamw_s, 3),
+        "adamw_only_cell_s": round(adamw_s, 3),
+        "adamw_only_gbs": round(ADAMW_BYTES_PER_PARAMETER_STEP * parameters * steps / adamw_s / 1e9, 1),
         "floor_cell_s": round(matmuls_s + adamw_s, 3),
         "eager_step_traffic_s": round(EAGER_BYTES_PER_PARAMETER_STEP * parameters * steps / (bandwidth * 1e9), 3),
     }
@@ -185,7 +208,8 @@ def main() -> None:
         f"{traffic_s:.2f} s, eager {figures['eager_step_traffic_s']:.2f} s\n"
         f"  the cell's matmuls alone (its exact shapes, best replay): {matmuls_s:.2f} s "
         f"({cell_gflop / matmuls_s:.0f} GFLOP/s = {cell_gflop / matmuls_s / peak:.2f} of the peak); "
-        f"plus exact fp32 AdamW's traffic ({ADAMW_BYTES_PER_PARAMETER_STEP} B/parameter/step): {matmuls_s + adamw_s:.2f} s",
+        f"plus the AdamW pass alone ({adamw_s:.2f} s, {figures['adamw_only_gbs']:.0f} GB/s): {matmuls_s + adamw_s:.2f} s = the floor; "
+        f"--compile is at x{best_compiled / (matmuls_s + adamw_s):.2f} of it",
         file=sys.stderr,
     )
 
