@@ -11,10 +11,10 @@ H=1536, 16 heads, batch 64. Measured, in this order:
   eager     skillpipe's train_head without it (compiled and eager interleaved, best of --cells seeds)
   grid      the stage's run_grid with --compile over --cells seeds, cells one after another: cache
             read, pooling, training, val evaluation, metrics, plots and weights, per cell
-plus the achieved FLOP/s against the best bf16 matmul peak measured between the cells, and two
-floors for a cell on this machine, measured between the cells: its matmuls alone (one step's exact
-shapes replayed) and the compiled AdamW pass alone, x steps; their sum is the floor any loop with
-these shapes and exact fp32 AdamW meets here. Also: the time the parameters' memory traffic alone
+plus the achieved FLOP/s against the best bf16 matmul peak measured between the cells, and
+the floor of a cell on this machine, measured between the cells: a cell reduced to its matmuls (one
+step's exact shapes replayed) and its compiled AdamW pass, step after step; no loop with these
+shapes and exact fp32 AdamW beats it here. Also: the time the parameters' memory traffic alone
 needs at this process's measured copy bandwidth.
 stdout: one JSON object (read by `python -m bench`); stderr: the side-by-side summary.
 """
@@ -117,6 +117,16 @@ def adamw_pass(head_config: HeadConfig) -> Callable[[], float]:
     return lambda: timed_seconds(run)
 
 
+def floor_run(step_matmuls_s: Callable[[], float], step_adamw_s: Callable[[], float], steps: int) -> tuple[float, float]:
+    """(matmul seconds, AdamW seconds) of a cell reduced to its unavoidable work: `steps` times one step's
+    matmuls and its AdamW pass, in step order, over a cell's length of time like the cells it is compared with."""
+    matmuls = adamw = 0.0
+    for _ in range(steps):
+        matmuls += step_matmuls_s()
+        adamw += step_adamw_s()
+    return matmuls, adamw
+
+
 def copy_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
     """Best-of bytes moved per second by a large tensor copy (read + write)."""
     source = torch.randn(megabytes * 2**18)
@@ -146,27 +156,25 @@ def main() -> None:
         first_compiled_s = train_head(table, head_config, compiled, seed=-1).seconds  # compiles once for the process
         step_matmuls_s, _ = replayed_matmuls(autocast_step(table, head_config, config.batch_size))
         step_adamw_s = adamw_pass(head_config)
-        cell_s, compiled_s, peaks, matmul_step_s, adamw_step_s = [], [], [], [], []
+        steps = config.epochs * -(-TRAIN // config.batch_size)
+        cell_s, compiled_s, peaks, floors = [], [], [], []
         for seed in config.seeds:  # interleaved, so every variant sees the same quiet and noisy moments
             cell_s.append(train_head(table, head_config, config, seed).seconds)
             compiled_s.append(train_head(table, head_config, compiled, seed).seconds)
             peaks.append(matmul_peak_gflops(torch.bfloat16, repeats=2))
-            matmul_step_s.append(min(step_matmuls_s() for _ in range(10)))
-            adamw_step_s.append(min(step_adamw_s() for _ in range(10)))
+            floors.append(floor_run(step_matmuls_s, step_adamw_s, steps))
         started = time.perf_counter()
         run_grid(compiled, Console(file=sys.stderr))
         grid_s = time.perf_counter() - started
 
         step_flops = count_flops(autocast_step(table, head_config, config.batch_size))
         parameters = sum(p.numel() for p in build_head(head_config).parameters())
-    steps = config.epochs * -(-TRAIN // config.batch_size)
     peak = max(peaks)
     bandwidth = copy_bandwidth_gbs()
     best, best_compiled = min(cell_s), min(compiled_s)
     cell_gflop = step_flops * steps / 1e9
     traffic_s = COMPILED_BYTES_PER_PARAMETER_STEP * parameters * steps / (bandwidth * 1e9)
-    matmuls_s = min(matmul_step_s) * steps
-    adamw_s = min(adamw_step_s) * steps
+    matmuls_s, adamw_s = min(floors, key=sum)
     figures = {
         "threads": torch.get_num_threads(),
         "cache_build_s": round(build_s, 2),
@@ -189,7 +197,7 @@ def main() -> None:
         "copy_bandwidth_gbs": round(bandwidth, 1),
         "compiled_step_traffic_s": round(traffic_s, 3),
         "matmuls_only_cell_s": round(matmuls_s, 3),
-        "matmuls_only_cells_s": [round(s * steps, 3) for s in matmul_step_s],
+        "floor_cells_s": [round(sum(f), 3) for f in floors],
         "adamw_only_cell_s": round(adamw_s, 3),
         "adamw_only_gbs": round(ADAMW_BYTES_PER_PARAMETER_STEP * parameters * steps / adamw_s / 1e9, 1),
         "floor_cell_s": round(matmuls_s + adamw_s, 3),
@@ -206,9 +214,9 @@ def main() -> None:
         f"{figures['fraction_of_bf16_peak']['eager']:.2f}\n"
         f"  parameter traffic alone at the measured copy bandwidth ({bandwidth:.0f} GB/s): compiled "
         f"{traffic_s:.2f} s, eager {figures['eager_step_traffic_s']:.2f} s\n"
-        f"  the cell's matmuls alone (its exact shapes, best replay): {matmuls_s:.2f} s "
+        f"  floor: the cell's matmuls alone (its exact shapes replayed) {matmuls_s:.2f} s "
         f"({cell_gflop / matmuls_s:.0f} GFLOP/s = {cell_gflop / matmuls_s / peak:.2f} of the peak); "
-        f"plus the AdamW pass alone ({adamw_s:.2f} s, {figures['adamw_only_gbs']:.0f} GB/s): {matmuls_s + adamw_s:.2f} s = the floor; "
+        f"+ its AdamW passes alone {adamw_s:.2f} s ({figures['adamw_only_gbs']:.0f} GB/s) = {matmuls_s + adamw_s:.2f} s; "
         f"--compile is at x{best_compiled / (matmuls_s + adamw_s):.2f} of it",
         file=sys.stderr,
     )
