@@ -39,7 +39,7 @@ def backbone_gflops(frames: int, device: str, compiled: bool = False, matmuls_on
     once; with `compiled`, as `extract --compile` does), random weights.
 
     With `matmuls_only`: the forward's FLOPs over the time of its matmuls alone (the same shapes replayed,
-    bench.common.matmuls_only), i.e. the rate the forward would reach if everything else were free. Its
+    bench.common.replayed_matmuls), i.e. the rate the forward would reach if everything else were free. Its
     fraction of the peak is the ceiling for the backbone's.
     """
     model = prepare_for_inference(TimesformerModel(TimesformerConfig(num_frames=frames)), torch.device(device), "bf16")

@@ -86,7 +86,7 @@ class PooledCrossViewAttention(nn.Module):
     mean early: both the product with the values and the output projection are linear, so the
     attention weights are averaged over the present query views first. One weighted sum of the
     values per head then replaces S of them, and the output projection runs once per take instead
-    of once per view (measured ~10% off a compiled fit-head step).
+    of once per view (a compiled fit-head step took x0.90-0.98 the time in interleaved A/B runs).
     """
 
     def __init__(self, dim: int, heads: int, dropout: float):
