@@ -137,6 +137,11 @@ def main() -> None:
         "backbone_fraction_of_bf16_peak_median_paired": {
             t: round(median_paired_ratio(samples[t], samples["bf16"]), 3) for t in backbone_rates
         },
+        # how close each forward comes to its own matmuls alone: the share of its time they take
+        "backbone_fraction_of_matmul_ceiling_median_paired": {
+            t: round(median_paired_ratio(samples[t], samples[t.split("_")[0] + "_matmuls_only"]), 3)
+            for t in ("T8", "T16", "T8_compiled", "T16_compiled")
+        },
     }
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)

@@ -111,18 +111,24 @@ def replayed_matmuls(function: Callable[[], object], device: str = "cpu") -> tup
     """A replay of `function`'s matmuls alone (same shapes, strides and dtypes, random values) and their FLOPs.
 
     Returns (a measurement of the replay's seconds, the replay's FLOPs). Everything a model does
-    besides its matmuls (attention kernels, norms, activations, the optimizer) is left out, so the
-    replay's time is a floor for the model's: it tells what a fraction-of-peak goal can reach at
-    these shapes on this machine.
+    besides its matmuls (attention kernels, norms, activations, the optimizer) is left out, and
+    operands of one shape share one buffer, so they stay as hot in cache as their sizes allow (in
+    the model each activation is fresh from the op before; distinct cold buffers made the replay
+    of a base-size forward slower than the forward itself). The replay's time is thus a floor for
+    the model's: it tells what a fraction-of-peak goal can reach at these shapes on this machine.
     """
     recorder = _MatmulRecorder()
     with recorder:
         function()
-    calls = []
-    for func, operands, kwargs in recorder.calls:
-        args = [torch.empty_strided(o[0], o[1], dtype=o[2], device=device).normal_() if isinstance(o, tuple) else o
-                for o in operands]
-        calls.append((func, args, kwargs))
+    buffers: dict[tuple, torch.Tensor] = {}
+
+    def buffer(shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if (shape, stride, dtype) not in buffers:
+            buffers[shape, stride, dtype] = torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
+        return buffers[shape, stride, dtype]
+
+    calls = [(func, [buffer(*o) if isinstance(o, tuple) else o for o in operands], kwargs)
+             for func, operands, kwargs in recorder.calls]
 
     def replay() -> None:
         for func, args, kwargs in calls:
