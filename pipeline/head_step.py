@@ -84,7 +84,8 @@ class CompiledHeadTrainer:
     def step(self, inputs: torch.Tensor, present: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
              lr: float) -> torch.Tensor:
         """One AdamW step on `rows` of the resident (N, V, ...) inputs; returns the batch's mean loss (0-d tensor)."""
-        self.head.train()
+        if not self.head.training:  # train() walks every submodule: ~0.3 ms, 10% of a tiny head's step
+            self.head.train()
         real = len(rows)
         weights = torch.ones(self.rows_per_step, device=inputs.device)
         if real < self.rows_per_step:  # pad with row `rows[0]` at weight 0: same graph, same gradient
