@@ -271,7 +271,8 @@ def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConf
 def _eager_step(head: torch.nn.Module, optimizer: torch.optim.Optimizer, train: FeatureTable, precision: str,
                 batch: torch.Tensor) -> torch.Tensor:
     """Forward under autocast, backward, fused AdamW; returns the batch's mean loss (0-d tensor)."""
-    head.train()
+    if not head.training:  # after a holdout evaluation; train() walks every submodule
+        head.train()
     with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits = head(train.inputs[batch], train.present[batch])  # (B, 4)
     loss = F.cross_entropy(logits.float(), train.labels[batch])
