@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from bench.common import best_seconds, count_flops, matmul_peak_gflops, replayed_matmuls, timed_seconds
+from bench.common import best_seconds, matmul_peak_gflops, replayed_matmuls, timed_seconds
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.fusion import HeadConfig, build_head
 from pipeline.head_training import FeatureTable, FitHeadConfig, head_config_for, load_complete_split, train_head
 from pipeline.head_grid import run_grid
-from pipeline.head_step import adamw_scalars, adamw_update
+from pipeline.head_step import CompiledHeadTrainer, adamw_scalars, adamw_update
 from pipeline.takes import SCENARIOS, VIEWS
 
 TRAIN, VAL, FRAMES, DIM, PATCHES = 1904, 466, 16, 768, 196
@@ -87,7 +87,7 @@ def plain_loop_s(table: FeatureTable, head_config: HeadConfig, epochs: int, batc
 
 
 def autocast_step(table: FeatureTable, head_config: HeadConfig, batch_size: int) -> Callable[[], None]:
-    """One eager bf16-autocast forward + backward of a fresh head on the first batch (FLOPs and matmul shapes)."""
+    """One eager bf16-autocast forward + backward of a fresh head on the first batch (its matmuls: shapes, FLOPs)."""
     head = build_head(head_config).train()
     rows = torch.arange(batch_size)
 
@@ -102,16 +102,13 @@ def autocast_step(table: FeatureTable, head_config: HeadConfig, batch_size: int)
 def adamw_pass(head_config: HeadConfig) -> Callable[[], float]:
     """A measurement of the compiled step's AdamW pass alone (fp32 masters and moments, bf16 gradients in and
     working copy out), compiled the same way, over a fresh head's parameters."""
-    master = {name: p.detach().clone() for name, p in build_head(head_config).named_parameters()}
-    working = {name: p.to(torch.bfloat16) for name, p in master.items()}
-    grads = {name: torch.randn_like(p).to(torch.bfloat16) for name, p in master.items()}
-    first = {name: torch.zeros_like(p) for name, p in master.items()}
-    second = {name: torch.zeros_like(p) for name, p in master.items()}
-    scalars = [torch.tensor(value) for value in adamw_scalars(1e-4, 10, (0.9, 0.999), 0.01)]
+    state = CompiledHeadTrainer(build_head(head_config), rows_per_step=1, weight_decay=0.01, compile=False)
+    grads = {name: torch.randn_like(p).to(torch.bfloat16) for name, p in state.master.items()}
+    scalars = [torch.tensor(value) for value in adamw_scalars(1e-4, 10, state.betas, state.weight_decay)]
     update = torch.compile(adamw_update)
 
     def run() -> None:
-        update(master, working, grads, first, second, *scalars, (0.9, 0.999), 1e-8)
+        update(state.master, state.working, grads, state.first, state.second, *scalars, state.betas, state.eps)
 
     run()  # compiles
     return lambda: timed_seconds(run)
@@ -154,7 +151,7 @@ def main() -> None:
         plain_s = min(plain_loop_s(table, head_config, config.epochs, config.batch_size) for _ in range(2))
         compiled = dataclasses.replace(config, compile=True)
         first_compiled_s = train_head(table, head_config, compiled, seed=-1).seconds  # compiles once for the process
-        step_matmuls_s, _ = replayed_matmuls(autocast_step(table, head_config, config.batch_size))
+        step_matmuls_s, step_flops = replayed_matmuls(autocast_step(table, head_config, config.batch_size))
         step_adamw_s = adamw_pass(head_config)
         steps = config.epochs * -(-TRAIN // config.batch_size)
         cell_s, compiled_s, peaks, floors = [], [], [], []
@@ -167,7 +164,6 @@ def main() -> None:
         run_grid(compiled, Console(file=sys.stderr))
         grid_s = time.perf_counter() - started
 
-        step_flops = count_flops(autocast_step(table, head_config, config.batch_size))
         parameters = sum(p.numel() for p in build_head(head_config).parameters())
     peak = max(peaks)
     bandwidth = copy_bandwidth_gbs()

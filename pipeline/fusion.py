@@ -103,9 +103,8 @@ class PooledCrossViewAttention(nn.Module):
         scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, h, S, S)
         scores = scores.masked_fill(~present[:, None, None, :], float("-inf"))
         weights = self.dropout(scores.softmax(-1))  # (B, h, S query, S key)
-        query_views = present.to(weights.dtype)[:, None, :, None]  # (B, 1, S, 1)
-        mean_weights = (weights * query_views).sum(2, keepdim=True) / query_views.sum(2, keepdim=True).clamp_min(1)  # (B, h, 1, S)
-        return self.out((mean_weights @ v).reshape(batch, dim))  # (B, h, 1, d) -> (B, D)
+        mean_weights = masked_mean(weights.transpose(1, 2).flatten(2), present)  # over queries: (B, h * S key)
+        return self.out((mean_weights.view(batch, self.heads, 1, slots) @ v).reshape(batch, dim))  # (B, h, 1, d) -> (B, D)
 
 
 class GatedProjector(nn.Module):
