@@ -16,6 +16,7 @@ at any moment loses at most the shards in flight and never exposes half-written 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -74,7 +75,7 @@ class CachedSplit:
 
     @property
     def present(self) -> np.ndarray:  # (N, V) bool
-        return np.array([r.present for r in self.records], dtype=bool).reshape(len(self.records), -1)
+        return np.array([r.present for r in self.records], dtype=bool).reshape(len(self.records), self.tokens.shape[1])
 
     @property
     def labels(self) -> np.ndarray:  # (N,) int64
@@ -126,7 +127,16 @@ class FeatureCache:
                     f"({len(planned)} takes, now {len(take_uids)}); the annotation file changed. "
                     "Use another --cache folder."
                 )
-        if not self._array_path(split).is_dir() or not (self._array_path(split) / "zarr.json").is_file():
+            # never recreate a planned split's array: a rank that cannot see it yet (a shared
+            # filesystem's attribute cache) would wipe the shards that other ranks committed
+            if not (self._array_path(split) / "zarr.json").is_file():
+                raise CacheError(
+                    f"{self.root}: the cache's array for split {split!r} is missing ({self._array_path(split)}) "
+                    "although the split is planned; if the cache is on a shared filesystem, check that every "
+                    "node sees the same files, else use another --cache folder (or delete this one)."
+                )
+        else:
+            # the plan is written after the array, so a crash in between leaves no shards to lose here
             zarr.create_array(
                 store=self.root / STORE_NAME,
                 name=f"{split}/tokens",
@@ -139,7 +149,6 @@ class FeatureCache:
                 compressors=None,  # float16 features barely compress (zstd 1.09x): not worth the CPU
                 overwrite=True,
             )
-        if not plan_path.is_file():
             write_json_atomic(plan_path, list(take_uids))
         size = self.spec.shard_size
         return [list(take_uids[start : start + size]) for start in range(0, len(take_uids), size)]
@@ -157,7 +166,12 @@ class FeatureCache:
         expected = (min(self.spec.shard_size, array.shape[0] - start), *array.shape[1:])
         if tokens.shape != expected or len(records) != expected[0]:
             raise ValueError(f"shard {shard} of {split}: got tokens {tokens.shape}, {len(records)} records; expected {expected}")
+        shard_file = self._array_path(split) / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+        # the shard is uncommitted, so its stored bytes may be torn by a crash; zarr would read
+        # them back to merge the new chunks and fail its checksum on every retry
+        shard_file.unlink(missing_ok=True)
         array[start : start + expected[0]] = tokens.astype(np.float16)
+        _fsync(shard_file)  # a committed marker must never point at data still in the page cache
         marker = {"records": [asdict(r) for r in records], "failures": failures}
         write_json_atomic(self.root / "shards" / split / f"{shard:05d}.json", marker)
 
@@ -185,10 +199,16 @@ class FeatureCache:
         path = self.root / "splits" / f"{split}.json"
         return read_json(path) if path.is_file() else []
 
+    def planned_shards(self, split: str) -> int:
+        return -(-len(self.planned_takes(split)) // self.spec.shard_size)
+
     def is_complete(self, split: str) -> bool:
-        planned = len(self.planned_takes(split))
-        shards = -(-planned // self.spec.shard_size)
-        return planned > 0 and self.committed_shards(split) == set(range(shards))
+        shards = self.planned_shards(split)
+        return shards > 0 and self.committed_shards(split) == set(range(shards))
+
+    def progress(self, split: str) -> str:
+        """`committed/planned shards committed`, for messages about an unfinished split."""
+        return f"{len(self.committed_shards(split))}/{self.planned_shards(split)} shards committed"
 
     def read(self, split: str) -> CachedSplit:
         """Every committed take of `split`, in row order."""
@@ -220,13 +240,28 @@ class FeatureCache:
         return self.root / STORE_NAME / split / "tokens"
 
 
+def _fsync(path: Path) -> None:
+    """Flush `path` to disk; zarr writes no file for a shard that is all fill value."""
+    if path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# where the weights came from: another spelling or a moved folder of the same weights (same
+# fingerprint.weights_sha256) makes the same features
+DESCRIPTIVE_KEYS = frozenset({"fingerprint.backbone"})
+
+
 def _differences(old: CacheSpec, new: CacheSpec) -> list[str]:
     """Human-readable differences between a cache's spec and the one a run would write."""
     old_flat, new_flat = _flatten(asdict(old)), _flatten(asdict(new))
     return [
         f"{key}: cache has {json.dumps(old_flat.get(key))}, this run has {json.dumps(new_flat.get(key))}"
         for key in sorted(set(old_flat) | set(new_flat))
-        if _normalise(old_flat.get(key)) != _normalise(new_flat.get(key))
+        if key not in DESCRIPTIVE_KEYS and _normalise(old_flat.get(key)) != _normalise(new_flat.get(key))
     ]
 
 

@@ -16,19 +16,50 @@ import h5py
 import numpy as np
 
 from pipeline.cache import CacheError, FeatureCache
+from pipeline.config import ConfigError
 from pipeline.takes import LABEL_NAMES
 
 
-def export_hdf5(cache: FeatureCache, out: Path) -> dict[str, int]:
-    """Write every committed take of every split to `out` (atomically); returns takes per split."""
-    splits = [s for s in cache.splits() if cache.committed_shards(s)]
-    if not splits:
-        raise CacheError(f"{cache.root}: no committed takes to export")
+def export_hdf5(cache: FeatureCache, out: Path, splits: list[str] | None = None) -> dict[str, int]:
+    """Write every take of `splits` (default: all; each must be finished) to `out` atomically; returns takes per split."""
     out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"{out} is an existing directory; give the output file's path, e.g. {out / 'features.h5'}")
+    splits = _finished_splits(cache, splits)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
+    try:
+        counts = _write(cache, splits, partial)
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return counts
+
+
+def _finished_splits(cache: FeatureCache, splits: list[str] | None) -> list[str]:
+    """The splits to export, refusing unknown and unfinished ones: a partial split would pass for a whole one."""
+    known = cache.splits()
+    if not known:
+        raise CacheError(f"{cache.root}: no committed takes to export")
+    splits = known if splits is None else list(dict.fromkeys(splits))
+    unknown = [s for s in splits if s not in known]
+    if unknown:
+        raise CacheError(f"{cache.root}: the cache has no split {', '.join(unknown)} (it has: {', '.join(known)})")
+    for split in splits:
+        if not cache.is_complete(split):
+            finished = [s for s in known if cache.is_complete(s)]
+            raise CacheError(
+                f"{cache.root}: split {split} is unfinished ({cache.progress(split)}); rerun the same "
+                "`skillpipe extract` command to finish it, or export only the finished splits with --split "
+                f"(finished: {', '.join(finished) or 'none'})"
+            )
+    return splits
+
+
+def _write(cache: FeatureCache, splits: list[str], path: Path) -> dict[str, int]:
     counts = {}
-    with h5py.File(partial, "w") as h5:
+    with h5py.File(path, "w") as h5:
         h5.attrs["views"] = list(cache.spec.views)
         h5.attrs["label_names"] = list(LABEL_NAMES)
         h5.attrs["frames"] = cache.spec.frames
@@ -45,5 +76,4 @@ def export_hdf5(cache: FeatureCache, out: Path) -> dict[str, int]:
                 values = [getattr(r, name) for r in data.records]
                 group.create_dataset(name, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
             counts[split] = len(data.records)
-    os.replace(partial, out)
     return counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -16,9 +17,10 @@ def export(
     cache: Path = typer.Option(..., help="Feature cache folder written by `skillpipe extract`."),
     out: Path = typer.Option(..., help="Output file, e.g. features.h5."),
     format: str = typer.Option("hdf5", "--format", help="Output format: hdf5."),
+    split: Optional[List[str]] = typer.Option(None, "--split", help="Split to export; repeat for several. Default: every split."),
 ) -> None:
     """Export a feature cache's arrays and per-take index (HDF5, readable with plain h5py)."""
     if format != "hdf5":
         raise ConfigError(f"--format {format!r} is not supported (supported: hdf5)")
-    counts = export_hdf5(FeatureCache.open(cache), out)
+    counts = export_hdf5(FeatureCache.open(cache), out, split)
     Console().print(f"exported {counts} takes from {cache} -> {out}")

@@ -72,6 +72,8 @@ def test_a_different_fingerprint_is_refused_with_the_differences_named(tmp_path)
     assert "fingerprint.frames: cache has 4, this run has 8" in message
     assert "fingerprint.adapter_sha256" in message
     FeatureCache.open_or_create(tmp_path, spec())  # the same fingerprint opens fine
+    # the same weights named another way (a relative path, a moved folder): the same features
+    FeatureCache.open_or_create(tmp_path, spec(backbone="/elsewhere/tiny"))
 
 
 def test_a_changed_take_list_is_refused(tmp_path):
@@ -101,3 +103,30 @@ def test_failures_summary_collects_every_split(tmp_path):
         cache.write_shard(split, 0, np.zeros((1, 2, 5, 8)), records([f"{split}0"], (True, False)), {f"{split}0": {"exo1": "x"}})
     assert cache.write_failures_summary() == {"train0": {"exo1": "x"}, "val0": {"exo1": "x"}}
     assert cache.read("val").present.tolist() == [[True, False]]
+
+
+def test_a_torn_uncommitted_shard_is_rewritten(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    written = fill(cache, "train", [f"t{i}" for i in range(7)])
+    shard_file = tmp_path / STORE_NAME / "train" / "tokens" / "c" / "1" / "0" / "0" / "0"
+    shard_file.write_bytes(shard_file.read_bytes()[: shard_file.stat().st_size // 2])  # a crash mid-write
+    (tmp_path / "shards" / "train" / "00001.json").unlink()
+    tokens = np.stack([written[u] for u in ("t3", "t4", "t5")])
+    cache.write_shard("train", 1, tokens, records(["t3", "t4", "t5"]), {})
+    np.testing.assert_array_equal(cache.read("train").tokens[3:6], tokens)
+
+
+def test_present_of_a_split_without_committed_takes_has_one_column_per_view(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    cache.plan_split("train", ["a", "b"])
+    assert cache.read("train").present.shape == (0, 2)
+
+
+def test_a_planned_split_whose_array_is_missing_is_refused_not_recreated(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    fill(cache, "train", [f"t{i}" for i in range(7)])
+    metadata = tmp_path / STORE_NAME / "train" / "tokens" / "zarr.json"
+    metadata.rename(tmp_path / "hidden.json")  # what a rank behind a stale shared-filesystem cache sees
+    with pytest.raises(CacheError, match="array for split 'train' is missing"):
+        cache.plan_split("train", [f"t{i}" for i in range(7)])
+    assert (tmp_path / STORE_NAME / "train" / "tokens" / "c" / "0" / "0" / "0" / "0").is_file()  # shards kept

@@ -39,3 +39,50 @@ def test_unknown_format_exits_2(tmp_path):
     FeatureCache.open_or_create(tmp_path, spec())
     result = CliRunner().invoke(app, ["export", "--cache", str(tmp_path), "--format", "parquet", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "parquet" in result.output
+
+
+def export_cli(tmp_path, *args):
+    return CliRunner().invoke(app, ["export", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "f.h5"), *args])
+
+
+def test_an_unfinished_split_is_refused_and_finished_ones_export_with_split(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path / "cache", spec())
+    fill(cache, "train", [f"t{i}" for i in range(7)], skip={1})
+    fill(cache, "val", ["v0", "v1"])
+    result = export_cli(tmp_path)
+    assert result.exit_code == 2
+    assert "split train is unfinished (2/3 shards committed)" in result.output
+    assert "rerun the same `skillpipe extract`" in result.output and "--split (finished: val)" in result.output
+    assert not (tmp_path / "f.h5").exists()
+    result = export_cli(tmp_path, "--split", "val")
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "f.h5", "r") as h5:
+        assert list(h5) == ["val"] and h5["val/tokens"].shape == (2, 2, 5, 8)
+
+
+def test_an_unknown_split_exits_2(tmp_path):
+    fill(FeatureCache.open_or_create(tmp_path / "cache", spec()), "val", ["v0"])
+    result = export_cli(tmp_path, "--split", "val", "--split", "test")
+    assert result.exit_code == 2 and "the cache has no split test (it has: val)" in result.output
+
+
+def test_an_existing_directory_as_out_exits_2(tmp_path):
+    fill(FeatureCache.open_or_create(tmp_path / "cache", spec()), "val", ["v0"])
+    (tmp_path / "f.h5").mkdir()
+    result = export_cli(tmp_path)
+    assert result.exit_code == 2 and "is an existing directory" in result.output
+    assert not list(tmp_path.glob(".f.h5.partial"))
+
+
+@pytest.mark.parametrize("failing", ["pipeline.export.os.replace", "pipeline.cache.FeatureCache.read"])
+def test_a_failed_export_leaves_no_partial_file(tmp_path, monkeypatch, failing):
+    cache = FeatureCache.open_or_create(tmp_path / "cache", spec())
+    fill(cache, "val", ["v0"])
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(failing, fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_hdf5(cache, tmp_path / "f.h5")
+    assert not list(tmp_path.glob("*f.h5*"))
