@@ -21,6 +21,8 @@ from transformers import TimesformerConfig, TimesformerModel
 from transformers.models.timesformer.modeling_timesformer import TimesformerSelfAttention
 from transformers.utils import logging as hf_logging
 
+from pipeline.config import ConfigError
+
 DEFAULT_BACKBONE = "facebook/timesformer-base-finetuned-k600"
 
 # The seven module kinds SkillFormer adapts in every layer. peft fullmatches a string target
@@ -43,15 +45,23 @@ class LoraSettings:
     dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA branch's input"})
 
 
+def local_backbone_dir(name_or_dir: str) -> Path | None:
+    """The folder `name_or_dir` names, or None for a hub id.
+
+    A hub id is "name" or "org/name"; anything else that does not exist is a mistyped folder,
+    which HF would report as a malformed repo id.
+    """
+    path = Path(name_or_dir).expanduser()
+    looks_local = path.is_absolute() or str(name_or_dir).startswith((".", "~")) or len(path.parts) > 2
+    return path if path.exists() or looks_local else None
+
+
 def load_backbone(name_or_dir: str, num_frames: int) -> TimesformerModel:
     """A TimeSformer from the hub or a local folder, set up for `num_frames` frames, in eval mode."""
-    path = Path(name_or_dir).expanduser()
-    # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped folder,
-    # which HF would report as a malformed repo id.
-    looks_local = path.is_absolute() or str(name_or_dir).startswith((".", "~")) or len(path.parts) > 2
-    if path.exists() or looks_local:
+    path = local_backbone_dir(name_or_dir)
+    if path:
         if not (path / "config.json").is_file():
-            raise ValueError(f"{path}: not a TimeSformer folder (no config.json; expected save_pretrained output)")
+            raise ConfigError(f"{path}: not a TimeSformer folder (no config.json; expected save_pretrained output)")
         name_or_dir = str(path)
     hf_logging.disable_progress_bar()  # one bar per load would drown the stage's own progress
     # fp32 master weights whatever the checkpoint's dtype: autocast gives bf16 speed, LoRA needs fp32.

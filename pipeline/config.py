@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import yaml
 
 from pipeline.files import write_json_atomic
@@ -23,6 +24,18 @@ Config = TypeVar("Config")
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the field and the source."""
+
+
+def device_problem(device: str) -> str | None:
+    """What is wrong with a `--device` value on this machine (None: usable): checked before any work."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (index and not index.isdigit()):
+        return f"device must be cpu, cuda or cuda:N, got {device!r}"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"device {device!r}: torch sees no CUDA device here (torch {torch.__version__})"
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        return f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -27,7 +27,16 @@ from pipeline.files import read_json, write_json_atomic
 MARKERS, CRASHES = "decoding", "decoder_crashes"
 CHILD_TIMEOUT_S = 600  # a decode that hangs this long counts as a crash too
 
-_CHILD = "import sys; from pipeline.video import decode_clip; decode_clip(sys.argv[1], int(sys.argv[2]))"
+# exit 0 when the file decodes or is refused with a VideoError; any other exit status means the
+# child itself could not run (a broken environment), which must not pass for "decodes fine"
+_CHILD = """
+import sys
+from pipeline.video import VideoError, decode_clip
+try:
+    decode_clip(sys.argv[1], int(sys.argv[2]))
+except VideoError:
+    pass
+"""
 
 
 @contextlib.contextmanager
@@ -81,7 +90,10 @@ def _crash_in_child(path: Path, frames: int) -> str | None:
         result = subprocess.run(command, capture_output=True, timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"{path}: the decoder hung (> {CHILD_TIMEOUT_S} s) on this file"
-    if result.returncode >= 0:
+    if result.returncode > 0:
+        raise RuntimeError(f"{path}: could not re-decode it in a child process to check for a decoder crash "
+                           f"(exit {result.returncode}): {result.stderr.decode(errors='replace')[-1000:]}")
+    if result.returncode == 0:
         return None
     return f"{path}: the decoder crashed on this file ({signal.Signals(-result.returncode).name})"
 

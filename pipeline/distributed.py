@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# How long a rank waits in a collective. torch's default (30 min gloo, 10 min nccl) is too short
+# here: a rerun of extract may leave one rank with hours of shards and the others with none, and
+# finetune's other ranks wait while rank 0 evaluates the held-out takes end to end. A rank that
+# dies does not leave the others waiting this long: torchrun stops the whole group.
+COLLECTIVE_TIMEOUT = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ def init_distributed(device: str = "cpu") -> Ranks:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import backbone as bb
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
-from pipeline.config import ConfigError, save_config
+from pipeline.config import ConfigError, device_problem, save_config
 from pipeline.decoder_crashes import decoding, triage
 from pipeline.distributed import Ranks, barrier
 from pipeline.takes import VIEWS, Take, load_takes
@@ -59,8 +59,8 @@ class ExtractConfig:
             problems.append(f"views must be distinct names from {list(VIEWS)}, got {list(self.views)}")
         if (self.batch_size is not None and self.batch_size < 1) or self.shard_size < 1 or self.workers < 0:
             problems.append("batch_size and shard_size must be >= 1, workers >= 0")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            problems.append(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if device_problem(self.device):
+            problems.append(device_problem(self.device))
         if problems:
             raise ConfigError("ExtractConfig: " + "; ".join(problems))
 
@@ -84,6 +84,16 @@ def code_version() -> str:
         return importlib.metadata.version("skillpipe")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def with_absolute_paths(config: ExtractConfig) -> ExtractConfig:
+    """Local paths made absolute: the saved config is read back from other folders (evaluate, predict)."""
+    backbone = bb.local_backbone_dir(config.backbone)
+    return dataclasses.replace(
+        config, root=Path(config.root).resolve(), cache=Path(config.cache).resolve(),
+        adapter=Path(config.adapter).resolve() if config.adapter else None,
+        backbone=str(backbone.resolve()) if backbone else config.backbone,
+    )
 
 
 def fingerprint(config: ExtractConfig, weights_sha256: str) -> dict:
@@ -175,6 +185,7 @@ def run_extraction(
     Under torchrun each rank takes the shards `k % world_size == rank`; rank 0 creates the
     cache and plans the split first. `on_start(total, skipped)` and `on_take(clips)` report progress.
     """
+    config = with_absolute_paths(config)
     takes = load_takes(config.root, config.split)  # validates before any compute
     if not takes:
         raise ConfigError(f"{config.root}: split {config.split!r} has no takes")
@@ -226,6 +237,10 @@ def run_extraction(
     return summary
 
 
+def _as_is(item: DecodedTake) -> DecodedTake:
+    return item
+
+
 def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: FeatureCache, pending: list[tuple[int, list[Take]]],
                     crashes: dict[tuple[str, str], str], summary: ExtractSummary, on_take: Callable[[int], None] | None) -> None:
     """Decode (in DataLoader workers), encode and commit the pending shards, one whole shard at a time."""
@@ -233,7 +248,7 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
         ShardTakes(pending, config.views, config.frames, Path(config.cache), crashes),
         batch_size=None,
         num_workers=config.workers,
-        collate_fn=lambda item: item,
+        collate_fn=_as_is,  # a module-level function: spawned or forkserver workers pickle it
         prefetch_factor=2 if config.workers else None,
     )
     takes_by_shard = dict(pending)

@@ -38,6 +38,10 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
     for setting, names in view_names.items():
         if not train.present[:, [cache.spec.views.index(v) for v in names]].any():
             raise CacheError(f"{cache.root}: no train take has any of the views {list(names)} (view setting {setting!r})")
+        blind = int((~val.present[:, [cache.spec.views.index(v) for v in names]].any(1)).sum())
+        if blind:  # scored with the train label prior, which can flatter or sink the accuracy
+            console.print(f"[yellow]note:[/] {blind} of {len(val.records)} val takes have none of the views "
+                          f"{list(names)} (view setting {setting!r}); they get the train label prior")
     save_config(settings, settings.out / "config.json")
     rows, tables = [], {}
     for cell in cells:
@@ -71,7 +75,8 @@ def _fit_cell(cell: Cell, cache: FeatureCache, settings: FitHeadConfig, head_con
     metrics = write_evaluation(folder, val.take_uids, val.labels.cpu().numpy(), probabilities, val.scenarios, cell_settings,
                                cell.name, extra={"takes_without_views": int((~val.usable).sum())})
     save_head(folder, trained.head, head_config, names, cache=str(cache.root.resolve()),
-              cache_fingerprint=cache.spec.fingerprint, frames=cache.spec.frames, settings=cell_settings)
+              cache_fingerprint=cache.spec.fingerprint, frames=cache.spec.frames, settings=cell_settings,
+              precision=settings.precision, label_prior=trained.label_prior.tolist())
     if settings.submission:
         write_submission(settings.submission, val.take_uids, probabilities)
     return {"cell": cell.name, "views": cell.views, "fusion": cell.fusion, "seed": cell.seed,

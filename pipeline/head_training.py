@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import CacheError, CachedSplit, FeatureCache
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, device_problem
 from pipeline.fusion import FUSIONS, NUM_CLASSES, HeadConfig, build_head, head_inputs
 from pipeline.head_step import CompiledHeadTrainer
 from pipeline.views import parse_view_setting
@@ -90,8 +90,8 @@ class FitHeadConfig:
                 raise ConfigError(f"FitHeadConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")
         if self.compile and self.precision != "bf16":
             raise ConfigError("FitHeadConfig.compile: the compiled step trains in bf16; use precision bf16 or no compile")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ConfigError(f"FitHeadConfig.device: expected cpu or cuda[:N], got {self.device!r}")
+        if device_problem(self.device):
+            raise ConfigError(f"FitHeadConfig.{device_problem(self.device)}")
 
 
 def field_help(name: str) -> str:
@@ -123,9 +123,8 @@ def load_complete_split(cache: FeatureCache, split: str) -> CachedSplit:
     if split not in cache.splits():
         raise CacheError(f"{cache.root}: the cache has no {split} takes; run `skillpipe extract --split {split}` into it")
     if not cache.is_complete(split):
-        planned = -(-len(cache.planned_takes(split)) // cache.spec.shard_size)
         raise CacheError(
-            f"{cache.root}: split {split} is unfinished ({len(cache.committed_shards(split))}/{planned} shards committed); "
+            f"{cache.root}: split {split} is unfinished ({cache.progress(split)}); "
             "rerun the same `skillpipe extract` command to finish it"
         )
     data = cache.read(split)

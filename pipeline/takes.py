@@ -114,6 +114,8 @@ def _parse_record(root: Path, split: str, record: object) -> tuple[Take | None, 
     take_uid = record["take_uid"]
     if not isinstance(take_uid, str) or not take_uid:
         return None, [f"take_uid must be a non-empty string, got {take_uid!r}"]
+    if "/" in take_uid or "\\" in take_uid or take_uid in (".", ".."):  # it names files in the cache
+        return None, [f"take_uid must not be a path, got {take_uid!r}"]
 
     try:
         label = ProficiencyLabel.parse(record["proficiency_score"])
@@ -171,7 +173,9 @@ def resolve_view_files(take_dir: Path) -> dict[str, Path]:
     nested = take_dir / "frame_aligned_videos" / "downscaled" / "448"
     folder = nested if nested.is_dir() else take_dir
     files = sorted(p for p in folder.glob("*.mp4") if p.is_file())
-    egos = [p for p in files if p.name.lower().startswith("aria")]
+    arias = [p for p in files if p.name.lower().startswith("aria")]
+    # Aria's RGB stream is 214-1; a folder may also hold its SLAM (1201-*) or eye (211-*) streams
+    egos = [p for p in arias if p.stem.lower().endswith("214-1")] or arias
     exos = sorted(
         (p for p in files if _EXO_NAME.match(p.name.lower())),
         key=lambda p: int(_EXO_NAME.match(p.name.lower()).group(2)),
@@ -179,7 +183,8 @@ def resolve_view_files(take_dir: Path) -> dict[str, Path]:
     if len(egos) != 1:
         raise ValueError(f"{folder}: expected exactly one ego (aria*) video, found {[p.name for p in egos]}")
     if len(exos) > 4:
-        raise ValueError(f"{folder}: more than four exo videos: {[p.name for p in exos]}")
+        raise ValueError(f"{folder}: more than four exo videos: {[p.name for p in exos]}; the model takes four, "
+                         "so pass a folder holding only the four it should see")
     return {"ego": egos[0], **{f"exo{i + 1}": path for i, path in enumerate(exos)}}
 
 

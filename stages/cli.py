@@ -8,6 +8,7 @@ from typing import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.cache import CacheError
 from pipeline.config import ConfigError
@@ -33,7 +34,8 @@ def _reporting_user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except USER_ERRORS as err:
-            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+            # the message is text (paths may hold brackets), never rich markup
+            Console(stderr=True, soft_wrap=True).print("[bold red]error:[/] " + escape(str(err)), highlight=False)
             raise typer.Exit(USAGE_ERROR) from None
 
     return wrapper

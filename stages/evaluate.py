@@ -57,7 +57,10 @@ def predict(
     model, spec = load_skill_model(checkpoint, device)
     takes = []
     for folder in take_dirs:
-        files = resolve_view_files(folder)
+        try:
+            files = resolve_view_files(folder)
+        except ValueError as err:  # the folder's files do not map to views: the user's input, not a bug
+            raise ConfigError(str(err)) from None
         missing = [v for v in spec.views if v not in files]
         if missing:
             raise ConfigError(f"{folder}: no file for view(s) {missing} needed by {checkpoint}")

@@ -1,8 +1,9 @@
 from pathlib import Path
 
 import pytest
+import torch
 
-from pipeline.config import ConfigError, load_config, read_saved_config, save_config
+from pipeline.config import ConfigError, device_problem, load_config, read_saved_config, save_config
 from pipeline.extraction import ExtractConfig
 
 
@@ -42,3 +43,20 @@ def test_saved_config_round_trips(tmp_path):
     config = load_config(ExtractConfig, None, {"root": "r", "adapter": "a", "views": "ego"})
     save_config(config, tmp_path / "c.json")
     assert read_saved_config(ExtractConfig, tmp_path / "c.json") == config
+
+
+@pytest.mark.parametrize("device,message", [
+    ("gpu", "device must be cpu, cuda or cuda:N, got 'gpu'"),
+    ("cpu:1", "device must be cpu, cuda or cuda:N"),
+    ("cuda:x", "device must be cpu, cuda or cuda:N"),
+    pytest.param("cuda", "torch sees no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_unusable_devices_are_refused_before_any_work(device, message):
+    assert message in device_problem(device)
+    with pytest.raises(ConfigError, match="ExtractConfig: device"):
+        load_config(ExtractConfig, None, {"root": "r", "device": device})
+
+
+def test_usable_devices_pass():
+    assert device_problem("cpu") is None

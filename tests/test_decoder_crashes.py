@@ -118,3 +118,12 @@ def test_a_worker_death_that_the_file_alone_does_not_reproduce_names_the_file_an
     again = run_extraction(config(dataset, backbone_dir, cache_dir, workers=1))
     assert again.skipped_takes == 2 * len(committed) and not again.failures  # shards of 2: committed work kept
     assert FeatureCache.open(cache_dir).is_complete("train")
+
+
+def test_a_triage_child_that_cannot_run_is_an_error_not_a_clean_decode(monkeypatch, tmp_path):
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video")
+    assert decoder_crashes._crash_in_child(garbage, FRAMES) is None  # refused with a VideoError: no crash
+    monkeypatch.setattr(decoder_crashes, "_CHILD", "import a_module_that_is_not_installed")
+    with pytest.raises(RuntimeError, match="(?s)garbage.mp4: could not re-decode it .*a_module_that_is_not_installed"):
+        decoder_crashes._crash_in_child(garbage, FRAMES)

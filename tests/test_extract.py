@@ -51,7 +51,7 @@ def markers(cache: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted((cache / "shards" / "train").glob("*.json"))}
 
 
-def test_extract_writes_every_take_and_view_and_a_rerun_does_no_work(dataset, backbone_dir, tmp_path):
+def test_extract_writes_every_take_and_view_and_a_rerun_does_no_work(dataset, backbone_dir, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
     result = run_cli(*extract_args(dataset, cache_dir, backbone_dir, "--precision", "fp32"))
     assert result.exit_code == 0, result.output
@@ -61,7 +61,10 @@ def test_extract_writes_every_take_and_view_and_a_rerun_does_no_work(dataset, ba
     assert [r.take_uid for r in split.records] == [t.take_uid for t in takes]
     assert split.tokens.shape == (len(takes), len(VIEWS), 1 + FRAMES, cache.spec.hidden_size)
     assert split.present.all() and json.loads((cache_dir / "failures.json").read_text()) == {}
-    assert json.loads((cache_dir / "extract-train.json").read_text())["frames"] == FRAMES
+    saved = json.loads((cache_dir / "extract-train.json").read_text())
+    assert saved["frames"] == FRAMES
+    # evaluate and predict read these back from other folders
+    assert (saved["root"], saved["backbone"]) == (str(dataset.resolve()), str(backbone_dir.resolve()))
 
     # the cached tokens are the backbone's pooled tokens of the sampled, preprocessed frames
     model = load_backbone(str(backbone_dir), FRAMES)
@@ -72,7 +75,8 @@ def test_extract_writes_every_take_and_view_and_a_rerun_does_no_work(dataset, ba
     np.testing.assert_allclose(split.tokens[-1].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
 
     before = markers(cache_dir)
-    again = run_cli(*extract_args(dataset, cache_dir, backbone_dir, "--precision", "fp32"))
+    monkeypatch.chdir(tmp_path)  # the same folders, spelled relative to here: the same cache
+    again = run_cli(*extract_args(os.path.relpath(dataset), "cache", os.path.relpath(backbone_dir), "--precision", "fp32"))
     assert again.exit_code == 0 and "computed 0" in again.output
     assert markers(cache_dir) == before  # nothing rewritten
 
@@ -185,3 +189,24 @@ def test_compiled_extract_matches_eager_and_has_its_own_fingerprint(dataset, bac
     assert "backbone_forward" not in FeatureCache.open(eager).spec.fingerprint  # older eager caches stay valid
     refused = CliRunner().invoke(app, extract_args(dataset, compiled, backbone_dir))
     assert refused.exit_code == 2 and "backbone_forward" in refused.output
+
+
+SPAWNED_CLI = "import multiprocessing; multiprocessing.set_start_method('spawn'); from stages.cli import main; main()"
+
+
+def test_decoding_workers_also_run_when_spawned(dataset, backbone_dir, tmp_path):
+    """macOS and Python >= 3.14 start DataLoader workers without fork: what they get must pickle."""
+    reference, spawned = tmp_path / "reference", tmp_path / "spawned"
+    assert run_cli(*extract_args(dataset, reference, backbone_dir)).exit_code == 0
+    args = extract_args(dataset, spawned, backbone_dir)
+    args[args.index("--workers") + 1] = "1"
+    result = subprocess.run([sys.executable, "-c", SPAWNED_CLI, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(FeatureCache.open(spawned).read("train").tokens,
+                                  FeatureCache.open(reference).read("train").tokens)
+
+
+def test_errors_print_paths_with_brackets_as_they_are(backbone_dir, tmp_path):
+    root = tmp_path / "takes[old]" / "x[/y]"
+    result = CliRunner().invoke(app, extract_args(root, tmp_path / "cache", backbone_dir))
+    assert result.exit_code == 2 and str(root) in result.output

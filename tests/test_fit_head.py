@@ -35,6 +35,7 @@ def grid(tmp_path_factory):
     split_view_cache(root / "cache", absent=0.1)
     result = fit(root / "cache", root / "run", "--views", "ego,exos", "--views", "ego+exos", "--seed", "0", "--seed", "1")
     assert result.exit_code == 0, result.output
+    (root / "output.txt").write_text(result.output)
     return root
 
 
@@ -104,6 +105,8 @@ def test_takes_without_the_cells_views_are_scored_with_the_train_prior(grid):
     assert metrics["num_takes"] == VAL and metrics["takes_without_views"] == len(without_ego) > 0
     assert all(r["probabilities"] == without_ego[0]["probabilities"] for r in without_ego)
     assert read_json(grid / "run" / "ego+exos__crossview__seed0" / "metrics.json")["takes_without_views"] == 0
+    said = " ".join((grid / "output.txt").read_text().split())
+    assert f"{len(without_ego)} of {VAL} val takes have none of the views ['ego']" in said
 
 
 def _present(root, take_uid):

@@ -53,6 +53,16 @@ def test_take_folder_views_resolve_by_camera_name(tmp_path, ego, exos):
     assert views == {view: tmp_path / f for view, f in zip(VIEWS, [ego, *exos])}
 
 
+def test_take_folder_with_aria_side_streams_picks_the_rgb_one(tmp_path):
+    for name in ["aria01_1201-1.mp4", "aria01_211-1.mp4", "aria01_214-1.mp4", "cam01.mp4", "cam02.mp4"]:
+        (tmp_path / name).write_bytes(b"")
+    assert resolve_view_files(tmp_path)["ego"] == tmp_path / "aria01_214-1.mp4"
+    for name in ["cam03.mp4", "cam04.mp4", "cam05.mp4"]:
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="more than four exo videos.*only the four it should see"):
+        resolve_view_files(tmp_path)
+
+
 def test_label_order_and_parsing():
     assert [ProficiencyLabel.parse(n) for n in LABEL_NAMES] == list(ProficiencyLabel)
     assert LABEL_NAMES == ("Novice", "Early Expert", "Intermediate Expert", "Late Expert")
@@ -74,6 +84,7 @@ BAD_RECORDS = {
     "dotdot path": (record(video_paths={**record()["video_paths"], "exo2": "takes/x/../../../etc/passwd.mp4"}), "'..' escapes"),
     "absolute path": (record(video_paths={**record()["video_paths"], "exo3": "/etc/x/frame_aligned_videos/a.mp4"}), "absolute path"),
     "unknown scenario": (record(scenario_name="Chess"), "unknown scenario_name 'Chess'"),
+    "take_uid with a slash": (record(uid="a/b"), "take_uid must not be a path, got 'a/b'"),
 }
 
 
