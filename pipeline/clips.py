@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -21,6 +23,8 @@ class TakeClips(Dataset):
     def __getitem__(self, index: int):
         take = self.takes[index]
         decoded = decode_take(take, self.views, self.frames)
+        for view, reason in decoded.failures.items():  # as extract does: the view counts as absent, said aloud
+            warnings.warn(f"take {take.take_uid}, view {view}: {reason}; treated as absent", stacklevel=2)
         blank = torch.zeros(self.frames, 3, 224, 224)
         clips = torch.stack([decoded.clips.get(view, blank) for view in self.views])
         present = torch.tensor([view in decoded.clips for view in self.views])

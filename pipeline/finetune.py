@@ -12,7 +12,8 @@ part of train; val is only used for the final evaluation.
 
 from __future__ import annotations
 
-import shutil
+import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -27,12 +28,15 @@ from transformers import get_cosine_schedule_with_warmup
 
 from pipeline import backbone as bb
 from pipeline.checkpoints import load_head, save_head
-from pipeline.config import ConfigError, config_to_dict, save_config
+from pipeline.config import ConfigError, config_to_dict, device_problem, save_config
 from pipeline.distributed import Ranks, barrier
 from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
-from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
-from pipeline.fusion import FUSIONS, HeadConfig, build_head
+from pipeline.epoch_checkpoints import (
+    find_epoch_checkpoint, has_epoch_checkpoint, load_epoch_checkpoint, rng_states, save_epoch_checkpoint, trainable_state,
+)
+from pipeline.files import write_bytes_atomic
+from pipeline.fusion import FUSIONS, NUM_CLASSES, HeadConfig, build_head
 from pipeline.head_training import stratified_holdout
 from pipeline.skill_model import SkillModel
 from pipeline.takes import load_takes
@@ -72,8 +76,27 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ConfigError(f"FinetuneConfig.fusion: unknown {self.fusion!r} (choose from {sorted(FUSIONS)})")
-        if min(self.frames, self.epochs, self.batch_size, self.grad_accum, self.lora_r) < 1:
-            raise ConfigError("FinetuneConfig: frames, epochs, batch_size, grad_accum and lora_r must be >= 1")
+        parse_view_setting(self.views)
+        for name in ("frames", "epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "hidden", "heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"FinetuneConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr < 0 or self.weight_decay < 0:  # lr 0: evaluate a warm-started head end to end, unchanged
+            raise ConfigError(f"FinetuneConfig: lr and weight_decay must be >= 0 (got {self.lr}, {self.weight_decay})")
+        if device_problem(self.device):
+            raise ConfigError(f"FinetuneConfig.{device_problem(self.device)}")
+        for name, high in (("holdout", 0.5), ("warmup_ratio", 1.0), ("lora_dropout", 1.0)):
+            if not 0 <= getattr(self, name) < high:
+                raise ConfigError(f"FinetuneConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")
+
+
+def with_absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
+    """Local paths made absolute: evaluate and predict read the saved config from other folders."""
+    backbone = bb.local_backbone_dir(config.backbone)
+    return dataclasses.replace(
+        config, root=Path(config.root).resolve(), out=Path(config.out).resolve(),
+        init_head=Path(config.init_head).resolve() if config.init_head else None,
+        backbone=str(backbone.resolve()) if backbone else config.backbone,
+    )
 
 
 def build_model(config: FinetuneConfig) -> tuple[SkillModel, tuple[str, ...]]:
@@ -86,6 +109,8 @@ def build_model(config: FinetuneConfig) -> tuple[SkillModel, tuple[str, ...]]:
         base = backbone.get_base_model() if config.tune == "lora" else backbone
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model_config = backbone.config
+    if model_config.hidden_size % config.heads:
+        raise ConfigError(f"FinetuneConfig.heads={config.heads} must divide the backbone's feature size {model_config.hidden_size}")
     head_config = HeadConfig(
         fusion=config.fusion, dim=model_config.hidden_size, num_views=len(views), frames=config.frames,
         num_patches=(model_config.image_size // model_config.patch_size) ** 2, hidden=config.hidden, heads=config.heads,
@@ -99,16 +124,15 @@ def build_model(config: FinetuneConfig) -> tuple[SkillModel, tuple[str, ...]]:
 def _warm_start_head(cell: Path, expected: HeadConfig, views: tuple[str, ...]):
     head, info = load_head(cell)
     saved = HeadConfig(**info["head"])
-    if tuple(info["views"]) != views or saved.dim != expected.dim or saved.fusion != expected.fusion:
+    frames_matter = saved.fusion == "temporal"  # its frame embedding has one row per frame
+    if (tuple(info["views"]) != views or saved.dim != expected.dim or saved.fusion != expected.fusion
+            or saved.num_patches != expected.num_patches or (frames_matter and saved.frames != expected.frames)):
         raise ConfigError(
-            f"--init-head {cell}: trained for views {info['views']}, fusion {saved.fusion}, D={saved.dim}; "
-            f"this run has views {list(views)}, fusion {expected.fusion}, D={expected.dim}"
+            f"--init-head {cell}: trained for views {info['views']}, fusion {saved.fusion}, D={saved.dim}, "
+            f"T={saved.frames}, N={saved.num_patches}; this run has views {list(views)}, fusion {expected.fusion}, "
+            f"D={expected.dim}, T={expected.frames}, N={expected.num_patches}"
         )
     return head.train(), saved
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def rank_share(order: list[int], ranks: Ranks) -> list[int]:
@@ -120,13 +144,15 @@ def rank_share(order: list[int], ranks: Ranks) -> list[int]:
 
 
 def run_finetune(
-    config: FinetuneConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None, ranks: Ranks = Ranks()
+    config: FinetuneConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None, ranks: Ranks = Ranks(),
+    on_event: Callable[[str], None] | None = None,
 ) -> dict:
     """Train, keep the best held-out epoch, and write the final model into `config.out`.
 
     Under torchrun every rank trains a disjoint share of each epoch through DistributedDataParallel;
     rank 0 alone writes checkpoints, picks the best epoch and evaluates.
     """
+    config = with_absolute_paths(config)
     train_takes = load_takes(config.root, "train")
     model, views = build_model(config)
     device = torch.device(config.device)
@@ -135,6 +161,8 @@ def run_finetune(
     held = stratified_holdout(np.array([int(t.label) for t in train_takes]), config.holdout)
     fit_takes = [t for t, h in zip(train_takes, held) if not h]
     holdout_takes = [t for t, h in zip(train_takes, held) if h]
+    label_prior = (np.bincount([int(t.label) for t in fit_takes], minlength=NUM_CLASSES) / len(fit_takes)).tolist()
+    model.set_label_prior(label_prior)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     updates_per_epoch = -(-len(rank_share(list(range(len(fit_takes))), ranks)) // (config.batch_size * config.grad_accum))
@@ -143,12 +171,15 @@ def run_finetune(
     )
     out = Path(config.out)
     state = {"epoch": -1, "best_loss": float("inf"), "best_epoch": -1, "holdout_losses": [], "train_losses": [],
-             "world_size": ranks.world_size}
-    if resume and (out / "checkpoint" / "state.json").is_file():
-        state = _load_checkpoint(out / "checkpoint", model, optimizer, schedule)
-        if state["world_size"] != ranks.world_size:
-            raise ConfigError(f"{out}: checkpoint written by {state['world_size']} process(es); resume with the same world size")
-    elif (out / "checkpoint").exists() and not resume:
+             "world_size": ranks.world_size, "config": config_to_dict(config)}
+    if resume:
+        checkpoint = find_epoch_checkpoint(out)
+        if checkpoint:
+            state = load_epoch_checkpoint(checkpoint, model, optimizer, schedule, state["config"], ranks, device)
+        if on_event:
+            on_event(f"resuming {checkpoint} after epoch {state['epoch']}" if checkpoint else
+                     f"--resume: {out} has no complete checkpoint yet; starting from the beginning")
+    elif has_epoch_checkpoint(out):
         raise ConfigError(f"{out}: holds a checkpoint already; pass --resume to continue it, or use another --out")
     if ranks.is_main:
         save_config(config, out / "config.json")
@@ -160,9 +191,12 @@ def run_finetune(
         loader = clip_loader([fit_takes[i] for i in share], views, config.frames, config.batch_size, config.workers)
         model.train()
         for step, (clips, present, labels, _) in enumerate(loader):
+            present = present.to(device)
             with autocast():
-                logits = trained(clips.to(device), present.to(device))
-            loss = F.cross_entropy(logits.float(), labels.to(device))
+                logits = trained(clips.to(device), present)
+            visible = present.any(1).float()  # takes without a decodable view carry no signal
+            losses = F.cross_entropy(logits.float(), labels.to(device), reduction="none")
+            loss = (losses * visible).sum() / visible.sum().clamp_min(1)
             (loss / config.grad_accum).backward()
             state["train_losses"].append(loss.item())
             if (step + 1) % config.grad_accum == 0 or step + 1 == len(loader):
@@ -175,16 +209,20 @@ def run_finetune(
         if ranks.is_main:
             holdout_loss = _holdout_loss(model, holdout_takes, views, config, device)
             state["holdout_losses"].append(holdout_loss)
+            if not math.isfinite(holdout_loss) and holdout_takes:
+                raise RuntimeError(f"{out}: held-out loss is {holdout_loss} after epoch {epoch}; training diverged")
             if holdout_loss < state["best_loss"] or not holdout_takes:
                 state["best_loss"], state["best_epoch"] = holdout_loss, epoch
                 write_bytes_atomic(out / "best.safetensors", save_safetensors(trainable_state(model)))
-            _save_checkpoint(out / "checkpoint", model, optimizer, schedule, state)
+        rngs = rng_states(ranks, device)  # every rank's: each resumes its own dropout and data seeds
+        if ranks.is_main:
+            save_epoch_checkpoint(out, model, optimizer, schedule, state, rngs)
         barrier(ranks)
 
     if not ranks.is_main:
         return state
     model.load_state_dict(load_safetensors((out / "best.safetensors").read_bytes()), strict=False)
-    _save_final(out, model, config, views, state)
+    _save_final(out, model, config, views, state, label_prior)
     val_takes = load_takes(config.root, "val")
     settings = {**config_to_dict(config), "best_epoch": state["best_epoch"], "holdout_losses": state["holdout_losses"]}
     state["metrics"] = evaluate_split(model, val_takes, views, config.frames, config.precision, out, settings,
@@ -199,38 +237,11 @@ def _holdout_loss(model, takes, views, config: FinetuneConfig, device) -> float:
     return float(F.cross_entropy(logits, torch.tensor([int(t.label) for t in takes])))
 
 
-def _save_checkpoint(folder: Path, model, optimizer, schedule, state: dict) -> None:
-    """Write the checkpoint beside the old one, then swap: a crash leaves one complete checkpoint."""
-    staging = folder.with_name(folder.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    write_bytes_atomic(staging / "trainable.safetensors", save_safetensors(trainable_state(model)))
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state()},
-               staging / "optimizer.pt")
-    write_json_atomic(staging / "state.json", state)  # written last: marks the folder complete
-    retired = folder.with_name(folder.name + ".old")
-    shutil.rmtree(retired, ignore_errors=True)
-    if folder.exists():
-        folder.rename(retired)
-    staging.rename(folder)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def _load_checkpoint(folder: Path, model, optimizer, schedule) -> dict:
-    missing, unexpected = model.load_state_dict(load_safetensors((folder / "trainable.safetensors").read_bytes()), strict=False)
-    if unexpected:
-        raise ConfigError(f"{folder}: checkpoint does not match this model (unexpected {unexpected[:3]}...)")
-    saved = torch.load(folder / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    schedule.load_state_dict(saved["schedule"])
-    torch.set_rng_state(saved["rng"])
-    return read_json(folder / "state.json")
-
-
-def _save_final(out: Path, model: SkillModel, config: FinetuneConfig, views, state: dict) -> None:
+def _save_final(out: Path, model: SkillModel, config: FinetuneConfig, views, state: dict, label_prior: list[float]) -> None:
     if config.tune == "lora":
         model.backbone.save_pretrained(out / "adapter")
     else:
         model.backbone.save_pretrained(out / "backbone")
     save_head(out, model.head, model.head_config, views, run="finetune", best_epoch=state["best_epoch"],
-              holdout_losses=state["holdout_losses"])
+              holdout_losses=state["holdout_losses"], precision=config.precision,
+              label_prior=label_prior)

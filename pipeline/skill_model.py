@@ -7,6 +7,7 @@ extract config names the backbone, frames and adapter).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,18 +16,22 @@ from torch import nn
 
 from pipeline import backbone as bb
 from pipeline.checkpoints import load_head
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, device_problem
 from pipeline.files import read_json
-from pipeline.fusion import HeadConfig, head_inputs
+from pipeline.fusion import NUM_CLASSES, HeadConfig, head_inputs
 
 
 class SkillModel(nn.Module):
     """(B, V, T, 3, 224, 224) clips + (B, V) present -> (B, 4) logits."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, head_config: HeadConfig, round_like_cache: bool = False,
-                 compiled: bool = False):
+                 compiled: bool = False, head_precision: str | None = None, label_prior: list[float] | None = None):
         super().__init__()
         self.backbone, self.head, self.head_config = backbone, head, head_config
+        # the head's own precision (a fit-head cell may differ from its cache's); None: the caller's autocast
+        self.head_precision = head_precision
+        # takes without any decodable view get the label prior, as in fit-head (the head cannot see them)
+        self.register_buffer("prior_logits", prior_logits(label_prior), persistent=False)
         # fit-head trained on float16 cached tokens: rounding the same way reproduces its inputs
         self.round_like_cache = round_like_cache
         # inference like `extract --compile` (the caller switched the backbone to fused attention):
@@ -48,7 +53,22 @@ class SkillModel(nn.Module):
 
     def forward(self, clips: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         features = head_inputs(self.tokens(clips, present), self.head_config)
-        return self.head(features.float(), present)
+        visible = present.any(1, keepdim=True)  # (B, 1)
+        autocast = torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=self.head_precision == "bf16")
+        with autocast if self.head_precision else nullcontext():
+            # a take without views would make attention over no keys (NaN): it runs on its zero slots
+            # instead, a finite filler that is replaced by the prior (no gradient reaches the head from it)
+            logits = self.head(features.float(), present | ~visible)
+        return torch.where(visible, logits.float(), self.prior_logits)
+
+    def set_label_prior(self, label_prior: list[float]) -> None:
+        self.prior_logits.copy_(prior_logits(label_prior))
+
+
+def prior_logits(label_prior: list[float] | None) -> torch.Tensor:
+    """(4,) logits whose softmax is the label prior (uniform when unknown); finite for unseen labels."""
+    prior = torch.tensor(label_prior if label_prior is not None else [1.0] * NUM_CLASSES, dtype=torch.float32)
+    return (prior / prior.sum()).clamp_min(1e-12).log()
 
 
 @dataclass(frozen=True)
@@ -86,6 +106,8 @@ def read_model_spec(checkpoint: Path) -> ModelSpec:
 
 def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel, ModelSpec]:
     """The trained model for inference, with the backbone set up as the artifact's features were made."""
+    if device_problem(device):
+        raise ConfigError(f"--{device_problem(device)}")
     spec = read_model_spec(checkpoint)
     backbone = bb.load_backbone(spec.backbone, spec.frames)
     if spec.adapter:
@@ -93,5 +115,5 @@ def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel,
     backbone = bb.prepare_for_inference(backbone, device, spec.precision, fused_attention=spec.compiled)
     head, info = load_head(checkpoint)
     model = SkillModel(backbone, head, HeadConfig(**info["head"]), round_like_cache=spec.from_cache,
-                       compiled=spec.compiled)
+                       compiled=spec.compiled, head_precision=info.get("precision"), label_prior=info.get("label_prior"))
     return model.to(device).eval(), spec

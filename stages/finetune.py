@@ -62,7 +62,8 @@ def finetune(
             progress.update(task, advance=1, epoch=info["epoch"], loss=info["loss"], lr=info["lr"],
                             rate=f"{(info['step'] + 1) / elapsed:.2f} it/s")
 
-        state = run_finetune(settings, resume=resume, on_step=on_step, ranks=ranks)
+        state = run_finetune(settings, resume=resume, on_step=on_step, ranks=ranks,
+                             on_event=console.print if ranks.is_main else None)
     if not ranks.is_main:
         return
     console.print(f"best epoch {state['best_epoch']} (held-out losses {[round(x, 4) for x in state['holdout_losses']]}); "

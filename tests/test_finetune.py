@@ -1,6 +1,8 @@
 """finetune / evaluate / predict on generated takes with a tiny random TimeSformer."""
 
+import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,6 +210,35 @@ def test_torchrun_two_ranks_finetune_with_ddp(world, tmp_path):
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["num_takes"] == len(load_takes(world / "data", "val"))
     resumed_other_size = CliRunner().invoke(app, [str(a) for a in args] + ["--resume"])
     assert resumed_other_size.exit_code == 2 and "same world size" in resumed_other_size.output
+    # killed right after the first checkpoint, then resumed: every rank continues its own dropout and data seeds
+    crashing = tmp_path / "crash_after_first_checkpoint.py"
+    crashing.write_text(CRASH_AFTER_FIRST_CHECKPOINT)
+    args[args.index("--out") + 1] = tmp_path / "killed"
+    killed = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(crashing), *map(str, args)],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0 and json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["epoch"] == 0
+    resumed = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "stages.cli", *map(str, args),
+                              "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "killed" / "head.safetensors").read_bytes() == (tmp_path / "ddp" / "head.safetensors").read_bytes()
+
+
+CRASH_AFTER_FIRST_CHECKPOINT = """
+import os
+import pipeline.finetune as finetune
+from stages.cli import main
+
+save = finetune.save_epoch_checkpoint
+
+
+def save_then_die(*args, **kwargs):
+    save(*args, **kwargs)
+    os._exit(9)
+
+
+finetune.save_epoch_checkpoint = save_then_die
+main()
+"""
 
 
 def test_full_finetune_saves_a_backbone_that_extract_loads(world, tmp_path):
@@ -236,3 +267,81 @@ def test_init_head_warm_starts_from_a_fit_head_cell(world, fitted_cell, tmp_path
     mismatch[mismatch.index("--views") + 1] = "ego"
     result = CliRunner().invoke(app, [str(a) for a in mismatch])
     assert result.exit_code == 2 and "trained for views" in result.output
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("holdout", 1.0, "FinetuneConfig.holdout: must be in [0, 0.5)"),
+    ("warmup_ratio", 3.0, "FinetuneConfig.warmup_ratio: must be in [0, 1.0)"),
+    ("lora_dropout", -0.1, "FinetuneConfig.lora_dropout"),
+    ("lr", -1.0, "lr and weight_decay must be >= 0"),
+    ("hidden", 0, "FinetuneConfig.hidden: must be >= 1"),
+    ("views", "ego+bogus", "bogus"),
+])
+def test_finetune_settings_are_checked_before_any_work(field, value, message):
+    from pipeline.config import ConfigError
+    from pipeline.finetune import FinetuneConfig
+
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig(root=Path("r"), out=Path("o"), **{field: value})
+    assert message in str(info.value)
+
+
+def test_resume_refuses_other_settings_and_leaves_the_run_alone(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+    before = (run / "config.json").read_text()
+    args = finetune_args(world / "data", world / "tiny", run, "--resume")
+    args[args.index("--lr") + 1] = "0.5"
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2 and "lr: 0.003 -> 0.5" in result.output
+    assert (run / "config.json").read_text() == before
+
+
+def test_resume_finds_a_checkpoint_left_mid_swap(tmp_path):
+    from pipeline.epoch_checkpoints import find_epoch_checkpoint
+
+    def checkpoint(name, epoch, complete=True):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "state.json").write_text(json.dumps({"epoch": epoch}))
+
+    assert find_epoch_checkpoint(tmp_path) is None
+    checkpoint("checkpoint.old", 1)  # killed between the two renames of a swap
+    assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
+    checkpoint("checkpoint.staging", 2)  # the newer one was complete: it wins
+    assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.staging"
+    checkpoint("checkpoint", 3, complete=False)  # a folder without state.json is not a checkpoint
+    assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.staging"
+
+
+def test_a_take_without_any_decodable_view_gets_the_prior_and_no_gradient(world, tmp_path):
+    model, _ = load_skill_model(world / "run")
+    prior = json.loads((world / "run" / "head.json").read_text())["label_prior"]
+    take, other = load_takes(world / "data", "val")[:2]
+    broken = dataclasses.replace(take, videos={view: tmp_path / "empty.mp4" for view in take.videos})
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.warns(UserWarning, match=f"take {take.take_uid}, view ego: .*empty.mp4.*treated as absent"):
+        items = [TakeClips([t], VIEWS, FRAMES)[0] for t in (broken, other)]
+    clips, present = torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+    assert not present[0].any() and present[1].all()
+    autocast = bb.autocast_context(torch.device("cpu"))  # the artifact's bf16 backbone, as evaluate runs it
+    with autocast:
+        logits = model.train()(clips, present)
+    torch.testing.assert_close(torch.softmax(logits[0], 0), torch.tensor(prior, dtype=torch.float32))
+    logits[0].sum().backward()  # the prior row reaches no weight of the head
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.head.parameters())
+    with torch.inference_mode(), autocast:
+        torch.testing.assert_close(model.eval()(clips, present)[1:], model(clips[1:], present[1:]))
+
+
+def test_init_head_refuses_a_temporal_head_for_other_frames(tmp_path):
+    from pipeline.checkpoints import save_head
+    from pipeline.config import ConfigError
+    from pipeline.finetune import _warm_start_head
+    from pipeline.fusion import build_head
+
+    saved = HeadConfig(fusion="temporal", dim=32, num_views=2, frames=4, num_patches=4, hidden=16, heads=4)
+    save_head(tmp_path, build_head(saved), saved, ("ego", "exo1"))
+    assert _warm_start_head(tmp_path, saved, ("ego", "exo1"))[1] == saved
+    with pytest.raises(ConfigError, match="T=4, N=4; this run has .* T=8"):
+        _warm_start_head(tmp_path, dataclasses.replace(saved, frames=8), ("ego", "exo1"))

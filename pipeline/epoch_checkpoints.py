@@ -1,0 +1,98 @@
+"""finetune's epoch checkpoints: written so that a crash at any moment leaves one complete
+checkpoint, found again by `--resume`, and loaded only into the run that wrote it.
+
+A checkpoint is a folder (trainable weights as safetensors, optimizer + scheduler state, every
+rank's RNG state, `state.json`), loadable with `torch.load(weights_only=True)`. It is written as
+`checkpoint.staging/` and swapped in for `checkpoint/` (the previous one is `checkpoint.old/` for
+the moment of the swap); `state.json` is written last and marks a folder complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from pipeline.config import ConfigError
+from pipeline.distributed import Ranks
+from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
+
+CHECKPOINT = "checkpoint"
+# what may change between a run and its resumption: where things are, and how they are computed
+RESUMABLE_CHANGES = frozenset({"root", "out", "device", "workers"})
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_states(ranks: Ranks, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Every rank's generators (dropout, DataLoader seeds), in rank order; a collective under torchrun."""
+    own = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(device)
+    if ranks.world_size == 1:
+        return [own]
+    gathered: list = [None] * ranks.world_size
+    dist.all_gather_object(gathered, {name: state.cpu() for name, state in own.items()})
+    return gathered
+
+
+def save_epoch_checkpoint(out: Path, model, optimizer, schedule, state: dict, rngs: list[dict]) -> None:
+    """Write the checkpoint beside the old one, then swap: a crash leaves one complete checkpoint."""
+    folder = Path(out) / CHECKPOINT
+    staging, retired = folder.with_name(CHECKPOINT + ".staging"), folder.with_name(CHECKPOINT + ".old")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write_bytes_atomic(staging / "trainable.safetensors", save_safetensors(trainable_state(model)))
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rngs}, staging / "optimizer.pt")
+    write_json_atomic(staging / "state.json", state)  # written last: marks the folder complete
+    shutil.rmtree(retired, ignore_errors=True)
+    if folder.exists():
+        folder.rename(retired)
+    staging.rename(folder)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def find_epoch_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of a run, including one left mid-swap by a crash."""
+    out = Path(out)
+    complete = [out / name for name in (CHECKPOINT, CHECKPOINT + ".staging", CHECKPOINT + ".old")
+                if (out / name / "state.json").is_file()]
+    return max(complete, key=lambda folder: read_json(folder / "state.json")["epoch"], default=None)
+
+
+def has_epoch_checkpoint(out: Path) -> bool:
+    return any((Path(out) / name).exists() for name in (CHECKPOINT, CHECKPOINT + ".staging", CHECKPOINT + ".old"))
+
+
+def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict, ranks: Ranks,
+                          device: torch.device) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's generators; returns the saved state.
+
+    Raises ConfigError when the checkpoint belongs to another run: other settings (beyond
+    RESUMABLE_CHANGES), another world size, or other weights.
+    """
+    state = read_json(folder / "state.json")
+    saved = state.get("config", config)  # checkpoints before 2026-11-29 did not record it
+    changed = sorted(key for key in set(config) | set(saved) if key not in RESUMABLE_CHANGES and config.get(key) != saved.get(key))
+    if changed:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {config.get(key)!r}" for key in changed)
+        raise ConfigError(f"{folder}: written with other settings ({details}); resume with the same ones, or use another --out")
+    if state["world_size"] != ranks.world_size:
+        raise ConfigError(f"{folder}: checkpoint written by {state['world_size']} process(es); resume with the same world size")
+    missing, unexpected = model.load_state_dict(load_safetensors((folder / "trainable.safetensors").read_bytes()), strict=False)
+    if unexpected:
+        raise ConfigError(f"{folder}: checkpoint does not match this model (unexpected {unexpected[:3]}...)")
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    own = saved["rng"][ranks.rank]
+    torch.set_rng_state(own["cpu"])
+    if device.type == "cuda" and "cuda" in own:
+        torch.cuda.set_rng_state(own["cuda"], device)
+    return state
