@@ -56,6 +56,12 @@ def local_backbone_dir(name_or_dir: str) -> Path | None:
     return path if path.exists() or looks_local else None
 
 
+def resolved_backbone(name_or_dir: str) -> str:
+    """A hub id as it is, a local folder as its absolute path."""
+    path = local_backbone_dir(name_or_dir)
+    return str(path.resolve()) if path else name_or_dir
+
+
 def load_backbone(name_or_dir: str, num_frames: int) -> TimesformerModel:
     """A TimeSformer from the hub or a local folder, set up for `num_frames` frames, in eval mode."""
     path = local_backbone_dir(name_or_dir)

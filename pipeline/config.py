@@ -26,6 +26,13 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the field and the source."""
 
 
+def with_absolute_paths(config: Config, **also: Any) -> Config:
+    """Every path field made absolute (a saved config is read back from other folders), plus `also`."""
+    paths = {f.name: Path(value).resolve() for f in dataclasses.fields(config)
+             if "Path" in str(f.type) and (value := getattr(config, f.name)) is not None}
+    return dataclasses.replace(config, **paths, **also)
+
+
 def device_problem(device: str) -> str | None:
     """What is wrong with a `--device` value on this machine (None: usable): checked before any work."""
     kind, _, index = device.partition(":")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import backbone as bb
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
-from pipeline.config import ConfigError, device_problem, save_config
+from pipeline.config import ConfigError, device_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import decoding, triage
 from pipeline.distributed import Ranks, barrier
 from pipeline.takes import VIEWS, Take, load_takes
@@ -84,16 +84,6 @@ def code_version() -> str:
         return importlib.metadata.version("skillpipe")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def with_absolute_paths(config: ExtractConfig) -> ExtractConfig:
-    """Local paths made absolute: the saved config is read back from other folders (evaluate, predict)."""
-    backbone = bb.local_backbone_dir(config.backbone)
-    return dataclasses.replace(
-        config, root=Path(config.root).resolve(), cache=Path(config.cache).resolve(),
-        adapter=Path(config.adapter).resolve() if config.adapter else None,
-        backbone=str(backbone.resolve()) if backbone else config.backbone,
-    )
 
 
 def fingerprint(config: ExtractConfig, weights_sha256: str) -> dict:
@@ -185,7 +175,7 @@ def run_extraction(
     Under torchrun each rank takes the shards `k % world_size == rank`; rank 0 creates the
     cache and plans the split first. `on_start(total, skipped)` and `on_take(clips)` report progress.
     """
-    config = with_absolute_paths(config)
+    config = with_absolute_paths(config, backbone=bb.resolved_backbone(config.backbone))  # evaluate reads them back
     takes = load_takes(config.root, config.split)  # validates before any compute
     if not takes:
         raise ConfigError(f"{config.root}: split {config.split!r} has no takes")

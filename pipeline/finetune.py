@@ -13,7 +13,6 @@ part of train; val is only used for the final evaluation.
 from __future__ import annotations
 
 import math
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -28,7 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from pipeline import backbone as bb
 from pipeline.checkpoints import load_head, save_head
-from pipeline.config import ConfigError, config_to_dict, device_problem, save_config
+from pipeline.config import ConfigError, config_to_dict, device_problem, save_config, with_absolute_paths
 from pipeline.distributed import Ranks, barrier
 from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
@@ -89,16 +88,6 @@ class FinetuneConfig:
                 raise ConfigError(f"FinetuneConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")
 
 
-def with_absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
-    """Local paths made absolute: evaluate and predict read the saved config from other folders."""
-    backbone = bb.local_backbone_dir(config.backbone)
-    return dataclasses.replace(
-        config, root=Path(config.root).resolve(), out=Path(config.out).resolve(),
-        init_head=Path(config.init_head).resolve() if config.init_head else None,
-        backbone=str(backbone.resolve()) if backbone else config.backbone,
-    )
-
-
 def build_model(config: FinetuneConfig) -> tuple[SkillModel, tuple[str, ...]]:
     views = parse_view_setting(config.views)
     torch.manual_seed(config.seed)
@@ -152,7 +141,7 @@ def run_finetune(
     Under torchrun every rank trains a disjoint share of each epoch through DistributedDataParallel;
     rank 0 alone writes checkpoints, picks the best epoch and evaluates.
     """
-    config = with_absolute_paths(config)
+    config = with_absolute_paths(config, backbone=bb.resolved_backbone(config.backbone))  # evaluate reads them back
     train_takes = load_takes(config.root, "train")
     model, views = build_model(config)
     device = torch.device(config.device)
