@@ -27,18 +27,21 @@ def best_seconds(function: Callable[[], object], repeats: int, device: str = "cp
     return min(timed_seconds(function, device) for _ in range(repeats))
 
 
-def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", sizes: tuple[int, ...] = (2048, 4096),
-                       repeats: int = 5) -> float:
-    """Best-of achieved FLOP/s of large square matmuls: the practical ceiling for model compute.
+# (m, k, n) of the peak's matmuls: squares from 512 to 4096 and the base backbone's largest linears
+# (1576 = 8 frames x 197 tokens). Which size runs fastest depends on the caches and on the host's
+# moment: 2048 and 4096 alone (the harness's first peak) read 1.1-1.3x below 768-1280 squares and
+# below the backbone's own MLP matmul, which overstated every fraction of the peak that much.
+PEAK_SHAPES = tuple((n, n, n) for n in (512, 768, 1024, 1536, 2048, 3072, 4096)) + ((1576, 768, 3072), (1576, 3072, 768))
 
-    The best over two sizes: on this shared host the 4096 matmul (32 MB operands) at times ran at
-    half the 2048 one's rate, and then read below the backbone's own matmuls.
-    """
+
+def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", shapes: tuple[tuple[int, int, int], ...] = PEAK_SHAPES,
+                       repeats: int = 3) -> float:
+    """The best FLOP/s any of `shapes` reaches (best of `repeats` calls each): this machine's matmul limit."""
     rates = []
-    for size in sizes:
-        a = torch.randn(size, size, device=device).to(dtype)
-        b = torch.randn(size, size, device=device).to(dtype)
-        rates.append(2 * size**3 / best_seconds(lambda: a @ b, repeats, device) / 1e9)
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        rates.append(2 * m * k * n / best_seconds(lambda: a @ b, repeats, device) / 1e9)
     return max(rates)
 
 
@@ -114,8 +117,9 @@ def replayed_matmuls(function: Callable[[], object], device: str = "cpu") -> tup
     besides its matmuls (attention kernels, norms, activations, the optimizer) is left out, and
     operands of one shape share one buffer, so they stay as hot in cache as their sizes allow (in
     the model each activation is fresh from the op before; distinct cold buffers made the replay
-    of a base-size forward slower than the forward itself). The replay's time is thus a floor for
-    the model's: it tells what a fraction-of-peak goal can reach at these shapes on this machine.
+    of a base-size forward slower than the forward itself). The replay's time is what these matmuls,
+    in these shapes and layouts, cost alone: a ceiling for a fraction-of-peak goal unless the model
+    changes its shapes or layouts (another layout of the same products can be faster).
     """
     recorder = _MatmulRecorder()
     with recorder:
