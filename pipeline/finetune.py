@@ -13,7 +13,7 @@ part of train; val is only used for the final evaluation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -79,6 +79,8 @@ class FinetuneConfig:
         for name in ("frames", "epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "hidden", "heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"FinetuneConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ConfigError(f"FinetuneConfig.workers: must be >= 0, got {self.workers}")
         if self.lr < 0 or self.weight_decay < 0:  # lr 0: evaluate a warm-started head end to end, unchanged
             raise ConfigError(f"FinetuneConfig: lr and weight_decay must be >= 0 (got {self.lr}, {self.weight_decay})")
         if device_problem(self.device):
@@ -121,7 +123,8 @@ def _warm_start_head(cell: Path, expected: HeadConfig, views: tuple[str, ...]):
             f"T={saved.frames}, N={saved.num_patches}; this run has views {list(views)}, fusion {expected.fusion}, "
             f"D={expected.dim}, T={expected.frames}, N={expected.num_patches}"
         )
-    return head.train(), saved
+    # a head that pools over time works for any T: it then records this run's
+    return head.train(), saved if frames_matter else replace(saved, frames=expected.frames)
 
 
 def rank_share(order: list[int], ranks: Ranks) -> list[int]:
@@ -144,6 +147,12 @@ def run_finetune(
     config = with_absolute_paths(config, backbone=bb.resolved_backbone(config.backbone))  # evaluate reads them back
     train_takes = load_takes(config.root, "train")
     model, views = build_model(config)
+    trained_size = {"hidden": model.head_config.hidden, "heads": model.head_config.heads}
+    if config.init_head and trained_size != {"hidden": config.hidden, "heads": config.heads}:
+        if on_event:  # the warm-started head keeps its size; config.json must say so
+            on_event(f"--init-head: the head keeps its trained size {trained_size}, not hidden {config.hidden}, "
+                     f"heads {config.heads}")
+        config = replace(config, **trained_size)
     device = torch.device(config.device)
     model.to(device)
     trained = DistributedDataParallel(model) if ranks.world_size > 1 else model

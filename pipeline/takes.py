@@ -46,10 +46,10 @@ LABEL_NAMES: tuple[str, ...] = ("Novice", "Early Expert", "Intermediate Expert",
 class AnnotationError(ValueError):
     """Raised once with every offending record of an annotation file listed."""
 
-    def __init__(self, path: Path, problems: list[str]):
+    def __init__(self, path: Path, problems: list[str], what: str = "invalid annotation record(s)"):
         self.path, self.problems = path, problems
         listing = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{path}: {len(problems)} invalid annotation record(s):\n{listing}")
+        super().__init__(f"{path}: {len(problems)} {what}:\n{listing}")
 
 
 @dataclass(frozen=True)
@@ -77,17 +77,18 @@ def downscaled_path(root: Path, video_path: str) -> Path:
 def load_takes(root: Path, split: str) -> list[Take]:
     """All takes of one split, validated as a whole before any compute; sorted by take_uid."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
+        raise AnnotationError(annotation_path(root, split), [f"unknown split {split!r} (expected one of {SPLITS})"],
+                              "unusable annotation file")
     path = annotation_path(root, split)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotation file not found (is --root an egoexo download root?)")
     try:
         document = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise AnnotationError(path, [f"not valid JSON: {err}"]) from None
+        raise AnnotationError(path, [f"not valid JSON: {err}"], "unusable annotation file") from None
     records = document.get("annotations") if isinstance(document, dict) else None
     if not isinstance(records, list):
-        raise AnnotationError(path, ['top level must be an object with an "annotations" list'])
+        raise AnnotationError(path, ['top level must be an object with an "annotations" list'], "unusable annotation file")
 
     takes, problems, seen = [], [], {}
     for position, record in enumerate(records):
@@ -170,6 +171,8 @@ def resolve_view_files(take_dir: Path) -> dict[str, Path]:
     Accepts the take folder itself, or one holding `frame_aligned_videos/downscaled/448/`.
     """
     take_dir = Path(take_dir)
+    if not take_dir.is_dir():
+        raise ValueError(f"{take_dir}: not a folder (expected a take folder holding its view mp4s)")
     nested = take_dir / "frame_aligned_videos" / "downscaled" / "448"
     folder = nested if nested.is_dir() else take_dir
     files = sorted(p for p in folder.glob("*.mp4") if p.is_file())

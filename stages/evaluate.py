@@ -34,7 +34,7 @@ def evaluate(
     frames: Optional[int] = typer.Option(None, help="Must match the checkpoint if given."),
     views: Optional[str] = typer.Option(None, help="Must match the checkpoint if given."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    workers: int = typer.Option(0, help="Decoding processes."),
+    workers: int = typer.Option(0, min=0, help="Decoding processes."),
 ) -> None:
     """Evaluate a trained model end to end (decode, backbone, head) on a split."""
     _check_conflicts(checkpoint, frames, views)

@@ -259,7 +259,11 @@ def test_init_head_warm_starts_from_a_fit_head_cell(world, fitted_cell, tmp_path
 
     args = finetune_args(world / "data", world / "tiny", tmp_path / "warm", "--init-head", fitted_cell)
     args[args.index("--epochs") + 1], args[args.index("--lr") + 1] = "1", "0"
-    assert cli(*args).exit_code == 0
+    args[args.index("--hidden") + 1] = "64"  # the cell's head has 32: it keeps its size, and the run says so
+    result = cli(*args)
+    assert result.exit_code == 0 and "the head keeps its trained size" in " ".join(result.output.split())
+    saved = json.loads((tmp_path / "warm" / "config.json").read_text())
+    assert saved["hidden"] == json.loads((tmp_path / "warm" / "head.json").read_text())["head"]["hidden"] == 32
     started, finished = load_file(fitted_cell / "head.safetensors"), load_file(tmp_path / "warm" / "head.safetensors")
     assert started.keys() == finished.keys()
     assert all(torch.equal(started[k], finished[k]) for k in started)  # lr 0: the warm-started head is kept as is
@@ -275,6 +279,7 @@ def test_init_head_warm_starts_from_a_fit_head_cell(world, fitted_cell, tmp_path
     ("lora_dropout", -0.1, "FinetuneConfig.lora_dropout"),
     ("lr", -1.0, "lr and weight_decay must be >= 0"),
     ("hidden", 0, "FinetuneConfig.hidden: must be >= 1"),
+    ("workers", -1, "FinetuneConfig.workers: must be >= 0"),
     ("views", "ego+bogus", "bogus"),
 ])
 def test_finetune_settings_are_checked_before_any_work(field, value, message):
@@ -345,3 +350,11 @@ def test_init_head_refuses_a_temporal_head_for_other_frames(tmp_path):
     assert _warm_start_head(tmp_path, saved, ("ego", "exo1"))[1] == saved
     with pytest.raises(ConfigError, match="T=4, N=4; this run has .* T=8"):
         _warm_start_head(tmp_path, dataclasses.replace(saved, frames=8), ("ego", "exo1"))
+
+
+def test_evaluate_and_predict_refuse_bad_input_with_exit_2(world, tmp_path):
+    split = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(world / "run"), "--root", str(world / "data"),
+                                     "--split", "test", "--out", str(tmp_path / "eval")])
+    assert split.exit_code == 2 and "unknown split 'test'" in split.output
+    folder = CliRunner().invoke(app, ["predict", "--checkpoint", str(world / "run"), str(tmp_path / "no-such-take")])
+    assert folder.exit_code == 2 and "no-such-take: not a folder" in folder.output
