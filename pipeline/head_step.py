@@ -12,7 +12,7 @@ bf16 gradients back, then the optimizer. Here the step is one graph that inducto
 - the batch is gathered from the resident table inside the graph; the last, smaller batch is padded
   to full size with zero-weight rows so one compiled graph serves every step.
 
-Compiling costs ~30-50 s per head shape on 2 cores the first time; inductor caches the result on
+Compiling costs ~25-50 s per head shape on 2 cores the first time; inductor caches the result on
 disk (a few seconds in later runs), so this pays off for long cells and seed grids, not for one
 short cell: it is `fit-head --compile`, off by default.
 """

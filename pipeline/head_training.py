@@ -61,8 +61,9 @@ class FitHeadConfig:
     device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:1, ..."})
     compile: bool = field(
         default=False,
-        metadata={"help": "one torch.compile graph per step (bf16 weights, fp32 AdamW masters): ~2x faster steps after a "
-                          "one-off compile of ~30-50 s per head shape, cached on disk; pays off for long cells and grids"},
+        metadata={"help": "one torch.compile graph per step (bf16 weights, fp32 AdamW masters): 1.4-1.5x faster cells "
+                          "after a one-off compile of ~25-50 s per head shape (~5-7 s from inductor's disk cache); "
+                          "pays off for long cells and grids"},
     )
     submission: Path | None = field(
         default=None, metadata={"help": "write the challenge submission JSON of the (single) cell here"}
