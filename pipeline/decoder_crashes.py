@@ -25,7 +25,7 @@ from typing import Iterator
 from pipeline.files import read_json, write_json_atomic
 
 MARKERS, CRASHES = "decoding", "decoder_crashes"
-CHILD_TIMEOUT_S = 600  # a decode that hangs this long counts as a crash too
+DECODE_TIMEOUT_S = 600  # a take's decode that hangs this long counts as a crash too (worker and child)
 
 # exit 0 when the file decodes or is refused with a VideoError; any other exit status means the
 # child itself could not run (a broken environment), which must not pass for "decodes fine"
@@ -87,9 +87,9 @@ def _crash_in_child(path: Path, frames: int) -> str | None:
     """The reason if decoding `path` kills (or hangs) a fresh process; None if it returns or raises."""
     command = [sys.executable, "-c", _CHILD, str(path), str(frames)]
     try:
-        result = subprocess.run(command, capture_output=True, timeout=CHILD_TIMEOUT_S)
+        result = subprocess.run(command, capture_output=True, timeout=DECODE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return f"{path}: the decoder hung (> {CHILD_TIMEOUT_S} s) on this file"
+        return f"{path}: the decoder hung (> {DECODE_TIMEOUT_S} s) on this file"
     if result.returncode > 0:
         raise RuntimeError(f"{path}: could not re-decode it in a child process to check for a decoder crash "
                            f"(exit {result.returncode}): {result.stderr.decode(errors='replace')[-1000:]}")

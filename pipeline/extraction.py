@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import backbone as bb
+from pipeline import decoder_crashes
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.config import ConfigError, device_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import decoding, triage
@@ -240,10 +241,14 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
         num_workers=config.workers,
         collate_fn=_as_is,  # a module-level function: spawned or forkserver workers pickle it
         prefetch_factor=2 if config.workers else None,
+        # a worker stuck in the decoder fails the wait like a dead one: triage then re-decodes its
+        # file in a child with the same limit and records it as hung (the decode marker names it)
+        timeout=decoder_crashes.DECODE_TIMEOUT_S if config.workers else 0,
     )
     takes_by_shard = dict(pending)
     encode = bb.compiled_encode_clips() if config.compile else bb.encode_clips
-    shards = _group_by_shard(loader, {k: len(t) for k, t in pending})
+    batches = iter(loader)
+    shards = _group_by_shard(batches, {k: len(t) for k, t in pending})
     try:
         for shard, decoded in shards:
             shard_takes = takes_by_shard[shard]
@@ -256,14 +261,17 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
                 summary.computed_takes += 1
                 if on_take:
                     on_take(len(item.clips))
-    finally:  # shut the workers down now, not when the traceback goes: triage must not see their signals
+    finally:  # shut the workers down now, not when the traceback goes: triage must not see them alive
         shards.close()
+        shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader's own (private) stop: join, then
+        if shutdown:  # terminate; a worker stuck in the decoder would otherwise outlive the error
+            shutdown()
 
 
-def _group_by_shard(loader, sizes: dict[int, int]) -> Iterator[tuple[int, list[DecodedTake]]]:
+def _group_by_shard(batches, sizes: dict[int, int]) -> Iterator[tuple[int, list[DecodedTake]]]:
     """Collect decoded takes (which workers may deliver interleaved) into whole shards, in order."""
     partial: dict[int, dict[int, DecodedTake]] = {}
-    for item in loader:
+    for item in batches:
         partial.setdefault(item.shard, {})[item.position] = item
         if len(partial[item.shard]) == sizes[item.shard]:
             got = partial.pop(item.shard)

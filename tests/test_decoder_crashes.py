@@ -42,12 +42,13 @@ def clean(dataset, backbone_dir, tmp_path_factory):
 
 @pytest.fixture
 def crash_on(monkeypatch):
-    """crash_on(*paths, here=False): those files kill their decoder in triage's child processes, and with
-    `here` also in this process and its forks (DataLoader workers)."""
+    """crash_on(*paths, here=False, hang=False): those files kill (with `hang`: hang) their decoder in triage's
+    child processes, and with `here` also in this process and its forks (DataLoader workers)."""
     monkeypatch.setattr(decoder_crashes, "_CHILD", "import tests.crashing_decoder as c; c.install(); " + decoder_crashes._CHILD)
 
-    def crash(*paths, here=False):
-        monkeypatch.setenv(crashing_decoder.CRASH_FILES, ":".join(str(p) for p in paths))
+    def crash(*paths, here=False, hang=False):
+        monkeypatch.setenv(crashing_decoder.HANG_FILES if hang else crashing_decoder.CRASH_FILES,
+                           ":".join(str(p) for p in paths))
         if here:
             monkeypatch.setattr(decord, "VideoReader", crashing_decoder.reader)
 
@@ -79,6 +80,18 @@ def test_a_worker_killed_by_a_file_fails_that_view_and_the_run_goes_on(dataset, 
     assert not list((cache_dir / decoder_crashes.MARKERS).glob("*.json"))  # no marker left behind
     again = run_extraction(config(dataset, backbone_dir, cache_dir, workers=1))  # never decoded again
     assert again.computed_takes == 0 and again.failures == summary.failures
+
+
+def test_a_worker_stuck_in_the_decoder_fails_that_view_and_the_run_goes_on(dataset, backbone_dir, clean, crash_on,
+                                                                           tmp_path, monkeypatch):
+    monkeypatch.setattr(decoder_crashes, "DECODE_TIMEOUT_S", 10)  # the worker's wait and triage's child alike
+    take = load_takes(dataset, "train")[2]
+    crash_on(take.videos[VIEWS[1]], here=True, hang=True)
+    cache_dir = tmp_path / "cache"
+    summary = run_extraction(config(dataset, backbone_dir, cache_dir, workers=1))
+    reason = summary.failures[take.take_uid][VIEWS[1]]
+    assert "hung (> 10 s)" in reason and str(take.videos[VIEWS[1]]) in reason
+    assert_only_slot_missing(cache_dir, clean, 2, 1)
 
 
 def dead_pid() -> int:
