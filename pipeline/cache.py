@@ -116,8 +116,12 @@ class FeatureCache:
 
     # ---- planning and writing -------------------------------------------------------------
 
-    def plan_split(self, split: str, take_uids: list[str]) -> list[list[str]]:
-        """Fix the split's row order (first call) and return its shards as lists of take_uids."""
+    def plan_split(self, split: str, take_uids: list[str], create: bool = True) -> list[list[str]]:
+        """Fix the split's row order (first call) and return its shards as lists of take_uids.
+
+        With `create` False (torchrun's other ranks, after rank 0 planned) a missing plan is an error:
+        such a rank must never create the array, which would wipe what other ranks committed.
+        """
         plan_path = self.root / "splits" / f"{split}.json"
         if plan_path.is_file():
             planned = read_json(plan_path)
@@ -136,7 +140,17 @@ class FeatureCache:
                     "node sees the same files, else use another --cache folder (or delete this one)."
                 )
         else:
-            # the plan is written after the array, so a crash in between leaves no shards to lose here
+            if not create:
+                raise CacheError(
+                    f"{self.root}: split {split!r} has no plan ({plan_path}) visible to this process although rank 0 "
+                    "planned it; if the cache is on a shared filesystem, check that every node sees the same files."
+                )
+            if self.committed_shards(split):
+                raise CacheError(
+                    f"{self.root}: split {split!r} has committed shards but no plan ({plan_path}); refusing to recreate "
+                    "its array. Restore the plan file, or use another --cache folder."
+                )
+            # nothing committed yet: an array left by a crash before its plan was written is safe to recreate
             zarr.create_array(
                 store=self.root / STORE_NAME,
                 name=f"{split}/tokens",

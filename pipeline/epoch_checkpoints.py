@@ -46,23 +46,30 @@ def save_epoch_checkpoint(out: Path, model, optimizer, schedule, state: dict, rn
     """Write the checkpoint beside the old one, then swap: a crash leaves one complete checkpoint."""
     folder = Path(out) / CHECKPOINT
     staging, retired = folder.with_name(CHECKPOINT + ".staging"), folder.with_name(CHECKPOINT + ".old")
-    shutil.rmtree(staging, ignore_errors=True)
+    _remove(staging)
     staging.mkdir(parents=True)
     write_bytes_atomic(staging / "trainable.safetensors", save_safetensors(trainable_state(model)))
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rngs}, staging / "optimizer.pt")
     write_json_atomic(staging / "state.json", state)  # written last: marks the folder complete
-    shutil.rmtree(retired, ignore_errors=True)
+    _remove(retired)
     if folder.exists():
         folder.rename(retired)
     staging.rename(folder)
-    shutil.rmtree(retired, ignore_errors=True)
+    _remove(retired)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder, its completion mark first: a crash midway never leaves a
+    folder that looks complete without its weights."""
+    (folder / "state.json").unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def find_epoch_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint of a run, including one left mid-swap by a crash."""
     out = Path(out)
     complete = [out / name for name in (CHECKPOINT, CHECKPOINT + ".staging", CHECKPOINT + ".old")
-                if (out / name / "state.json").is_file()]
+                if all((out / name / file).is_file() for file in ("state.json", "trainable.safetensors", "optimizer.pt"))]
     return max(complete, key=lambda folder: read_json(folder / "state.json")["epoch"], default=None)
 
 
@@ -91,7 +98,8 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
     saved = torch.load(folder / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
-    own = saved["rng"][ranks.rank]
+    # checkpoints before 2026-11-29 hold one CPU state (rank 0's), which every rank restored
+    own = {"cpu": saved["rng"]} if isinstance(saved["rng"], torch.Tensor) else saved["rng"][ranks.rank]
     torch.set_rng_state(own["cpu"])
     if device.type == "cuda" and "cuda" in own:
         torch.cuda.set_rng_state(own["cuda"], device)

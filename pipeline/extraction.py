@@ -189,7 +189,7 @@ def run_extraction(
     barrier(ranks)
     cache = FeatureCache.open_or_create(config.cache, spec)
     by_uid = {take.take_uid: take for take in takes}
-    plan = cache.plan_split(config.split, [take.take_uid for take in takes])
+    plan = cache.plan_split(config.split, [take.take_uid for take in takes], create=ranks.is_main)
     owned_shards = [(k, [by_uid[uid] for uid in uids]) for k, uids in enumerate(plan) if ranks.owns(k)]
     done = cache.committed_shards(config.split)
     pending = [(k, takes) for k, takes in owned_shards if k not in done]
@@ -242,8 +242,9 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
         collate_fn=_as_is,  # a module-level function: spawned or forkserver workers pickle it
         prefetch_factor=2 if config.workers else None,
         # a worker stuck in the decoder fails the wait like a dead one: triage then re-decodes its
-        # file in a child with the same limit and records it as hung (the decode marker names it)
-        timeout=decoder_crashes.DECODE_TIMEOUT_S if config.workers else 0,
+        # file in a child with the per-file limit and records it as hung (the decode marker names
+        # it). An item is a whole take, decoded view after view: the wait allows the limit per view.
+        timeout=decoder_crashes.DECODE_TIMEOUT_S * len(config.views) if config.workers else 0,
     )
     takes_by_shard = dict(pending)
     encode = bb.compiled_encode_clips() if config.compile else bb.encode_clips

@@ -130,3 +130,18 @@ def test_a_planned_split_whose_array_is_missing_is_refused_not_recreated(tmp_pat
     with pytest.raises(CacheError, match="array for split 'train' is missing"):
         cache.plan_split("train", [f"t{i}" for i in range(7)])
     assert (tmp_path / STORE_NAME / "train" / "tokens" / "c" / "0" / "0" / "0" / "0").is_file()  # shards kept
+
+
+def test_a_split_whose_plan_is_not_visible_is_refused_not_recreated(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    uids = [f"t{i}" for i in range(7)]
+    written = fill(cache, "train", uids)
+    plan = tmp_path / "splits" / "train.json"
+    plan.rename(tmp_path / "hidden.json")  # a rank behind a stale shared-filesystem cache, or a lost plan
+    with pytest.raises(CacheError, match="has no plan .* visible to this process"):
+        cache.plan_split("train", uids, create=False)
+    with pytest.raises(CacheError, match="has committed shards but no plan"):
+        cache.plan_split("train", uids)
+    (tmp_path / "hidden.json").rename(plan)
+    read = cache.read("train")
+    np.testing.assert_array_equal(read.tokens, np.stack([written[u] for u in uids]))  # nothing was wiped

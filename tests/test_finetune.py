@@ -305,18 +305,43 @@ def test_resume_refuses_other_settings_and_leaves_the_run_alone(world, tmp_path)
 def test_resume_finds_a_checkpoint_left_mid_swap(tmp_path):
     from pipeline.epoch_checkpoints import find_epoch_checkpoint
 
-    def checkpoint(name, epoch, complete=True):
+    def checkpoint(name, epoch, files=("state.json", "trainable.safetensors", "optimizer.pt")):
         (tmp_path / name).mkdir()
-        if complete:
-            (tmp_path / name / "state.json").write_text(json.dumps({"epoch": epoch}))
+        for file in files:
+            (tmp_path / name / file).write_text(json.dumps({"epoch": epoch}))
 
     assert find_epoch_checkpoint(tmp_path) is None
     checkpoint("checkpoint.old", 1)  # killed between the two renames of a swap
     assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
     checkpoint("checkpoint.staging", 2)  # the newer one was complete: it wins
     assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.staging"
-    checkpoint("checkpoint", 3, complete=False)  # a folder without state.json is not a checkpoint
+    checkpoint("checkpoint", 3, files=("trainable.safetensors",))  # without state.json: not complete
     assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.staging"
+    shutil.rmtree(tmp_path / "checkpoint")
+    checkpoint("checkpoint", 3, files=("state.json",))  # weights gone: not complete either
+    assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.staging"
+
+
+def test_a_checkpoint_from_before_per_rank_rng_states_still_resumes(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import get_cosine_schedule_with_warmup
+
+    from pipeline.distributed import Ranks
+    from pipeline.epoch_checkpoints import load_epoch_checkpoint, trainable_state
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = get_cosine_schedule_with_warmup(optimizer, 1, 10)
+    (tmp_path / "checkpoint").mkdir()
+    save_file(trainable_state(model), tmp_path / "checkpoint" / "trainable.safetensors")
+    rng = torch.get_rng_state()
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rng},
+               tmp_path / "checkpoint" / "optimizer.pt")  # the layout written until 2026-11-29
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"epoch": 0, "world_size": 1}))
+    torch.rand(5)  # moves the generator on
+    state = load_epoch_checkpoint(tmp_path / "checkpoint", model, optimizer, schedule, {"lr": 1.0}, Ranks(),
+                                  torch.device("cpu"))
+    assert state["epoch"] == 0 and torch.equal(torch.get_rng_state(), rng)
 
 
 def test_a_take_without_any_decodable_view_gets_the_prior_and_no_gradient(world, tmp_path):
