@@ -53,11 +53,11 @@ def backbone_gflops(frames: int, device: str, compiled: bool = False, matmuls_on
         with torch.inference_mode(), autocast_context(torch.device(device)):
             encode(model, clips)
 
-    with torch.inference_mode(), autocast_context(torch.device(device)):
-        flops = count_flops(encode_clips, model, clips)
     if matmuls_only:  # the replay's own FLOPs: the patch convolution is not among them
         replay_seconds, replay_flops = replayed_matmuls(forward, device)
         return lambda: replay_flops / replay_seconds() / 1e9
+    with torch.inference_mode(), autocast_context(torch.device(device)):
+        flops = count_flops(encode_clips, model, clips)
     forward()  # warm-up (and compilation)
     return lambda: flops / timed_seconds(forward, device) / 1e9
 

@@ -21,7 +21,7 @@ from pipeline.config import ConfigError
 from pipeline.distributed import Ranks
 from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
 
-CHECKPOINT = "checkpoint"
+CHECKPOINT, STAGING, RETIRED = "checkpoint", "checkpoint.staging", "checkpoint.old"
 # what may change between a run and its resumption: where things are, and how they are computed
 RESUMABLE_CHANGES = frozenset({"root", "out", "device", "workers"})
 
@@ -44,8 +44,7 @@ def rng_states(ranks: Ranks, device: torch.device) -> list[dict[str, torch.Tenso
 
 def save_epoch_checkpoint(out: Path, model, optimizer, schedule, state: dict, rngs: list[dict]) -> None:
     """Write the checkpoint beside the old one, then swap: a crash leaves one complete checkpoint."""
-    folder = Path(out) / CHECKPOINT
-    staging, retired = folder.with_name(CHECKPOINT + ".staging"), folder.with_name(CHECKPOINT + ".old")
+    folder, staging, retired = (Path(out) / name for name in (CHECKPOINT, STAGING, RETIRED))
     _remove(staging)
     staging.mkdir(parents=True)
     write_bytes_atomic(staging / "trainable.safetensors", save_safetensors(trainable_state(model)))
@@ -68,13 +67,13 @@ def _remove(folder: Path) -> None:
 def find_epoch_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint of a run, including one left mid-swap by a crash."""
     out = Path(out)
-    complete = [out / name for name in (CHECKPOINT, CHECKPOINT + ".staging", CHECKPOINT + ".old")
+    complete = [out / name for name in (CHECKPOINT, STAGING, RETIRED)
                 if all((out / name / file).is_file() for file in ("state.json", "trainable.safetensors", "optimizer.pt"))]
     return max(complete, key=lambda folder: read_json(folder / "state.json")["epoch"], default=None)
 
 
 def has_epoch_checkpoint(out: Path) -> bool:
-    return any((Path(out) / name).exists() for name in (CHECKPOINT, CHECKPOINT + ".staging", CHECKPOINT + ".old"))
+    return any((Path(out) / name).exists() for name in (CHECKPOINT, STAGING, RETIRED))
 
 
 def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict, ranks: Ranks,

@@ -60,8 +60,8 @@ class ExtractConfig:
             problems.append(f"views must be distinct names from {list(VIEWS)}, got {list(self.views)}")
         if (self.batch_size is not None and self.batch_size < 1) or self.shard_size < 1 or self.workers < 0:
             problems.append("batch_size and shard_size must be >= 1, workers >= 0")
-        if device_problem(self.device):
-            problems.append(device_problem(self.device))
+        if problem := device_problem(self.device):
+            problems.append(problem)
         if problems:
             raise ConfigError("ExtractConfig: " + "; ".join(problems))
 
@@ -263,7 +263,6 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
                 if on_take:
                     on_take(len(item.clips))
     finally:  # shut the workers down now, not when the traceback goes: triage must not see them alive
-        shards.close()
         shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader's own (private) stop: join, then
         if shutdown:  # terminate; a worker stuck in the decoder would otherwise outlive the error
             shutdown()

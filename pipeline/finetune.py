@@ -35,8 +35,8 @@ from pipeline.epoch_checkpoints import (
     find_epoch_checkpoint, has_epoch_checkpoint, load_epoch_checkpoint, rng_states, save_epoch_checkpoint, trainable_state,
 )
 from pipeline.files import write_bytes_atomic
-from pipeline.fusion import FUSIONS, NUM_CLASSES, HeadConfig, build_head
-from pipeline.head_training import stratified_holdout
+from pipeline.fusion import FUSIONS, HeadConfig, build_head
+from pipeline.head_training import label_prior, stratified_holdout
 from pipeline.skill_model import SkillModel
 from pipeline.takes import load_takes
 from pipeline.views import parse_view_setting
@@ -83,8 +83,8 @@ class FinetuneConfig:
             raise ConfigError(f"FinetuneConfig.workers: must be >= 0, got {self.workers}")
         if self.lr < 0 or self.weight_decay < 0:  # lr 0: evaluate a warm-started head end to end, unchanged
             raise ConfigError(f"FinetuneConfig: lr and weight_decay must be >= 0 (got {self.lr}, {self.weight_decay})")
-        if device_problem(self.device):
-            raise ConfigError(f"FinetuneConfig.{device_problem(self.device)}")
+        if problem := device_problem(self.device):
+            raise ConfigError(f"FinetuneConfig.{problem}")
         for name, high in (("holdout", 0.5), ("warmup_ratio", 1.0), ("lora_dropout", 1.0)):
             if not 0 <= getattr(self, name) < high:
                 raise ConfigError(f"FinetuneConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")
@@ -159,8 +159,8 @@ def run_finetune(
     held = stratified_holdout(np.array([int(t.label) for t in train_takes]), config.holdout)
     fit_takes = [t for t, h in zip(train_takes, held) if not h]
     holdout_takes = [t for t, h in zip(train_takes, held) if h]
-    label_prior = (np.bincount([int(t.label) for t in fit_takes], minlength=NUM_CLASSES) / len(fit_takes)).tolist()
-    model.set_label_prior(label_prior)
+    prior = label_prior(np.array([int(t.label) for t in fit_takes])).tolist()
+    model.set_label_prior(prior)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     updates_per_epoch = -(-len(rank_share(list(range(len(fit_takes))), ranks)) // (config.batch_size * config.grad_accum))
@@ -220,7 +220,7 @@ def run_finetune(
     if not ranks.is_main:
         return state
     model.load_state_dict(load_safetensors((out / "best.safetensors").read_bytes()), strict=False)
-    _save_final(out, model, config, views, state, label_prior)
+    _save_final(out, model, config, views, state, prior)
     val_takes = load_takes(config.root, "val")
     settings = {**config_to_dict(config), "best_epoch": state["best_epoch"], "holdout_losses": state["holdout_losses"]}
     state["metrics"] = evaluate_split(model, val_takes, views, config.frames, config.precision, out, settings,

@@ -36,9 +36,10 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
     head_configs = {cell: head_config_for(cache, settings, cell.fusion, len(view_names[cell.views])) for cell in cells}
     train, val = load_complete_split(cache, "train"), load_complete_split(cache, "val")
     for setting, names in view_names.items():
-        if not train.present[:, [cache.spec.views.index(v) for v in names]].any():
+        slots = [cache.spec.views.index(v) for v in names]
+        if not train.present[:, slots].any():
             raise CacheError(f"{cache.root}: no train take has any of the views {list(names)} (view setting {setting!r})")
-        blind = int((~val.present[:, [cache.spec.views.index(v) for v in names]].any(1)).sum())
+        blind = int((~val.present[:, slots].any(1)).sum())
         if blind:  # scored with the train label prior, which can flatter or sink the accuracy
             console.print(f"[yellow]note:[/] {blind} of {len(val.records)} val takes have none of the views "
                           f"{list(names)} (view setting {setting!r}); they get the train label prior")

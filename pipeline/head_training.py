@@ -91,8 +91,8 @@ class FitHeadConfig:
                 raise ConfigError(f"FitHeadConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")
         if self.compile and self.precision != "bf16":
             raise ConfigError("FitHeadConfig.compile: the compiled step trains in bf16; use precision bf16 or no compile")
-        if device_problem(self.device):
-            raise ConfigError(f"FitHeadConfig.{device_problem(self.device)}")
+        if problem := device_problem(self.device):
+            raise ConfigError(f"FitHeadConfig.{problem}")
 
 
 def field_help(name: str) -> str:
@@ -141,6 +141,11 @@ def head_config_for(cache: FeatureCache, config: FitHeadConfig, fusion: str, num
         fusion=fusion, dim=cache.spec.hidden_size, num_views=num_views, frames=cache.spec.frames,
         num_patches=cache.spec.num_patches, hidden=config.hidden, heads=config.heads, dropout=config.dropout,
     )
+
+
+def label_prior(labels: np.ndarray) -> np.ndarray:
+    """(4,) label frequencies: what a head predicts for a take it cannot see."""
+    return np.bincount(labels, minlength=NUM_CLASSES) / len(labels)
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -263,7 +268,7 @@ def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConf
                 best = {"loss": holdout_losses[-1], "epoch": epoch, "state": state}
     if best["state"] is not None:
         head.load_state_dict(best["state"])
-    prior = np.bincount(labels[fit_rows.numpy()], minlength=NUM_CLASSES) / len(fit_rows)
+    prior = label_prior(labels[fit_rows.numpy()])
     return TrainedHead(head.eval(), head_config, prior, best["epoch"], train_losses, holdout_losses,
                        time.perf_counter() - started)
 

@@ -106,8 +106,8 @@ def read_model_spec(checkpoint: Path) -> ModelSpec:
 
 def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel, ModelSpec]:
     """The trained model for inference, with the backbone set up as the artifact's features were made."""
-    if device_problem(device):
-        raise ConfigError(f"--{device_problem(device)}")
+    if problem := device_problem(device):
+        raise ConfigError(f"--{problem}")
     spec = read_model_spec(checkpoint)
     backbone = bb.load_backbone(spec.backbone, spec.frames)
     if spec.adapter:

@@ -52,6 +52,9 @@ class AnnotationError(ValueError):
         super().__init__(f"{path}: {len(problems)} {what}:\n{listing}")
 
 
+UNUSABLE = "unusable annotation file"  # AnnotationError's wording for a file-level problem
+
+
 @dataclass(frozen=True)
 class Take:
     """One recorded take: a person doing a task, filmed from up to five views."""
@@ -77,18 +80,17 @@ def downscaled_path(root: Path, video_path: str) -> Path:
 def load_takes(root: Path, split: str) -> list[Take]:
     """All takes of one split, validated as a whole before any compute; sorted by take_uid."""
     if split not in SPLITS:
-        raise AnnotationError(annotation_path(root, split), [f"unknown split {split!r} (expected one of {SPLITS})"],
-                              "unusable annotation file")
+        raise AnnotationError(annotation_path(root, split), [f"unknown split {split!r} (expected one of {SPLITS})"], UNUSABLE)
     path = annotation_path(root, split)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotation file not found (is --root an egoexo download root?)")
     try:
         document = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise AnnotationError(path, [f"not valid JSON: {err}"], "unusable annotation file") from None
+        raise AnnotationError(path, [f"not valid JSON: {err}"], UNUSABLE) from None
     records = document.get("annotations") if isinstance(document, dict) else None
     if not isinstance(records, list):
-        raise AnnotationError(path, ['top level must be an object with an "annotations" list'], "unusable annotation file")
+        raise AnnotationError(path, ['top level must be an object with an "annotations" list'], UNUSABLE)
 
     takes, problems, seen = [], [], {}
     for position, record in enumerate(records):
