@@ -231,7 +231,7 @@ def run_finetune(
 def _holdout_loss(model, takes, views, config: FinetuneConfig, device) -> float:
     if not takes:
         return float("nan")
-    logits = take_logits(model, takes, views, config.frames, config.precision, device, config.batch_size, config.workers)
+    logits, _ = take_logits(model, takes, views, config.frames, config.precision, device, config.batch_size, config.workers)
     return float(F.cross_entropy(logits, torch.tensor([int(t.label) for t in takes])))
 
 

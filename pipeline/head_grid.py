@@ -73,8 +73,8 @@ def _fit_cell(cell: Cell, cache: FeatureCache, settings: FitHeadConfig, head_con
         "train_takes": int(train.usable.sum()), "train_seconds": round(trained.seconds, 3),
         "config": config_to_dict(cell_config),
     }
-    metrics = write_evaluation(folder, val.take_uids, val.labels.cpu().numpy(), probabilities, val.scenarios, cell_settings,
-                               cell.name, extra={"takes_without_views": int((~val.usable).sum())})
+    metrics = write_evaluation(folder, val.take_uids, val.labels.cpu().numpy(), probabilities, val.scenarios,
+                               val.present.cpu().numpy(), names, cell_settings, cell.name)
     save_head(folder, trained.head, head_config, names, cache=str(cache.root.resolve()),
               cache_fingerprint=cache.spec.fingerprint, frames=cache.spec.frames, settings=cell_settings,
               precision=settings.precision, label_prior=trained.label_prior.tolist())

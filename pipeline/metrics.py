@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.files import write_bytes_atomic, write_json_atomic
 from pipeline.takes import LABEL_NAMES
+from pipeline.views import absent_views
 
 
 def evaluation_metrics(labels: np.ndarray, probabilities: np.ndarray, scenarios: list[str]) -> dict:
@@ -28,11 +29,12 @@ def evaluation_metrics(labels: np.ndarray, probabilities: np.ndarray, scenarios:
     }
 
 
-def prediction_rows(take_uids: list[str], labels: np.ndarray, probabilities: np.ndarray) -> list[dict]:
+def prediction_rows(take_uids: list[str], labels: np.ndarray, probabilities: np.ndarray,
+                    absent: list[list[str]]) -> list[dict]:
     return [
         {"take_uid": uid, "label": LABEL_NAMES[label], "predicted": LABEL_NAMES[int(p.argmax())],
-         "probabilities": [round(float(x), 6) for x in p]}
-        for uid, label, p in zip(take_uids, labels, probabilities)
+         "probabilities": [round(float(x), 6) for x in p], "absent_views": missing}
+        for uid, label, p, missing in zip(take_uids, labels, probabilities, absent)
     ]
 
 
@@ -112,10 +114,19 @@ def _save(figure, path: Path) -> None:
 
 
 def write_evaluation(folder: Path, take_uids: list[str], labels: np.ndarray, probabilities: np.ndarray,
-                     scenarios: list[str], settings: dict, title: str, extra: dict | None = None) -> dict:
-    """metrics.json, predictions.jsonl and confusion.png of one evaluated model; returns the metrics."""
-    metrics = {**evaluation_metrics(labels, probabilities, scenarios), **(extra or {}), "settings": settings}
+                     scenarios: list[str], present: np.ndarray, views: tuple[str, ...], settings: dict, title: str) -> dict:
+    """metrics.json, predictions.jsonl and confusion.png of one evaluated model; returns the metrics.
+
+    `present` (N, V) marks the model's `views` each take had: the others were missing or could not
+    be decoded. Each prediction names its take's absent views; the metrics count the takes with
+    some absent (`takes_with_absent_views`) and with none of the views, which get the train label
+    prior (`takes_without_views`).
+    """
+    absent = absent_views(present, views)
+    metrics = {**evaluation_metrics(labels, probabilities, scenarios),
+               "takes_with_absent_views": sum(map(bool, absent)),
+               "takes_without_views": sum(len(missing) == len(views) for missing in absent), "settings": settings}
     write_json_atomic(Path(folder) / "metrics.json", metrics)
-    write_predictions(Path(folder) / "predictions.jsonl", prediction_rows(take_uids, labels, probabilities))
+    write_predictions(Path(folder) / "predictions.jsonl", prediction_rows(take_uids, labels, probabilities, absent))
     plot_confusion(Path(folder) / "confusion.png", metrics["confusion_matrix"], f"{title}\naccuracy {metrics['accuracy']:.3f}")
     return metrics

@@ -41,14 +41,17 @@ class SkillModel(nn.Module):
     def tokens(self, clips: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Backbone tokens of the present clips only: (B, V, 1 + T, D); absent slots stay zero."""
         batch, views, frames = clips.shape[:3]
+        encode = present.clone()
+        if not encode.any():  # no view of the batch decoded: still run one blank clip, weighted 0 below, so
+            encode[0, 0] = True  # that every DDP rank's backbone takes part in each step's gradient all-reduce
         if self.compiled_encode:
-            encoded = torch.cat([self.compiled_encode(self.backbone, clip[None]) for clip in clips[present]])
+            encoded = torch.cat([self.compiled_encode(self.backbone, clip[None]) for clip in clips[encode]])
         else:
-            encoded = bb.encode_clips(self.backbone, clips[present])  # (P, 1 + T, D) fp32
+            encoded = bb.encode_clips(self.backbone, clips[encode])  # (P, 1 + T, D) fp32
         if self.round_like_cache:
             encoded = encoded.half().float()
         out = encoded.new_zeros(batch, views, 1 + frames, encoded.shape[-1])
-        out[present] = encoded
+        out[encode] = encoded * present[encode][:, None, None]
         return out
 
     def forward(self, clips: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pipeline.config import ConfigError
 from pipeline.evaluation import evaluate_split, predict_takes
 from pipeline.skill_model import load_skill_model, read_model_spec
 from pipeline.takes import LABEL_NAMES, ProficiencyLabel, Take, load_takes, resolve_view_files
-from pipeline.views import parse_view_setting
+from pipeline.views import FAILURES_EXIT, absent_views, parse_view_setting
 
 
 def _check_conflicts(checkpoint: Path, frames: int | None, views: str | None) -> None:
@@ -44,7 +44,13 @@ def evaluate(
                 "views": list(spec.views), "backbone": spec.backbone, "precision": spec.precision,
                 "backbone_forward": "compiled, as extract --compile" if spec.compiled else "eager"}
     metrics = evaluate_split(model, takes, spec.views, spec.frames, spec.precision, out, settings, device, workers)
-    Console().print(f"{split}: accuracy {metrics['accuracy']:.3f} over {metrics['num_takes']} takes -> {out}")
+    console = Console()
+    console.print(f"{split}: accuracy {metrics['accuracy']:.3f} over {metrics['num_takes']} takes -> {out}")
+    if metrics["takes_with_absent_views"]:
+        console.print(f"[yellow]{metrics['takes_with_absent_views']} takes had views that were missing or could not be "
+                      f"decoded (see the warnings above and absent_views in predictions.jsonl); "
+                      f"{metrics['takes_without_views']} had none and got the train label prior")
+        raise typer.Exit(FAILURES_EXIT)
 
 
 def predict(
@@ -65,15 +71,20 @@ def predict(
         if missing:
             raise ConfigError(f"{folder}: no file for view(s) {missing} needed by {checkpoint}")
         takes.append(Take(str(folder), Path(folder).name, "", ProficiencyLabel.NOVICE, "predict", files))
-    probabilities = predict_takes(model, takes, spec.views, spec.frames, spec.precision, device)
+    probabilities, present = predict_takes(model, takes, spec.views, spec.frames, spec.precision, device)
+    absent = absent_views(present, spec.views)
     rows = [{"take": str(t.take_uid), "predicted": LABEL_NAMES[int(p.argmax())],
-             "probabilities": dict(zip(LABEL_NAMES, (round(float(x), 4) for x in p)))} for t, p in zip(takes, probabilities)]
+             "probabilities": dict(zip(LABEL_NAMES, (round(float(x), 4) for x in p))), "absent_views": missing}
+            for t, p, missing in zip(takes, probabilities, absent)]
     if as_json:
         print(json.dumps(rows, indent=2))
-        return
-    table = Table(title=f"predictions of {checkpoint}")
-    for column in ("take", "predicted", *LABEL_NAMES):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["take"], row["predicted"], *(f"{row['probabilities'][n]:.3f}" for n in LABEL_NAMES))
-    Console().print(table)
+    else:
+        table = Table(title=f"predictions of {checkpoint}")
+        for column in ("take", "predicted", *LABEL_NAMES, "absent views"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row["take"], row["predicted"], *(f"{row['probabilities'][n]:.3f}" for n in LABEL_NAMES),
+                          ", ".join(row["absent_views"]))
+        Console().print(table)
+    if any(absent):  # the warnings said why; a take without any view got the train label prior
+        raise typer.Exit(FAILURES_EXIT)

@@ -12,8 +12,7 @@ from pipeline.config import load_config
 from pipeline.distributed import init_distributed, local_device
 from pipeline.extraction import ExtractConfig
 from pipeline.extraction_progress import extract_with_progress
-
-FAILURES_EXIT = 3  # the run finished, but some views could not be used
+from pipeline.views import FAILURES_EXIT
 
 
 def extract(

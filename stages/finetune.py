@@ -71,3 +71,6 @@ def finetune(
               else f"no held-out takes: last epoch {state['best_epoch']} kept")
     console.print(f"{chosen}; val accuracy {state['metrics']['accuracy']:.3f} over {state['metrics']['num_takes']} takes "
                   f"-> {settings.out}")
+    if absent := state["metrics"]["takes_with_absent_views"]:  # training's own takes were warned about as they came
+        console.print(f"[yellow]{absent} val takes had views that were missing or could not be decoded "
+                      "(absent_views in predictions.jsonl)")

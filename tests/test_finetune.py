@@ -18,7 +18,7 @@ from pipeline import backbone as bb
 from pipeline.cache import FeatureCache
 from pipeline.checkpoints import load_head
 from pipeline.demo_data import write_demo_dataset
-from pipeline.fusion import HeadConfig, head_inputs
+from pipeline.fusion import HeadConfig, build_head, head_inputs
 from pipeline.clips import TakeClips
 from pipeline.skill_model import SkillModel, load_skill_model, read_model_spec
 from pipeline.takes import VIEWS, load_takes
@@ -362,6 +362,47 @@ def test_a_take_without_any_decodable_view_gets_the_prior_and_no_gradient(world,
     assert all(p.grad is None or (p.grad == 0).all() for p in model.head.parameters())
     with torch.inference_mode(), autocast:
         torch.testing.assert_close(model.eval()(clips, present)[1:], model(clips[1:], present[1:]))
+
+
+def test_a_batch_without_any_decodable_view_still_trains_every_backbone_weight(world):
+    """Under DDP every rank's backbone must produce gradients in each step, even when no clip of its batch decoded."""
+    adapted = bb.add_lora(bb.load_backbone(str(world / "tiny"), FRAMES), bb.LoraSettings(r=4, alpha=8))
+    config = HeadConfig(dim=32, num_views=len(VIEWS), frames=FRAMES, hidden=32, heads=4)
+    model = SkillModel(adapted, build_head(config), config, label_prior=[0.1, 0.2, 0.3, 0.4])
+    clips, present = torch.zeros(2, len(VIEWS), FRAMES, 3, 224, 224), torch.zeros(2, len(VIEWS), dtype=torch.bool)
+    logits = model.train()(clips, present)
+    torch.testing.assert_close(logits, model.prior_logits.expand(2, -1))
+    (logits.sum() * 0).backward()
+    trainable = [p for p in adapted.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and (p.grad == 0).all() for p in trainable)
+
+
+def test_evaluate_and_predict_name_takes_with_absent_views_and_exit_3(world, tmp_path):
+    root = tmp_path / "partial"
+    shutil.copytree(world / "data", root)
+    first, second = load_takes(root, "val")[:2]  # evaluate's first batch of 2: no view of either decodes
+    for take in (first, second):
+        for video in take.videos.values():
+            video.unlink()
+    prior = json.loads((world / "run" / "head.json").read_text())["label_prior"]
+    result = subprocess.run([sys.executable, "-m", "stages.cli", "evaluate", "--checkpoint", str(world / "run"),
+                             "--root", str(root), "--out", str(tmp_path / "eval")], capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert "2 takes had views that were missing" in result.stdout
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["takes_with_absent_views"] == metrics["takes_without_views"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["absent_views"] for r in rows[:3]] == [list(VIEWS), list(VIEWS), []]
+    np.testing.assert_allclose(rows[0]["probabilities"], prior, atol=1e-5)
+
+    third = load_takes(root, "val")[2]
+    third.videos["ego"].write_bytes(b"")
+    predicted = subprocess.run([sys.executable, "-m", "stages.cli", "predict", "--checkpoint", str(world / "run"), "--json",
+                                str(third.videos["ego"].parents[3])], capture_output=True, text=True)
+    assert predicted.returncode == 3, predicted.stderr
+    assert "view ego" in predicted.stderr and "treated as absent" in predicted.stderr
+    (row,) = json.loads(predicted.stdout[predicted.stdout.index("["):])
+    assert row["absent_views"] == ["ego"]
 
 
 def test_init_head_refuses_a_temporal_head_for_other_frames(tmp_path):

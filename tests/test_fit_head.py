@@ -89,7 +89,8 @@ def test_grid_files(grid):
     assert sum(metrics["scenario_takes"].values()) == VAL
     assert metrics["settings"]["view_names"] == ["exo1", "exo2", "exo3", "exo4"] and metrics["settings"]["seed"] == 1
     predictions = read_jsonl(cell / "predictions.jsonl")
-    assert len(predictions) == VAL and set(predictions[0]) == {"take_uid", "label", "predicted", "probabilities"}
+    assert len(predictions) == VAL and set(predictions[0]) == {"take_uid", "label", "predicted", "probabilities",
+                                                                  "absent_views"}
     assert all(abs(sum(p["probabilities"]) - 1) < 1e-4 for p in predictions)
     assert np.mean([p["label"] == p["predicted"] for p in predictions]) == pytest.approx(metrics["accuracy"])
     assert (cell / "confusion.png").read_bytes()[:4] == b"\x89PNG"
@@ -103,7 +104,7 @@ def test_takes_without_the_cells_views_are_scored_with_the_train_prior(grid):
     without_ego = [r for r in read_jsonl(grid / "run" / "ego__crossview__seed0" / "predictions.jsonl")
                    if not _present(grid, r["take_uid"])[0]]
     assert metrics["num_takes"] == VAL and metrics["takes_without_views"] == len(without_ego) > 0
-    assert all(r["probabilities"] == without_ego[0]["probabilities"] for r in without_ego)
+    assert all(r["probabilities"] == without_ego[0]["probabilities"] and r["absent_views"] == ["ego"] for r in without_ego)
     assert read_json(grid / "run" / "ego+exos__crossview__seed0" / "metrics.json")["takes_without_views"] == 0
     said = " ".join((grid / "output.txt").read_text().split())
     assert f"{len(without_ego)} of {VAL} val takes have none of the views ['ego']" in said
