@@ -11,7 +11,6 @@ colour jitter) so that the task is not a pixel lookup.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.files import NEW_FILE_MODE, write_json_atomic
 from pipeline.takes import LABEL_NAMES, SCENARIOS, VIEWS, annotation_path, downscaled_path
 
 EGO_FILES = ("aria01_214-1.mp4", "aria02_214-1.mp4", "aria04_214-1.mp4", "aria_214-1.mp4", "aria1_214-1.mp4")
@@ -87,10 +87,8 @@ def write_demo_dataset(
         records[_split(cycle, per_label[label], val_fraction)].append(record)
         if write_videos:
             _write_take_videos(root, record, label, frames, np.random.default_rng([seed, index]))
-    for split, split_records in records.items():
-        path = annotation_path(root, split)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"ds": "20231211_15:13:34", "annotations": split_records}, indent=1))
+    for split, split_records in records.items():  # after the videos, atomically: both present = a complete dataset
+        write_json_atomic(annotation_path(root, split), {"ds": "20231211_15:13:34", "annotations": split_records})
 
     def count(field: str, names: tuple[str, ...]) -> dict[str, dict[str, int]]:
         return {split: {name: sum(r[field] == name for r in rs) for name in names} for split, rs in records.items()}
@@ -267,6 +265,7 @@ def _write_yuv420p(
     path.parent.mkdir(parents=True, exist_ok=True)
     # the temp name does not end in .mp4, so a crash never leaves something that looks like a view
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, NEW_FILE_MODE)
     os.close(fd)
     try:
         options = {"movflags": "faststart"} if faststart else {}

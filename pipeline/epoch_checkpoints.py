@@ -19,7 +19,7 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline.config import ConfigError
 from pipeline.distributed import Ranks
-from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
+from pipeline.files import read_json, replace_folder, write_bytes_atomic, write_json_atomic
 
 CHECKPOINT, STAGING, RETIRED = "checkpoint", "checkpoint.staging", "checkpoint.old"
 # what may change between a run and its resumption: where things are, and how they are computed
@@ -44,17 +44,24 @@ def rng_states(ranks: Ranks, device: torch.device) -> list[dict[str, torch.Tenso
 
 def save_epoch_checkpoint(out: Path, model, optimizer, schedule, state: dict, rngs: list[dict]) -> None:
     """Write the checkpoint beside the old one, then swap: a crash leaves one complete checkpoint."""
-    folder, staging, retired = (Path(out) / name for name in (CHECKPOINT, STAGING, RETIRED))
+    folder, staging = Path(out) / CHECKPOINT, Path(out) / STAGING
+    _finish_interrupted_swap(Path(out))
     _remove(staging)
     staging.mkdir(parents=True)
     write_bytes_atomic(staging / "trainable.safetensors", save_safetensors(trainable_state(model)))
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rngs}, staging / "optimizer.pt")
     write_json_atomic(staging / "state.json", state)  # written last: marks the folder complete
-    _remove(retired)
-    if folder.exists():
-        folder.rename(retired)
-    staging.rename(folder)
-    _remove(retired)
+    replace_folder(staging, folder)  # the old one waits as checkpoint.old (RETIRED) between the renames
+
+
+def _finish_interrupted_swap(out: Path) -> None:
+    """Make the newest complete checkpoint `checkpoint/` again after a crash mid-swap (a resumed run
+    may have started from `checkpoint.staging/`), before the next save deletes the staging folder."""
+    newest = find_epoch_checkpoint(out)
+    if newest == out / STAGING:
+        replace_folder(newest, out / CHECKPOINT)
+    elif newest == out / RETIRED and not (out / CHECKPOINT).exists():  # the crash came between the two renames
+        newest.rename(out / CHECKPOINT)
 
 
 def _remove(folder: Path) -> None:

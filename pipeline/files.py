@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; results and caches are meant to be shared
+# like any file the process writes: 0666 less the umask (read once, at import: setting it is process-wide)
+NEW_FILE_MODE = 0o666 & ~_read_umask()
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -13,6 +25,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -29,3 +42,18 @@ def write_json_atomic(path: Path, obj: object) -> None:
 
 def read_json(path: Path) -> object:
     return json.loads(Path(path).read_text())
+
+
+def replace_folder(finished: Path, target: Path) -> None:
+    """Move the complete folder `finished` to `target`, replacing what is there.
+
+    The old `target` waits as `<target>.old` between the two renames and is deleted after them, so a
+    crash at any moment leaves the new folder, the old one, or both, never a mix of the two.
+    """
+    finished, target = Path(finished), Path(target)
+    retired = target.with_name(target.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if target.exists():
+        target.rename(retired)
+    finished.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -14,6 +14,7 @@ from pipeline.extraction import ExtractConfig
 from pipeline.extraction_progress import extract_with_progress
 from pipeline.head_grid import run_grid
 from pipeline.head_training import FitHeadConfig
+from pipeline.takes import annotation_path
 
 DEMO_FRAMES = 8
 DEMO_FIT_HEAD = Path(__file__).resolve().parent.parent / "configs" / "demo-fit-head.yaml"
@@ -23,9 +24,11 @@ def demo_data(
     out: Path = typer.Argument(..., help="Folder to write the dataset into (egoexo download layout)."),
     takes: int = typer.Option(40, help="Number of takes over both splits."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same dataset."),
+    frames: int = typer.Option(24, min=1, help="Frames per video: at least the --frames of the runs on it "
+                                                 "(the published ego recipe samples 32)."),
 ) -> None:
     """Write a small synthetic dataset in the exact egoexo layout (annotations + 448px mp4s)."""
-    summary = write_demo_dataset(out, takes=takes, seed=seed)
+    summary = write_demo_dataset(out, takes=takes, seed=seed, frames=frames)
     Console().print(f"wrote demo dataset to {out}: {summary}")
 
 
@@ -36,7 +39,7 @@ def demo(
     """Run the pipeline end to end on generated demo data with a tiny random TimeSformer."""
     console = Console()
     data, backbone_dir, cache = out / "data", out / "tiny-timesformer", out / "cache"
-    if not (data / "annotations").is_dir():
+    if not all(annotation_path(data, split).is_file() for split in ("train", "val")):  # written last, atomically
         console.print(f"[bold]1. demo data[/] -> {data}")
         write_demo_dataset(data, takes=takes, seed=0, frames=12)
     if not (backbone_dir / "config.json").is_file():

@@ -82,6 +82,20 @@ def test_the_num_frames_trap_is_real(tiny_dir):
         encode_clips(model, x)
 
 
+def test_a_tiny_backbone_killed_while_saving_leaves_no_folder_that_looks_complete(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", killed)  # HF writes config.json first
+    with pytest.raises(KeyboardInterrupt):
+        backbone.save_tiny_backbone(tmp_path / "tiny")
+    assert not (tmp_path / "tiny" / "config.json").exists()  # `skillpipe demo` decides by it
+    monkeypatch.undo()
+    backbone.load_backbone(str(backbone.save_tiny_backbone(tmp_path / "tiny")), 8)
+
+
 def test_a_local_folder_without_config_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     for path in (tmp_path / "empty", tmp_path / "missing"):

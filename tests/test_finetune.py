@@ -322,6 +322,45 @@ def test_resume_finds_a_checkpoint_left_mid_swap(tmp_path):
     assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.staging"
 
 
+def test_a_save_after_resuming_from_a_staging_checkpoint_never_leaves_only_an_older_one(tmp_path, monkeypatch):
+    from transformers import get_cosine_schedule_with_warmup
+
+    from pipeline import epoch_checkpoints as ec
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = get_cosine_schedule_with_warmup(optimizer, 1, 10)
+
+    def save(epoch):
+        ec.save_epoch_checkpoint(tmp_path, model, optimizer, schedule, {"epoch": epoch, "world_size": 1}, [{}])
+
+    save(0)
+    save(1)
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # epoch 1's swap killed between its renames:
+    shutil.copytree(tmp_path / "checkpoint.old", tmp_path / "checkpoint.staging")  # staging holds the newest one
+    (tmp_path / "checkpoint.old" / "state.json").write_text(json.dumps({"epoch": 0, "world_size": 1}))
+    assert ec.find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.staging"  # the resume starts from it
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ec.torch, "save", killed)  # the next save dies while writing epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        save(2)
+    newest = ec.find_epoch_checkpoint(tmp_path)
+    assert newest == tmp_path / "checkpoint" and json.loads((newest / "state.json").read_text())["epoch"] == 1
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    from pipeline.files import NEW_FILE_MODE, write_json_atomic
+
+    write_json_atomic(tmp_path / "metrics.json", {})
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == NEW_FILE_MODE
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")  # an ordinary open() under this process's umask
+    assert NEW_FILE_MODE == plain.stat().st_mode & 0o777 and NEW_FILE_MODE & 0o044  # readable by others, umask 022
+
+
 def test_a_checkpoint_from_before_per_rank_rng_states_still_resumes(tmp_path):
     from safetensors.torch import save_file
     from transformers import get_cosine_schedule_with_warmup
