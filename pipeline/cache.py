@@ -271,9 +271,14 @@ DESCRIPTIVE_KEYS = frozenset({"fingerprint.backbone"})
 
 def _differences(old: CacheSpec, new: CacheSpec) -> list[str]:
     """Human-readable differences between a cache's spec and the one a run would write."""
-    old_flat, new_flat = _flatten(asdict(old)), _flatten(asdict(new))
+    return spec_differences(asdict(old), asdict(new))
+
+
+def spec_differences(old: dict, new: dict, old_name: str = "cache has", new_name: str = "this run has") -> list[str]:
+    """Human-readable differences between two cache specs (or their fingerprints, under `fingerprint.` keys)."""
+    old_flat, new_flat = _flatten(old), _flatten(new)
     return [
-        f"{key}: cache has {json.dumps(old_flat.get(key))}, this run has {json.dumps(new_flat.get(key))}"
+        f"{key}: {old_name} {json.dumps(old_flat.get(key))}, {new_name} {json.dumps(new_flat.get(key))}"
         for key in sorted(set(old_flat) | set(new_flat))
         if key not in DESCRIPTIVE_KEYS and _normalise(old_flat.get(key)) != _normalise(new_flat.get(key))
     ]

@@ -45,6 +45,13 @@ def device_problem(device: str) -> str | None:
     return None
 
 
+def output_problem(name: str, path: Path | None, folder: bool = True) -> str | None:
+    """What is wrong with an output path (None: usable): a file where a folder goes, or the other way round."""
+    if path is None or not Path(path).exists() or Path(path).is_dir() == folder:
+        return None
+    return f"{name} {path} is {'a file' if folder else 'a folder'}; it must be {'a folder' if folder else 'a file name'}"
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import backbone as bb
 from pipeline import decoder_crashes
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
-from pipeline.config import ConfigError, device_problem, save_config, with_absolute_paths
+from pipeline.config import ConfigError, device_problem, output_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import decoding, triage
 from pipeline.distributed import Ranks, barrier
 from pipeline.takes import VIEWS, Take, load_takes
@@ -60,8 +61,7 @@ class ExtractConfig:
             problems.append(f"views must be distinct names from {list(VIEWS)}, got {list(self.views)}")
         if (self.batch_size is not None and self.batch_size < 1) or self.shard_size < 1 or self.workers < 0:
             problems.append("batch_size and shard_size must be >= 1, workers >= 0")
-        if problem := device_problem(self.device):
-            problems.append(problem)
+        problems += filter(None, [device_problem(self.device), output_problem("cache", self.cache)])
         if problems:
             raise ConfigError("ExtractConfig: " + "; ".join(problems))
 
@@ -151,7 +151,7 @@ def decode_take(take: Take, views: tuple[str, ...], frames: int, shard: int = 0,
                 cache_root: Path | None = None, crashes: dict[tuple[str, str], str] | None = None) -> DecodedTake:
     """Decode and preprocess every view; with `cache_root`, each decode is guarded by a crash marker
     (pipeline.decoder_crashes) and the views in `crashes` are failed without decoding them."""
-    clips, failures = {}, {}
+    clips, failures, lengths = {}, {}, {}
     for view in views:
         if crashes and (take.take_uid, view) in crashes:
             failures[view] = crashes[(take.take_uid, view)]
@@ -159,9 +159,14 @@ def decode_take(take: Take, views: tuple[str, ...], frames: int, shard: int = 0,
         guard = decoding(cache_root, take.take_uid, view, take.videos[view], frames) if cache_root else nullcontext()
         try:
             with guard:
-                clips[view] = preprocess(decode_clip(take.videos[view], frames))
+                sampled, lengths[view] = decode_clip(take.videos[view], frames)
+            clips[view] = preprocess(sampled)
         except VideoError as err:
             failures[view] = str(err)
+    longest = max(lengths.values(), default=0)
+    if longest - min(lengths.values(), default=0) > max(1, longest // 100):  # frame-aligned views have one length
+        warnings.warn(f"take {take.take_uid}: its views have different lengths ({lengths} frames); each is sampled at "
+                      "the same relative times of its own length, so they may not show the same moments", stacklevel=2)
     return DecodedTake(shard, position, clips, failures)
 
 

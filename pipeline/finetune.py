@@ -13,6 +13,7 @@ part of train; val is only used for the final evaluation.
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -27,18 +28,18 @@ from transformers import get_cosine_schedule_with_warmup
 
 from pipeline import backbone as bb
 from pipeline.checkpoints import load_head, save_head
-from pipeline.config import ConfigError, config_to_dict, device_problem, save_config, with_absolute_paths
+from pipeline.config import ConfigError, config_to_dict, device_problem, output_problem, save_config, with_absolute_paths
 from pipeline.distributed import Ranks, barrier
 from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
 from pipeline.epoch_checkpoints import (
     find_epoch_checkpoint, has_epoch_checkpoint, load_epoch_checkpoint, rng_states, save_epoch_checkpoint, trainable_state,
 )
-from pipeline.files import write_bytes_atomic
+from pipeline.files import replace_folder, write_bytes_atomic
 from pipeline.fusion import FUSIONS, HeadConfig, build_head
-from pipeline.head_training import label_prior, stratified_holdout
+from pipeline.head_training import TrainingDiverged, label_prior, stratified_holdout
 from pipeline.skill_model import SkillModel
-from pipeline.takes import load_takes
+from pipeline.takes import load_takes, shared_takes
 from pipeline.views import parse_view_setting
 
 
@@ -83,17 +84,20 @@ class FinetuneConfig:
             raise ConfigError(f"FinetuneConfig.workers: must be >= 0, got {self.workers}")
         if self.lr < 0 or self.weight_decay < 0:  # lr 0: evaluate a warm-started head end to end, unchanged
             raise ConfigError(f"FinetuneConfig: lr and weight_decay must be >= 0 (got {self.lr}, {self.weight_decay})")
-        if problem := device_problem(self.device):
-            raise ConfigError(f"FinetuneConfig.{problem}")
+        for problem in (device_problem(self.device), output_problem("out", self.out)):
+            if problem:
+                raise ConfigError(f"FinetuneConfig.{problem}")
         for name, high in (("holdout", 0.5), ("warmup_ratio", 1.0), ("lora_dropout", 1.0)):
             if not 0 <= getattr(self, name) < high:
                 raise ConfigError(f"FinetuneConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")
 
 
-def build_model(config: FinetuneConfig) -> tuple[SkillModel, tuple[str, ...]]:
+def build_model(config: FinetuneConfig) -> tuple[SkillModel, tuple[str, ...], str]:
+    """The model to train, its views, and the hash of the backbone's weights before any training."""
     views = parse_view_setting(config.views)
     torch.manual_seed(config.seed)
     backbone = bb.load_backbone(config.backbone, config.frames)
+    weights_sha256 = bb.weights_hash(backbone)
     if config.tune == "lora":
         backbone = bb.add_lora(backbone, bb.LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
     if config.gradient_checkpointing:
@@ -109,7 +113,7 @@ def build_model(config: FinetuneConfig) -> tuple[SkillModel, tuple[str, ...]]:
     head = build_head(head_config)
     if config.init_head:
         head, head_config = _warm_start_head(config.init_head, head_config, views)
-    return SkillModel(backbone, head, head_config), views
+    return SkillModel(backbone, head, head_config), views, weights_sha256
 
 
 def _warm_start_head(cell: Path, expected: HeadConfig, views: tuple[str, ...]):
@@ -145,8 +149,11 @@ def run_finetune(
     rank 0 alone writes checkpoints, picks the best epoch and evaluates.
     """
     config = with_absolute_paths(config, backbone=bb.resolved_backbone(config.backbone))  # evaluate reads them back
-    train_takes = load_takes(config.root, "train")
-    model, views = build_model(config)
+    train_takes, val_takes = load_takes(config.root, "train"), load_takes(config.root, "val")
+    if shared := shared_takes(train_takes, val_takes):
+        raise ConfigError(f"{config.root}: {len(shared)} take(s) in both the train and val annotations, e.g. "
+                          f"{shared[:3]}; val would score training data")
+    model, views, weights_sha256 = build_model(config)
     trained_size = {"hidden": model.head_config.hidden, "heads": model.head_config.heads}
     if config.init_head and trained_size != {"hidden": config.hidden, "heads": config.heads}:
         if on_event:  # the warm-started head keeps its size; config.json must say so
@@ -208,7 +215,7 @@ def run_finetune(
             holdout_loss = _holdout_loss(model, holdout_takes, views, config, device)
             state["holdout_losses"].append(holdout_loss)
             if not math.isfinite(holdout_loss) and holdout_takes:
-                raise RuntimeError(f"{out}: held-out loss is {holdout_loss} after epoch {epoch}; training diverged")
+                raise TrainingDiverged(f"{out}: held-out loss is {holdout_loss} after epoch {epoch}; training diverged")
             if holdout_loss < state["best_loss"] or not holdout_takes:
                 state["best_loss"], state["best_epoch"] = holdout_loss, epoch
                 write_bytes_atomic(out / "best.safetensors", save_safetensors(trainable_state(model)))
@@ -220,8 +227,7 @@ def run_finetune(
     if not ranks.is_main:
         return state
     model.load_state_dict(load_safetensors((out / "best.safetensors").read_bytes()), strict=False)
-    _save_final(out, model, config, views, state, prior)
-    val_takes = load_takes(config.root, "val")
+    _save_final(out, model, config, views, state, prior, weights_sha256)
     settings = {**config_to_dict(config), "best_epoch": state["best_epoch"], "holdout_losses": state["holdout_losses"]}
     state["metrics"] = evaluate_split(model, val_takes, views, config.frames, config.precision, out, settings,
                                       config.device, config.workers)
@@ -235,11 +241,16 @@ def _holdout_loss(model, takes, views, config: FinetuneConfig, device) -> float:
     return float(F.cross_entropy(logits, torch.tensor([int(t.label) for t in takes])))
 
 
-def _save_final(out: Path, model: SkillModel, config: FinetuneConfig, views, state: dict, label_prior: list[float]) -> None:
-    if config.tune == "lora":
-        model.backbone.save_pretrained(out / "adapter")
-    else:
-        model.backbone.save_pretrained(out / "backbone")
+def _save_final(out: Path, model: SkillModel, config: FinetuneConfig, views, state: dict, label_prior: list[float],
+                weights_sha256: str) -> None:
+    """The trained backbone part, then the head: the head's files, written last, name what they were trained with."""
+    tuned = out / ("adapter" if config.tune == "lora" else "backbone")
+    staging = tuned.with_name(tuned.name + ".staging")  # save_pretrained writes in place: swapped in once complete
+    shutil.rmtree(staging, ignore_errors=True)
+    model.backbone.save_pretrained(staging)
+    replace_folder(staging, tuned)
+    # LoRA runs load the base weights named in config.json: evaluate checks they are still these
+    trained_with = {"weights_sha256": weights_sha256, "adapter_sha256": bb.adapter_hash(tuned)} if config.tune == "lora" else {}
     save_head(out, model.head, model.head_config, views, run="finetune", best_epoch=state["best_epoch"],
               holdout_losses=state["holdout_losses"], precision=config.precision,
-              label_prior=label_prior)
+              label_prior=label_prior, **trained_with)

@@ -18,9 +18,11 @@ from pipeline.config import ConfigError, config_to_dict, save_config
 from pipeline.files import write_json_atomic
 from pipeline.fusion import HeadConfig
 from pipeline.head_training import (
-    Cell, FeatureTable, FitHeadConfig, grid_cells, head_config_for, load_complete_split, predict_probabilities, train_head,
+    Cell, FeatureTable, FitHeadConfig, TrainingDiverged, grid_cells, head_config_for, load_complete_split,
+    predict_probabilities, train_head,
 )
 from pipeline.metrics import plot_grid, write_evaluation, write_submission
+from pipeline.takes import shared_takes
 from pipeline.views import parse_view_setting
 
 
@@ -35,6 +37,9 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
     view_names = {setting: parse_view_setting(setting, cache.spec.views) for setting in settings.views}
     head_configs = {cell: head_config_for(cache, settings, cell.fusion, len(view_names[cell.views])) for cell in cells}
     train, val = load_complete_split(cache, "train"), load_complete_split(cache, "val")
+    if shared := shared_takes(train.records, val.records):
+        raise CacheError(f"{cache.root}: {len(shared)} take(s) in both train and val, e.g. {shared[:3]}; "
+                         "val would score training data")
     for setting, names in view_names.items():
         slots = [cache.spec.views.index(v) for v in names]
         if not train.present[:, slots].any():
@@ -62,7 +67,10 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
 def _fit_cell(cell: Cell, cache: FeatureCache, settings: FitHeadConfig, head_config: HeadConfig, names: tuple[str, ...],
               train: FeatureTable, val: FeatureTable) -> dict:
     """Train one cell, evaluate it on val and write its folder; returns its grid row."""
-    trained = train_head(train, head_config, settings, cell.seed)
+    try:
+        trained = train_head(train, head_config, settings, cell.seed)
+    except TrainingDiverged as err:  # the cells before it are written; this one has nothing worth keeping
+        raise TrainingDiverged(f"{settings.out / cell.name}: {err}") from None
     probabilities = predict_probabilities(trained, val, settings.precision)
     folder = settings.out / cell.name
     cell_config = dataclasses.replace(settings, views=(cell.views,), fusions=(cell.fusion,), seeds=(cell.seed,))

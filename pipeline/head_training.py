@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import CacheError, CachedSplit, FeatureCache
-from pipeline.config import ConfigError, device_problem
+from pipeline.config import ConfigError, device_problem, output_problem
 from pipeline.fusion import FUSIONS, NUM_CLASSES, HeadConfig, build_head, head_inputs
 from pipeline.head_step import CompiledHeadTrainer
 from pipeline.views import parse_view_setting
@@ -91,8 +91,10 @@ class FitHeadConfig:
                 raise ConfigError(f"FitHeadConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")
         if self.compile and self.precision != "bf16":
             raise ConfigError("FitHeadConfig.compile: the compiled step trains in bf16; use precision bf16 or no compile")
-        if problem := device_problem(self.device):
-            raise ConfigError(f"FitHeadConfig.{problem}")
+        for problem in (device_problem(self.device), output_problem("out", self.out),
+                        output_problem("submission", self.submission, folder=False)):
+            if problem:
+                raise ConfigError(f"FitHeadConfig.{problem}")
 
 
 def field_help(name: str) -> str:
@@ -186,6 +188,10 @@ class FeatureTable:
         return len(self.take_uids)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the settings (usually the learning rate) do not train this head."""
+
+
 @dataclass
 class TrainedHead:
     head: torch.nn.Module
@@ -263,6 +269,9 @@ def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConf
         if len(holdout_rows):
             logits = predict_logits(head, train.inputs[holdout_rows], train.present[holdout_rows], config.precision)
             holdout_losses.append(float(F.cross_entropy(logits, train.labels[holdout_rows])))
+        if not all(map(math.isfinite, train_losses[-1:] + holdout_losses[-1:])):  # NaN weights predict "Novice" for all
+            raise TrainingDiverged(f"seed {seed}: loss {train_losses[-1]} (held out: {holdout_losses[-1:]}) after epoch "
+                                   f"{epoch}: training diverged; try a lower --lr")
             if holdout_losses[-1] < best["loss"]:
                 state = {k: v.detach().clone() for k, v in head.state_dict().items()}
                 best = {"loss": holdout_losses[-1], "epoch": epoch, "state": state}

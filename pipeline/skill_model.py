@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline import backbone as bb
+from pipeline.cache import CacheError, FeatureCache, spec_differences
 from pipeline.checkpoints import load_head
 from pipeline.config import ConfigError, device_problem
 from pipeline.files import read_json
@@ -85,25 +86,36 @@ class ModelSpec:
     precision: str
     from_cache: bool  # a fit-head cell: inputs rounded like the cache
     compiled: bool = False  # its cache was extracted with --compile: evaluate the same way
+    weights_sha256: str | None = None  # bb.weights_hash of the backbone it was trained on (None: not recorded)
+    adapter_sha256: str | None = None  # bb.adapter_hash of its adapter (None: none, or not recorded)
 
 
 def read_model_spec(checkpoint: Path) -> ModelSpec:
     checkpoint = Path(checkpoint)
     info = read_json(checkpoint / "head.json") if (checkpoint / "head.json").is_file() else None
     if info and "cache" in info:  # a fit-head cell
-        cache = Path(info["cache"])
-        extract_config = next(iter(sorted(cache.glob("extract-*.json"))), None)
+        cache = FeatureCache.open(info["cache"])
+        fingerprint = cache.spec.fingerprint
+        if changes := spec_differences({"fingerprint": info.get("cache_fingerprint", fingerprint)},
+                                       {"fingerprint": fingerprint}, "the head was trained on", "the cache now has"):
+            listing = "\n".join(f"  - {change}" for change in changes)
+            raise CacheError(f"{checkpoint}: its cache {cache.root} was rebuilt differently since:\n{listing}")
+        extract_config = next(iter(sorted(cache.root.glob("extract-*.json"))), None)
         if extract_config is None:
-            raise ConfigError(f"{checkpoint}: its cache {cache} has no extract config; cannot rebuild the backbone")
+            raise ConfigError(f"{checkpoint}: its cache {cache.root} has no extract config; cannot rebuild the backbone")
         settings = read_json(extract_config)
         return ModelSpec(settings["backbone"], Path(settings["adapter"]) if settings.get("adapter") else None,
                          int(settings["frames"]), tuple(info["views"]), settings["precision"], True,
-                         bool(settings.get("compile", False)))
+                         bool(settings.get("compile", False)), fingerprint.get("weights_sha256"), fingerprint.get("adapter_sha256"))
     if (checkpoint / "config.json").is_file() and info:  # a finetune run
         settings = read_json(checkpoint / "config.json")
-        backbone = str(checkpoint / "backbone") if (checkpoint / "backbone").is_dir() else settings["backbone"]
-        adapter = checkpoint / "adapter" if (checkpoint / "adapter").is_dir() else None
-        return ModelSpec(backbone, adapter, int(settings["frames"]), tuple(info["views"]), settings["precision"], False)
+        tuned = checkpoint / ("backbone" if settings.get("tune") == "full" else "adapter")
+        if not tuned.is_dir():
+            raise ConfigError(f"{checkpoint}: trained with tune={settings.get('tune')}, but its {tuned.name}/ folder is missing")
+        if tuned.name == "backbone":
+            return ModelSpec(str(tuned), None, int(settings["frames"]), tuple(info["views"]), settings["precision"], False)
+        return ModelSpec(settings["backbone"], tuned, int(settings["frames"]), tuple(info["views"]), settings["precision"],
+                         False, weights_sha256=info.get("weights_sha256"), adapter_sha256=info.get("adapter_sha256"))
     raise FileNotFoundError(f"{checkpoint}: not a finetune run or fit-head cell (expected head.json, plus config.json or a cache)")
 
 
@@ -113,6 +125,10 @@ def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel,
         raise ConfigError(f"--{problem}")
     spec = read_model_spec(checkpoint)
     backbone = bb.load_backbone(spec.backbone, spec.frames)
+    if spec.weights_sha256 and bb.weights_hash(backbone) != spec.weights_sha256:
+        raise ConfigError(f"{checkpoint}: the backbone {spec.backbone} no longer holds the weights it was trained with")
+    if spec.adapter_sha256 and bb.adapter_hash(spec.adapter) != spec.adapter_sha256:
+        raise ConfigError(f"{checkpoint}: the adapter {spec.adapter} changed since it was trained")
     if spec.adapter:
         backbone = bb.load_adapter(backbone, spec.adapter)
     backbone = bb.prepare_for_inference(backbone, device, spec.precision, fused_attention=spec.compiled)

@@ -86,13 +86,13 @@ def load_takes(root: Path, split: str) -> list[Take]:
         raise FileNotFoundError(f"{path}: annotation file not found (is --root an egoexo download root?)")
     try:
         document = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AnnotationError(path, [f"not valid JSON: {err}"], UNUSABLE) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AnnotationError(path, [f"not valid UTF-8 JSON: {err}"], UNUSABLE) from None
     records = document.get("annotations") if isinstance(document, dict) else None
     if not isinstance(records, list):
         raise AnnotationError(path, ['top level must be an object with an "annotations" list'], UNUSABLE)
 
-    takes, problems, seen = [], [], {}
+    takes, problems, seen, seen_names = [], [], {}, {}
     for position, record in enumerate(records):
         take, record_problems = _parse_record(root, split, record)
         where = f"record {position}" + (f" (take_uid {take.take_uid})" if take else "")
@@ -101,11 +101,21 @@ def load_takes(root: Path, split: str) -> list[Take]:
             continue
         if take.take_uid in seen:
             problems.append(f"{where}: duplicate take_uid, first seen in record {seen[take.take_uid]}")
+        if take.take_name and take.take_name in seen_names:  # the same videos under two labels
+            problems.append(f"{where}: take folder {take.take_name!r} also belongs to record {seen_names[take.take_name]}")
         seen.setdefault(take.take_uid, position)
+        seen_names.setdefault(take.take_name, position)
         takes.append(take)
     if problems:
         raise AnnotationError(path, problems)
     return sorted(takes, key=lambda t: t.take_uid)
+
+
+def shared_takes(train: list, val: list) -> list[str]:
+    """Takes (Take or cache records) in both splits, by take_uid or take folder: val would score training data."""
+    uids = {t.take_uid for t in train} & {t.take_uid for t in val}
+    folders = {t.take_name for t in train} & {t.take_name for t in val} - {t.take_name for t in val if t.take_uid in uids}
+    return sorted(uids) + sorted(f"take folder {name}" for name in folders)
 
 
 def _parse_record(root: Path, split: str, record: object) -> tuple[Take | None, list[str]]:
@@ -146,6 +156,8 @@ def _parse_record(root: Path, split: str, record: object) -> tuple[Take | None, 
         take_names.add(PurePosixPath(rel).parts[1])
     if len(take_names) > 1:
         problems.append(f"video_paths point into several takes: {sorted(take_names)}")
+    if len(set(videos.values())) < len(videos):
+        problems.append(f"video_paths name one file for several views: {video_paths}")
     if problems:
         return Take(take_uid, "", str(scenario), ProficiencyLabel.NOVICE, split, {}), problems
     return Take(take_uid, take_names.pop(), scenario, label, split, videos), []
@@ -168,9 +180,10 @@ def _unsafe_path_reason(rel: object) -> str | None:
 def resolve_view_files(take_dir: Path) -> dict[str, Path]:
     """Map the mp4 files of one take folder to views by camera name.
 
-    Ego is the Aria file (`aria01_214-1.mp4`, `aria_214-1.mp4`, `aria1_...`); exos are the
-    `camNN` / `gpNN` files in numeric order (`cam05` fills a slot when one of cam01..04 is absent).
-    Accepts the take folder itself, or one holding `frame_aligned_videos/downscaled/448/`.
+    Ego is the Aria file (`aria01_214-1.mp4`, `aria_214-1.mp4`, `aria1_...`); `camN` / `gpN` is
+    exoN for N in 1..4, and a missing one stays missing (a partial download), except that other
+    camera files (`cam05`) fill the free slots in numeric order. Accepts the take folder itself,
+    or one holding `frame_aligned_videos/downscaled/448/`.
     """
     take_dir = Path(take_dir)
     if not take_dir.is_dir():
@@ -181,16 +194,25 @@ def resolve_view_files(take_dir: Path) -> dict[str, Path]:
     arias = [p for p in files if p.name.lower().startswith("aria")]
     # Aria's RGB stream is 214-1; a folder may also hold its SLAM (1201-*) or eye (211-*) streams
     egos = [p for p in arias if p.stem.lower().endswith("214-1")] or arias
-    exos = sorted(
-        (p for p in files if _EXO_NAME.match(p.name.lower())),
-        key=lambda p: int(_EXO_NAME.match(p.name.lower()).group(2)),
-    )
+    exos = sorted((p for p in files if _EXO_NAME.match(p.name.lower())), key=_exo_number)
     if len(egos) != 1:
         raise ValueError(f"{folder}: expected exactly one ego (aria*) video, found {[p.name for p in egos]}")
     if len(exos) > 4:
         raise ValueError(f"{folder}: more than four exo videos: {[p.name for p in exos]}; the model takes four, "
                          "so pass a folder holding only the four it should see")
-    return {"ego": egos[0], **{f"exo{i + 1}": path for i, path in enumerate(exos)}}
+    numbered, others = {}, []
+    for path in exos:  # in numeric order
+        view = f"exo{_exo_number(path)}"
+        if view in VIEWS and view not in numbered:
+            numbered[view] = path
+        else:  # cam05, or a second file for one number (cam01 and gp01)
+            others.append(path)
+    numbered.update(zip([view for view in VIEWS[1:] if view not in numbered], others))  # at most four: they fit
+    return {"ego": egos[0], **{view: numbered[view] for view in VIEWS[1:] if view in numbered}}
+
+
+def _exo_number(path: Path) -> int:
+    return int(_EXO_NAME.match(path.name.lower()).group(2))
 
 
 _EXO_NAME = re.compile(r"^(cam|gp)(\d+)\.mp4$")

@@ -46,8 +46,8 @@ def sample_indices(num_video_frames: int, num_samples: int) -> np.ndarray:
     return np.floor(centres).astype(np.int64)
 
 
-def decode_clip(path: Path, num_samples: int) -> np.ndarray:
-    """The sampled frames of one video: (T, H, W, 3) uint8. Raises VideoError naming the file."""
+def decode_clip(path: Path, num_samples: int) -> tuple[np.ndarray, int]:
+    """The sampled frames of one video, (T, H, W, 3) uint8, and its frame count. Raises VideoError naming the file."""
     import decord  # imported lazily: a process that never decodes (fit-head) need not load it
 
     path = Path(path)
@@ -68,7 +68,7 @@ def decode_clip(path: Path, num_samples: int) -> np.ndarray:
         raise VideoError(path, f"cannot decode ({type(err).__name__}: {first_line[:200]})") from err
     if frames.shape[0] != num_samples:
         raise VideoError(path, f"decoded {frames.shape[0]} of {num_samples} requested frames")
-    return frames
+    return frames, num_frames
 
 
 def preprocess(frames: np.ndarray, spec: Preprocessing = PREPROCESSING) -> torch.Tensor:

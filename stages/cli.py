@@ -12,11 +12,12 @@ from rich.markup import escape
 
 from pipeline.cache import CacheError
 from pipeline.config import ConfigError
+from pipeline.head_training import TrainingDiverged
 from pipeline.takes import AnnotationError
 from stages import demo, evaluate, export, extract, finetune, fit_head
 
 USAGE_ERROR = 2  # bad flags, config or annotations: nothing was computed
-USER_ERRORS = (ConfigError, CacheError, AnnotationError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CacheError, AnnotationError, FileNotFoundError, TrainingDiverged)
 
 app = typer.Typer(
     help="Skill-level estimation from multi-view EgoExo4D video: extract features, fit heads, fine-tune.",

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, output_problem
 from pipeline.evaluation import evaluate_split, predict_takes
 from pipeline.skill_model import load_skill_model, read_model_spec
 from pipeline.takes import LABEL_NAMES, ProficiencyLabel, Take, load_takes, resolve_view_files
@@ -37,6 +37,8 @@ def evaluate(
     workers: int = typer.Option(0, min=0, help="Decoding processes."),
 ) -> None:
     """Evaluate a trained model end to end (decode, backbone, head) on a split."""
+    if problem := output_problem("--out", out):
+        raise ConfigError(problem)
     _check_conflicts(checkpoint, frames, views)
     model, spec = load_skill_model(checkpoint, device)
     takes = load_takes(root, split)

@@ -69,7 +69,7 @@ def test_extract_writes_every_take_and_view_and_a_rerun_does_no_work(dataset, ba
     # the cached tokens are the backbone's pooled tokens of the sampled, preprocessed frames
     model = load_backbone(str(backbone_dir), FRAMES)
     take = takes[-1]
-    clips = torch.stack([preprocess(decode_clip(take.videos[v], FRAMES)) for v in VIEWS])
+    clips = torch.stack([preprocess(decode_clip(take.videos[v], FRAMES)[0]) for v in VIEWS])
     with torch.inference_mode():
         expected = encode_clips(model, clips).numpy()
     np.testing.assert_allclose(split.tokens[-1].astype(np.float32), expected, rtol=2e-3, atol=2e-3)

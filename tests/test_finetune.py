@@ -161,6 +161,41 @@ def test_a_cell_from_a_compiled_cache_is_evaluated_with_the_compiled_backbone(wo
     np.testing.assert_array_equal(tokens[0].half().numpy(), val.tokens[0])
 
 
+def test_evaluate_refuses_a_model_whose_cache_backbone_or_adapter_changed(world, fitted_cell, tmp_path):
+    def evaluate(checkpoint):
+        return CliRunner().invoke(app, ["evaluate", "--checkpoint", str(checkpoint), "--root", str(world / "data"),
+                                        "--out", str(tmp_path / "eval")])
+
+    def cell_on(cache):  # the cell, pointed at a copy of its cache
+        shutil.copytree(world / "cache-fp32", cache)
+        cell = shutil.copytree(fitted_cell, cache.with_name(cache.name + "-cell"))
+        info = json.loads((cell / "head.json").read_text())
+        (cell / "head.json").write_text(json.dumps({**info, "cache": str(cache)}))
+        return cell
+
+    rebuilt = cell_on(tmp_path / "rebuilt")  # re-extracted into the same folder with other frames
+    spec = json.loads((tmp_path / "rebuilt" / "cache.json").read_text())
+    spec["fingerprint"]["frames"] = 8
+    (tmp_path / "rebuilt" / "cache.json").write_text(json.dumps(spec))
+    result = evaluate(rebuilt)
+    assert result.exit_code == 2 and "fingerprint.frames: the head was trained on 4, the cache now has 8" in result.output
+
+    other_weights = cell_on(tmp_path / "moved")  # its backbone folder now holds other weights
+    other = str(bb.save_tiny_backbone(tmp_path / "tiny1", seed=1))
+    for extract_config in (tmp_path / "moved").glob("extract-*.json"):
+        extract_config.write_text(json.dumps({**json.loads(extract_config.read_text()), "backbone": other}))
+    result = evaluate(other_weights)
+    assert result.exit_code == 2 and "no longer holds the weights it was trained with" in result.output
+
+    run = shutil.copytree(world / "run", tmp_path / "run")
+    (run / "adapter" / "adapter_config.json").write_text((run / "adapter" / "adapter_config.json").read_text() + " ")
+    result = evaluate(run)
+    assert result.exit_code == 2 and "changed since it was trained" in result.output
+    shutil.rmtree(run / "adapter")
+    result = evaluate(run)
+    assert result.exit_code == 2 and "trained with tune=lora, but its adapter/ folder is missing" in result.output
+
+
 def test_zero_lora_updates_give_the_frozen_cache_logits(world, fitted_cell):
     head, info = load_head(fitted_cell)
     adapted = bb.add_lora(bb.load_backbone(str(world / "tiny"), FRAMES), bb.LoraSettings(r=4))  # lora_B = 0
@@ -463,3 +498,7 @@ def test_evaluate_and_predict_refuse_bad_input_with_exit_2(world, tmp_path):
     assert split.exit_code == 2 and "unknown split 'test'" in split.output
     folder = CliRunner().invoke(app, ["predict", "--checkpoint", str(world / "run"), str(tmp_path / "no-such-take")])
     assert folder.exit_code == 2 and "no-such-take: not a folder" in folder.output
+    (tmp_path / "afile").write_text("")
+    out = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(world / "run"), "--root", str(world / "data"),
+                                   "--out", str(tmp_path / "afile")])
+    assert out.exit_code == 2 and "afile is a file; it must be a folder" in out.output

@@ -10,7 +10,8 @@ from pipeline.config import read_saved_config
 from pipeline.fusion import FUSIONS
 from pipeline.head_training import FitHeadConfig
 from stages.cli import app
-from tests.cachegen import split_view_cache
+from pipeline.cache import TakeRecord
+from tests.cachegen import DIM, FRAMES, split_view_cache
 
 TINY = ["--epochs", "20", "--lr", "2e-3", "--batch-size", "16", "--hidden", "48", "--heads", "4"]
 VAL = 48
@@ -172,6 +173,16 @@ def test_view_settings_the_cache_lacks_are_clear_errors(tmp_path):
     assert result.exit_code == 2 and "unknown view 'cam7'" in result.output
 
 
+def test_takes_in_both_train_and_val_are_refused(tmp_path):
+    cache = split_view_cache(tmp_path / "cache", train=16, splits=("train",))
+    uids = ["train-0003", "val-0001"]  # one train take extracted again as val
+    (shard_uids,) = cache.plan_split("val", uids)
+    records = [TakeRecord(u, f"take_{u}", "val", 0, "Dance", (True,) * 5) for u in shard_uids]
+    cache.write_shard("val", 0, np.zeros((2, 5, 1 + FRAMES, DIM), np.float16), records, {})
+    result = fit(tmp_path / "cache", tmp_path / "run")
+    assert result.exit_code == 2 and "1 take(s) in both train and val, e.g. ['train-0003']" in result.output
+
+
 def test_a_view_no_train_take_has_is_a_clear_error(tmp_path):
     split_view_cache(tmp_path / "cache", train=16, val=16, views=("ego", "exo1"), absent=1.0)  # only ego survives
     result = fit(tmp_path / "cache", tmp_path / "run", "--views", "exo1")
@@ -183,7 +194,20 @@ def test_a_view_no_train_take_has_is_a_clear_error(tmp_path):
     (["--heads", "5"], "FitHeadConfig.heads=5 must divide the feature size 32"),
     (["--holdout", "0.5"], "FitHeadConfig.holdout: must be in [0, 0.5)"),
     (["--seed", "1", "--seed", "1"], "FitHeadConfig.seeds: repeated values"),
+    (["--submission", "."], "FitHeadConfig.submission . is a folder; it must be a file name"),
 ])
 def test_bad_settings_are_clear_errors(grid, tmp_path, flags, message):
     result = fit(grid / "cache", tmp_path / "run", *flags)
     assert result.exit_code == 2 and message in result.output
+
+
+def test_an_output_that_is_a_file_is_refused_before_training(grid, tmp_path):
+    (tmp_path / "run").write_text("")
+    result = fit(grid / "cache", tmp_path / "run")
+    assert result.exit_code == 2 and "FitHeadConfig.out" in result.output and "is a file; it must be a folder" in result.output
+
+
+def test_a_diverged_cell_is_an_error_not_a_result(grid, tmp_path):
+    result = fit(grid / "cache", tmp_path / "run", "--views", "ego+exos", "--lr", "1e8", "--precision", "fp32")
+    assert result.exit_code == 2 and "training diverged; try a lower --lr" in result.output
+    assert "ego+exos__crossview__seed0" in result.output and not (tmp_path / "run" / "grid.json").exists()

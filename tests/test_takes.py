@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.takes import (
-    LABEL_NAMES, VIEWS, AnnotationError, ProficiencyLabel, downscaled_path, load_takes, resolve_view_files,
+    LABEL_NAMES, VIEWS, AnnotationError, ProficiencyLabel, downscaled_path, load_takes, resolve_view_files, shared_takes,
 )
 
 EGO_NAMES = ["aria01_214-1.mp4", "aria02_214-1.mp4", "aria04_214-1.mp4", "aria_214-1.mp4", "aria1_214-1.mp4"]
@@ -15,8 +15,8 @@ EXO_SETS = [
 ]
 
 
-def record(uid="uid0", name="uniandes_bouldering_028_7", ego="aria01_214-1.mp4", exos=EXO_SETS[0], **fields):
-    files = [ego, *exos]
+def record(uid="uid0", name=None, ego="aria01_214-1.mp4", exos=EXO_SETS[0], **fields):
+    name, files = name or f"uniandes_bouldering_{uid}", [ego, *exos]
     base = {
         "task_id": 1, "task_name": "Bouldering", "scenario_name": "Rock Climbing", "university_id": "uniandes",
         "origin_participant_id": "p1", "take_uid": uid, "proficiency_score": "Late Expert",
@@ -36,7 +36,7 @@ def write_annotations(root: Path, records, split="train") -> Path:
 @pytest.mark.parametrize("ego", EGO_NAMES)
 @pytest.mark.parametrize("exos", EXO_SETS)
 def test_every_camera_naming_variant_resolves_to_the_448px_file(tmp_path, ego, exos):
-    write_annotations(tmp_path, [record(ego=ego, exos=exos)])
+    write_annotations(tmp_path, [record(name="uniandes_bouldering_028_7", ego=ego, exos=exos)])
     (take,) = load_takes(tmp_path, "train")
     folder = tmp_path / "takes" / "uniandes_bouldering_028_7" / "frame_aligned_videos" / "downscaled" / "448"
     assert take.videos == {view: folder / f for view, f in zip(VIEWS, [ego, *exos])}
@@ -51,6 +51,18 @@ def test_take_folder_views_resolve_by_camera_name(tmp_path, ego, exos):
         (tmp_path / name).write_bytes(b"")
     views = resolve_view_files(tmp_path)
     assert views == {view: tmp_path / f for view, f in zip(VIEWS, [ego, *exos])}
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["cam01", "cam03", "cam04"], {"exo1": "cam01", "exo3": "cam03", "exo4": "cam04"}),  # cam02 not downloaded
+    (["gp02"], {"exo2": "gp02"}),
+    (["cam01", "cam03", "cam04", "cam05"], {"exo1": "cam01", "exo2": "cam05", "exo3": "cam03", "exo4": "cam04"}),
+])
+def test_a_take_folder_missing_a_camera_leaves_its_slot_empty(tmp_path, names, expected):
+    for name in ["aria01_214-1", *names]:
+        (tmp_path / f"{name}.mp4").write_bytes(b"")
+    views = resolve_view_files(tmp_path)
+    assert {view: path.stem for view, path in views.items() if view != "ego"} == expected
 
 
 def test_take_folder_with_aria_side_streams_picks_the_rgb_one(tmp_path):
@@ -102,9 +114,29 @@ def test_all_problems_are_listed_at_once_including_duplicates(tmp_path):
     path = write_annotations(tmp_path, records)
     with pytest.raises(AnnotationError) as info:
         load_takes(tmp_path, "train")
-    assert len(info.value.problems) == 3
+    assert len(info.value.problems) == 4
     text = str(info.value)
     assert str(path) in text and "duplicate take_uid" in text and "'Pro'" in text and "'?'" in text
+    assert "record 1 (take_uid a): take folder 'uniandes_bouldering_a' also belongs to record 0" in text
+
+
+def test_records_that_reuse_videos_are_refused(tmp_path):
+    twice = record(uid="b")
+    twice["video_paths"]["exo2"] = twice["video_paths"]["exo1"]
+    write_annotations(tmp_path, [record(uid="a", name="shared"), record(uid="c", name="shared"), twice])
+    with pytest.raises(AnnotationError) as info:
+        load_takes(tmp_path, "train")
+    text = str(info.value)
+    assert "record 1 (take_uid c): take folder 'shared' also belongs to record 0" in text
+    assert "record 2 (take_uid b): video_paths name one file for several views" in text
+
+
+def test_an_annotation_file_that_is_not_utf8_is_named(tmp_path):
+    path = write_annotations(tmp_path, [record()])
+    path.write_bytes(path.read_bytes().replace(b"Late Expert", "Late Expért".encode("latin-1")))
+    with pytest.raises(AnnotationError, match="not valid UTF-8 JSON") as info:
+        load_takes(tmp_path, "train")
+    assert str(path) in str(info.value)
 
 
 def test_missing_annotation_file_and_bad_split(tmp_path):
@@ -117,3 +149,9 @@ def test_missing_annotation_file_and_bad_split(tmp_path):
 def test_downscaled_path_inserts_the_448_folder(tmp_path):
     got = downscaled_path(tmp_path, "takes/t/frame_aligned_videos/cam01.mp4")
     assert got == tmp_path / "takes/t/frame_aligned_videos/downscaled/448/cam01.mp4"
+
+
+def test_takes_shared_by_train_and_val_are_found_by_uid_or_folder(tmp_path):
+    write_annotations(tmp_path, [record(uid="a"), record(uid="b"), record(uid="c", name="one_folder")], "train")
+    write_annotations(tmp_path, [record(uid="a"), record(uid="d"), record(uid="e", name="one_folder")], "val")
+    assert shared_takes(load_takes(tmp_path, "train"), load_takes(tmp_path, "val")) == ["a", "take folder one_folder"]

@@ -9,8 +9,8 @@ from tests import videos
 def test_decoding_returns_exactly_the_sampled_frames(tmp_path):
     path = videos.good_video(tmp_path / "v.mp4", frames=30, size=(48, 64))
     all_frames = decord.VideoReader(str(path)).get_batch(list(range(30))).asnumpy()
-    clip = decode_clip(path, 8)
-    assert clip.shape == (8, 48, 64, 3) and clip.dtype == np.uint8
+    clip, length = decode_clip(path, 8)
+    assert length == 30 and clip.shape == (8, 48, 64, 3) and clip.dtype == np.uint8
     np.testing.assert_array_equal(clip, all_frames[sample_indices(30, 8)])
 
 
@@ -29,3 +29,15 @@ def test_every_kind_of_bad_video_raises_a_video_error_naming_the_file(tmp_path, 
         decode_clip(path, 8)
     assert info.value.path == path and str(path) in str(info.value)
     assert reason in info.value.reason
+
+
+def test_a_take_whose_views_have_different_lengths_is_warned_about(tmp_path):
+    from pipeline.extraction import decode_take
+    from pipeline.takes import ProficiencyLabel, Take
+
+    lengths = {"ego": 60, "exo1": 30, "exo2": 60}
+    files = {view: videos.good_video(tmp_path / f"{view}.mp4", frames=n, size=(48, 64)) for view, n in lengths.items()}
+    take = Take("uid7", "t7", "Dance", ProficiencyLabel.NOVICE, "train", files)
+    with pytest.warns(UserWarning, match=r"take uid7: its views have different lengths \(\{'ego': 60, 'exo1': 30"):
+        decoded = decode_take(take, tuple(lengths), 4)
+    assert set(decoded.clips) == set(lengths) and not decoded.failures  # a warning, not a failure
