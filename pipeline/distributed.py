@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pipeline.config import ConfigError
+
 # How long a rank waits in a collective. torch's default (30 min gloo, 10 min nccl) is too short
 # here: a rerun of extract may leave one rank with hours of shards and the others with none, and
 # finetune's other ranks wait while rank 0 evaluates the held-out takes end to end. A rank that
@@ -52,7 +54,10 @@ def barrier(ranks: Ranks) -> None:
 
 
 def local_device(device: str) -> str:
-    """`cuda` under torchrun means this rank's own GPU."""
-    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """`cuda` under torchrun means this rank's own GPU; `cuda:N` there would put every rank on one GPU."""
+    if device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device != "cuda":
+            raise ConfigError(f"--device {device} under torchrun: give --device cuda, and each rank uses its own "
+                              "GPU (LOCAL_RANK); choose the GPUs with CUDA_VISIBLE_DEVICES")
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return device

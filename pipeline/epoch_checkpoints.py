@@ -9,6 +9,7 @@ the moment of the swap); `state.json` is written last and marks a folder complet
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pipeline.distributed import Ranks
 from pipeline.files import read_json, replace_folder, write_bytes_atomic, write_json_atomic
 
 CHECKPOINT, STAGING, RETIRED = "checkpoint", "checkpoint.staging", "checkpoint.old"
+BEST_WEIGHTS = "best.safetensors"  # the best epoch's trainable weights, beside the checkpoints
 # what may change between a run and its resumption: where things are, and how they are computed
 RESUMABLE_CHANGES = frozenset({"root", "out", "device", "workers"})
 
@@ -49,9 +51,21 @@ def save_epoch_checkpoint(out: Path, model, optimizer, schedule, state: dict, rn
     _remove(staging)
     staging.mkdir(parents=True)
     write_bytes_atomic(staging / "trainable.safetensors", save_safetensors(trainable_state(model)))
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rngs}, staging / "optimizer.pt")
+    buffer = io.BytesIO()  # through write_bytes_atomic: fsynced before state.json marks the folder complete
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rngs}, buffer)
+    write_bytes_atomic(staging / "optimizer.pt", buffer.getvalue())
     write_json_atomic(staging / "state.json", state)  # written last: marks the folder complete
     replace_folder(staging, folder)  # the old one waits as checkpoint.old (RETIRED) between the renames
+
+
+def restore_best_weights(out: Path, checkpoint: Path, state: dict) -> None:
+    """After a resume: when the checkpoint's epoch was the best, its weights are the best ones.
+
+    best.safetensors is written after the checkpoint of its epoch, so a crash between the two
+    writes leaves an older best beside a state that names this epoch; rewrite it from the checkpoint.
+    """
+    if state["best_epoch"] == state["epoch"] >= 0:
+        write_bytes_atomic(Path(out) / BEST_WEIGHTS, (Path(checkpoint) / "trainable.safetensors").read_bytes())
 
 
 def _finish_interrupted_swap(out: Path) -> None:

@@ -33,7 +33,8 @@ from pipeline.distributed import Ranks, barrier
 from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
 from pipeline.epoch_checkpoints import (
-    find_epoch_checkpoint, has_epoch_checkpoint, load_epoch_checkpoint, rng_states, save_epoch_checkpoint, trainable_state,
+    BEST_WEIGHTS, find_epoch_checkpoint, has_epoch_checkpoint, load_epoch_checkpoint, restore_best_weights, rng_states,
+    save_epoch_checkpoint, trainable_state,
 )
 from pipeline.files import replace_folder, write_bytes_atomic
 from pipeline.fusion import FUSIONS, HeadConfig, build_head
@@ -181,6 +182,8 @@ def run_finetune(
         checkpoint = find_epoch_checkpoint(out)
         if checkpoint:
             state = load_epoch_checkpoint(checkpoint, model, optimizer, schedule, state["config"], ranks, device)
+            if ranks.is_main:
+                restore_best_weights(out, checkpoint, state)
         if on_event:
             on_event(f"resuming {checkpoint} after epoch {state['epoch']}" if checkpoint else
                      f"--resume: {out} has no complete checkpoint yet; starting from the beginning")
@@ -218,15 +221,16 @@ def run_finetune(
                 raise TrainingDiverged(f"{out}: held-out loss is {holdout_loss} after epoch {epoch}; training diverged")
             if holdout_loss < state["best_loss"] or not holdout_takes:
                 state["best_loss"], state["best_epoch"] = holdout_loss, epoch
-                write_bytes_atomic(out / "best.safetensors", save_safetensors(trainable_state(model)))
         rngs = rng_states(ranks, device)  # every rank's: each resumes its own dropout and data seeds
         if ranks.is_main:
             save_epoch_checkpoint(out, model, optimizer, schedule, state, rngs)
+            if state["best_epoch"] == epoch:  # after the checkpoint, which a resume restores it from (restore_best_weights)
+                write_bytes_atomic(out / BEST_WEIGHTS, save_safetensors(trainable_state(model)))
         barrier(ranks)
 
     if not ranks.is_main:
         return state
-    model.load_state_dict(load_safetensors((out / "best.safetensors").read_bytes()), strict=False)
+    model.load_state_dict(load_safetensors((out / BEST_WEIGHTS).read_bytes()), strict=False)
     _save_final(out, model, config, views, state, prior, weights_sha256)
     settings = {**config_to_dict(config), "best_epoch": state["best_epoch"], "holdout_losses": state["holdout_losses"]}
     state["metrics"] = evaluate_split(model, val_takes, views, config.frames, config.precision, out, settings,

@@ -182,14 +182,14 @@ def resolve_view_files(take_dir: Path) -> dict[str, Path]:
 
     Ego is the Aria file (`aria01_214-1.mp4`, `aria_214-1.mp4`, `aria1_...`); `camN` / `gpN` is
     exoN for N in 1..4, and a missing one stays missing (a partial download), except that other
-    camera files (`cam05`) fill the free slots in numeric order. Accepts the take folder itself,
-    or one holding `frame_aligned_videos/downscaled/448/`.
+    camera files (`cam05`) fill the free slots in numeric order. Accepts the folder of mp4s itself,
+    or a take folder holding `frame_aligned_videos/downscaled/448/` or else `frame_aligned_videos/`.
     """
     take_dir = Path(take_dir)
     if not take_dir.is_dir():
         raise ValueError(f"{take_dir}: not a folder (expected a take folder holding its view mp4s)")
-    nested = take_dir / "frame_aligned_videos" / "downscaled" / "448"
-    folder = nested if nested.is_dir() else take_dir
+    aligned = take_dir / "frame_aligned_videos"  # the full-resolution files, where the 448px ones were not downloaded
+    folder = next((f for f in (aligned / "downscaled" / "448", aligned) if f.is_dir()), take_dir)
     files = sorted(p for p in folder.glob("*.mp4") if p.is_file())
     arias = [p for p in files if p.name.lower().startswith("aria")]
     # Aria's RGB stream is 214-1; a folder may also hold its SLAM (1201-*) or eye (211-*) streams

@@ -60,3 +60,14 @@ def test_unusable_devices_are_refused_before_any_work(device, message):
 
 def test_usable_devices_pass():
     assert device_problem("cpu") is None
+
+
+def test_under_torchrun_cuda_means_each_ranks_own_gpu(monkeypatch):
+    from pipeline.distributed import local_device
+
+    assert local_device("cuda:1") == "cuda:1"  # a single process may pick any GPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_device("cuda") == "cuda:1" and local_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="--device cuda:0 under torchrun: give --device cuda"):
+        local_device("cuda:0")

@@ -386,6 +386,17 @@ def test_a_save_after_resuming_from_a_staging_checkpoint_never_leaves_only_an_ol
     assert newest == tmp_path / "checkpoint" and json.loads((newest / "state.json").read_text())["epoch"] == 1
 
 
+@pytest.mark.parametrize("best_epoch, restored", [(2, True), (1, False)])
+def test_a_resume_restores_the_best_weights_when_its_checkpoint_is_the_best_epoch(tmp_path, best_epoch, restored):
+    from pipeline.epoch_checkpoints import restore_best_weights
+
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "trainable.safetensors").write_bytes(b"epoch 2")
+    (tmp_path / "best.safetensors").write_bytes(b"epoch 1")  # killed after checkpoint 2, before its best weights
+    restore_best_weights(tmp_path, tmp_path / "checkpoint", {"epoch": 2, "best_epoch": best_epoch})
+    assert (tmp_path / "best.safetensors").read_bytes() == (b"epoch 2" if restored else b"epoch 1")
+
+
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     from pipeline.files import NEW_FILE_MODE, write_json_atomic
 

@@ -155,3 +155,14 @@ def test_takes_shared_by_train_and_val_are_found_by_uid_or_folder(tmp_path):
     write_annotations(tmp_path, [record(uid="a"), record(uid="b"), record(uid="c", name="one_folder")], "train")
     write_annotations(tmp_path, [record(uid="a"), record(uid="d"), record(uid="e", name="one_folder")], "val")
     assert shared_takes(load_takes(tmp_path, "train"), load_takes(tmp_path, "val")) == ["a", "take folder one_folder"]
+
+
+def test_a_take_folder_of_a_full_resolution_download_resolves_too(tmp_path):
+    aligned = tmp_path / "frame_aligned_videos"
+    aligned.mkdir()
+    for name in ["aria01_214-1.mp4", "cam01.mp4"]:
+        (aligned / name).write_bytes(b"")
+    assert resolve_view_files(tmp_path) == {"ego": aligned / "aria01_214-1.mp4", "exo1": aligned / "cam01.mp4"}
+    (aligned / "downscaled" / "448").mkdir(parents=True)  # the 448px files win where they exist
+    (aligned / "downscaled" / "448" / "aria01_214-1.mp4").write_bytes(b"")
+    assert resolve_view_files(tmp_path) == {"ego": aligned / "downscaled" / "448" / "aria01_214-1.mp4"}
