@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,7 +22,7 @@ from transformers.models.timesformer.modeling_timesformer import TimesformerSelf
 from transformers.utils import logging as hf_logging
 
 from pipeline.config import ConfigError
-from pipeline.files import replace_folder
+from pipeline.files import write_folder_atomic
 
 DEFAULT_BACKBONE = "facebook/timesformer-base-finetuned-k600"
 
@@ -290,8 +289,5 @@ def save_tiny_backbone(out_dir: Path, seed: int = 0, num_frames: int = 8, **over
         # distinguishable and their interpolation testable.
         torch.nn.init.trunc_normal_(model.embeddings.time_embeddings, std=model.config.initializer_range)
     hf_logging.disable_progress_bar()
-    staging = Path(out_dir).with_name(Path(out_dir).name + ".staging")  # config.json is there only when complete
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    replace_folder(staging, out_dir)
+    write_folder_atomic(Path(out_dir), model.save_pretrained)  # config.json appears only with the weights
     return Path(out_dir)

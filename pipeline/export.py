@@ -27,7 +27,7 @@ def export_hdf5(cache: FeatureCache, out: Path, splits: list[str] | None = None)
         raise ConfigError(f"{out} is an existing directory; give the output file's path, e.g. {out / 'features.h5'}")
     splits = _finished_splits(cache, splits)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")  # per process: two exports never share one
+    partial = out.with_name(f".{out.name}.partial")  # one name: a killed export's leftover is replaced by the next
     try:
         counts = _write(cache, splits, partial)
         os.replace(partial, out)

@@ -156,6 +156,9 @@ def decode_take(take: Take, views: tuple[str, ...], frames: int, shard: int = 0,
         if crashes and (take.take_uid, view) in crashes:
             failures[view] = crashes[(take.take_uid, view)]
             continue
+        if view not in take.videos:  # a take folder given to predict without this camera
+            failures[view] = "no file for this view in the take folder"
+            continue
         guard = decoding(cache_root, take.take_uid, view, take.videos[view], frames) if cache_root else nullcontext()
         try:
             with guard:

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def _read_umask() -> int:
@@ -41,7 +42,16 @@ def write_json_atomic(path: Path, obj: object) -> None:
 
 
 def read_json(path: Path) -> object:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_bytes())  # bytes: UTF-8 whatever the locale
+
+
+def write_folder_atomic(target: Path, write: Callable[[Path], object]) -> None:
+    """`write(folder)` fills a staging folder beside `target`, which then replaces `target`: a reader
+    never sees a half-written folder (HF's and peft's save_pretrained write in place)."""
+    staging = Path(target).with_name(Path(target).name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    replace_folder(staging, target)
 
 
 def replace_folder(finished: Path, target: Path) -> None:

@@ -13,7 +13,6 @@ part of train; val is only used for the final evaluation.
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -36,7 +35,7 @@ from pipeline.epoch_checkpoints import (
     BEST_WEIGHTS, find_epoch_checkpoint, has_epoch_checkpoint, load_epoch_checkpoint, restore_best_weights, rng_states,
     save_epoch_checkpoint, trainable_state,
 )
-from pipeline.files import replace_folder, write_bytes_atomic
+from pipeline.files import write_bytes_atomic, write_folder_atomic
 from pipeline.fusion import FUSIONS, HeadConfig, build_head
 from pipeline.head_training import TrainingDiverged, label_prior, stratified_holdout
 from pipeline.skill_model import SkillModel
@@ -249,10 +248,7 @@ def _save_final(out: Path, model: SkillModel, config: FinetuneConfig, views, sta
                 weights_sha256: str) -> None:
     """The trained backbone part, then the head: the head's files, written last, name what they were trained with."""
     tuned = out / ("adapter" if config.tune == "lora" else "backbone")
-    staging = tuned.with_name(tuned.name + ".staging")  # save_pretrained writes in place: swapped in once complete
-    shutil.rmtree(staging, ignore_errors=True)
-    model.backbone.save_pretrained(staging)
-    replace_folder(staging, tuned)
+    write_folder_atomic(tuned, model.backbone.save_pretrained)
     # LoRA runs load the base weights named in config.json: evaluate checks they are still these
     trained_with = {"weights_sha256": weights_sha256, "adapter_sha256": bb.adapter_hash(tuned)} if config.tune == "lora" else {}
     save_head(out, model.head, model.head_config, views, run="finetune", best_epoch=state["best_epoch"],

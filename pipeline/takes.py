@@ -85,7 +85,7 @@ def load_takes(root: Path, split: str) -> list[Take]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotation file not found (is --root an egoexo download root?)")
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_bytes())  # bytes: UTF-8 whatever the locale
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AnnotationError(path, [f"not valid UTF-8 JSON: {err}"], UNUSABLE) from None
     records = document.get("annotations") if isinstance(document, dict) else None

@@ -69,9 +69,6 @@ def predict(
             files = resolve_view_files(folder)
         except ValueError as err:  # the folder's files do not map to views: the user's input, not a bug
             raise ConfigError(str(err)) from None
-        missing = [v for v in spec.views if v not in files]
-        if missing:
-            raise ConfigError(f"{folder}: no file for view(s) {missing} needed by {checkpoint}")
         takes.append(Take(str(folder), Path(folder).name, "", ProficiencyLabel.NOVICE, "predict", files))
     probabilities, present = predict_takes(model, takes, spec.views, spec.frames, spec.precision, device)
     absent = absent_views(present, spec.views)

@@ -65,6 +65,7 @@ def test_usable_devices_pass():
 def test_under_torchrun_cuda_means_each_ranks_own_gpu(monkeypatch):
     from pipeline.distributed import local_device
 
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert local_device("cuda:1") == "cuda:1"  # a single process may pick any GPU
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")

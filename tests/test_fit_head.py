@@ -211,3 +211,14 @@ def test_a_diverged_cell_is_an_error_not_a_result(grid, tmp_path):
     result = fit(grid / "cache", tmp_path / "run", "--views", "ego+exos", "--lr", "1e8", "--precision", "fp32")
     assert result.exit_code == 2 and "training diverged; try a lower --lr" in result.output
     assert "ego+exos__crossview__seed0" in result.output and not (tmp_path / "run" / "grid.json").exists()
+
+
+def test_the_cell_keeps_its_best_held_out_epoch(tmp_path):
+    split_view_cache(tmp_path / "cache", signal=0.4)  # a weak signal: 30 epochs at a high lr overfit
+    result = fit(tmp_path / "cache", tmp_path / "run", "--views", "ego+exos", "--epochs", "30", "--lr", "2e-2",
+                 "--precision", "fp32", "--holdout", "0.25")
+    assert result.exit_code == 0, result.output
+    settings = read_json(tmp_path / "run" / "ego+exos__crossview__seed0" / "metrics.json")["settings"]
+    losses = settings["holdout_losses"]
+    assert int(np.argmin(losses)) < len(losses) - 1  # the run did overfit: the last epoch is not the best
+    assert settings["best_epoch"] == int(np.argmin(losses))
