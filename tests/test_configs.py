@@ -17,7 +17,11 @@ def test_published_recipes_load_as_finetune_configs(setting):
     assert config.views == setting and config.batch_size * config.grad_accum == 16 and config.epochs == 4
 
 
-@pytest.mark.parametrize("name", ["fit-head.yaml", "demo-fit-head.yaml"])
-def test_fit_head_configs_load(name):
+@pytest.mark.parametrize("name, expected", [
+    ("fit-head.yaml", ((0, 1, 2), 10, 1536, 0.1, ("crossview", "crossview-nogate", "mean", "concat", "temporal"))),
+    ("demo-fit-head.yaml", ((0, 1), 200, 128, 0.0, ("crossview",))),
+])
+def test_fit_head_configs_load(name, expected):
     config = load_config(FitHeadConfig, CONFIGS / name, {"cache": "c", "out": "o"})
-    assert config.views and config.fusions and config.seeds
+    assert config.views == ("ego", "exos", "ego+exos")
+    assert (config.seeds, config.epochs, config.hidden, config.holdout, config.fusions) == expected

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,7 +173,9 @@ def test_torchrun_two_ranks_write_disjoint_shards_equal_to_one_process(dataset, 
         capture_output=True, text=True, timeout=300,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
-    assert "rank 0/2" in launched.stdout and "rank 1/2" in launched.stdout
+    computed = {int(rank): int(n) for rank, n in re.findall(r"rank (\d)/2 train: \d+ takes; computed (\d+)", launched.stdout)}
+    total = len(FeatureCache.open(single).read("train").records)
+    assert set(computed) == {0, 1} and sum(computed.values()) == total and min(computed.values()) > 0  # disjoint shares
     want, got = FeatureCache.open(single).read("train"), FeatureCache.open(distributed).read("train")
     assert got.records == want.records
     np.testing.assert_array_equal(got.tokens, want.tokens)

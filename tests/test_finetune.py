@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pipeline.cache import FeatureCache
 from pipeline.checkpoints import load_head
 from pipeline.demo_data import write_demo_dataset
 from pipeline.fusion import HeadConfig, build_head, head_inputs
+from pipeline.head_training import stratified_holdout
 from pipeline.clips import TakeClips
 from pipeline.skill_model import SkillModel, load_skill_model, read_model_spec
 from pipeline.takes import VIEWS, load_takes
@@ -103,6 +105,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(world, tmp_path):
     assert json.loads(state.read_text())["epoch"] < 2, "the run should have been killed before its last epoch"
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout and "after epoch" in resumed.stdout  # continued, not started over
     want = json.loads((world / "run" / "metrics.json").read_text())
     got = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert got["confusion_matrix"] == want["confusion_matrix"]
@@ -211,15 +214,28 @@ def test_zero_lora_updates_give_the_frozen_cache_logits(world, fitted_cell):
     torch.testing.assert_close(end_to_end, cached, atol=1e-4, rtol=1e-4)
 
 
-def test_extract_with_a_finetuned_adapter_has_another_fingerprint(world, tmp_path):
+def test_extract_with_a_finetuned_adapter_has_another_fingerprint(world, fitted_cell, tmp_path):
     refused = CliRunner().invoke(app, ["extract", "--root", str(world / "data"), "--split", "val", "--cache",
                                        str(world / "cache-fp32"), "--backbone", str(world / "tiny"), "--frames", str(FRAMES),
                                        "--precision", "fp32", "--workers", "0", "--adapter", str(world / "run")])
     assert refused.exit_code == 2 and "fingerprint.adapter_sha256: cache has null" in refused.output
     fresh = cli("extract", "--root", world / "data", "--split", "val", "--cache", tmp_path / "adapted", "--backbone",
-                world / "tiny", "--frames", FRAMES, "--workers", "0", "--adapter", world / "run")
+                world / "tiny", "--frames", FRAMES, "--precision", "fp32", "--workers", "0", "--adapter", world / "run")
     assert fresh.exit_code == 0, fresh.output
     assert FeatureCache.open(tmp_path / "adapted").spec.fingerprint["adapter_sha256"] == bb.adapter_hash(world / "run")
+    adapted, base = (FeatureCache.open(folder).read("val").tokens.astype(np.float32)
+                     for folder in (tmp_path / "adapted", world / "cache-fp32"))
+    assert np.abs(adapted - base).max() > 1e-3  # the adapter's weights were applied, not only hashed
+
+
+def test_evaluate_runs_the_backbone_with_the_runs_adapter(world):
+    model, _ = load_skill_model(world / "run")
+    clips, present, _, _ = TakeClips(load_takes(world / "data", "val")[:1], VIEWS, FRAMES)[0]
+    with torch.inference_mode(), bb.autocast_context(torch.device("cpu")):
+        tokens = model.tokens(clips[None], present[None])
+        with model.backbone.disable_adapter():  # AttributeError if no adapter was loaded
+            base_tokens = model.tokens(clips[None], present[None])
+    assert (tokens - base_tokens).abs().max() > 1e-3
 
 
 def test_rank_shares_are_disjoint_and_equal_sized():
@@ -242,6 +258,8 @@ def test_torchrun_two_ranks_finetune_with_ddp(world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((tmp_path / "ddp" / "checkpoint" / "state.json").read_text())
     assert state["world_size"] == 2 and state["epoch"] == 1
+    fit_takes = int((~stratified_holdout(np.array([int(t.label) for t in load_takes(world / "data", "train")]), 0.2)).sum())
+    assert len(state["train_losses"]) == 2 * math.ceil(math.ceil(fit_takes / 2) / 4)  # rank 0's steps: its half, batch 4
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["num_takes"] == len(load_takes(world / "data", "val"))
     resumed_other_size = CliRunner().invoke(app, [str(a) for a in args] + ["--resume"])
     assert resumed_other_size.exit_code == 2 and "same world size" in resumed_other_size.output
@@ -255,6 +273,7 @@ def test_torchrun_two_ranks_finetune_with_ddp(world, tmp_path):
     resumed = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "stages.cli", *map(str, args),
                               "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after epoch 0" in resumed.stdout
     assert (tmp_path / "killed" / "head.safetensors").read_bytes() == (tmp_path / "ddp" / "head.safetensors").read_bytes()
 
 

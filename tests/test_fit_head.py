@@ -10,7 +10,7 @@ from pipeline.config import read_saved_config
 from pipeline.fusion import FUSIONS
 from pipeline.head_training import FitHeadConfig
 from stages.cli import app
-from pipeline.cache import TakeRecord
+from pipeline.cache import FeatureCache, TakeRecord
 from tests.cachegen import DIM, FRAMES, split_view_cache
 
 TINY = ["--epochs", "20", "--lr", "2e-3", "--batch-size", "16", "--hidden", "48", "--heads", "4"]
@@ -88,6 +88,13 @@ def test_grid_files(grid):
     assert np.trace(confusion) / VAL == pytest.approx(metrics["accuracy"])
     assert set(metrics["per_scenario"]) == {"Rock Climbing", "Basketball", "Dance"}
     assert sum(metrics["scenario_takes"].values()) == VAL
+    scenario = {r.take_uid: r.scenario for r in FeatureCache.open(grid / "cache").read_records("val")}
+    for name, accuracy in metrics["per_scenario"].items():
+        hits = [p["label"] == p["predicted"] for p in read_jsonl(cell / "predictions.jsonl") if scenario[p["take_uid"]] == name]
+        assert accuracy == pytest.approx(np.mean(hits)) and metrics["scenario_takes"][name] == len(hits)
+    printed = " ".join((grid / "output.txt").read_text().split())  # the rich table: mean ± std and every seed
+    exos = [r["accuracy"] for r in rows if r["views"] == "exos"]
+    assert f"{np.mean(exos):.3f} ± {np.std(exos):.3f}" in printed and f"{exos[0]:.3f} {exos[1]:.3f}" in printed
     assert metrics["settings"]["view_names"] == ["exo1", "exo2", "exo3", "exo4"] and metrics["settings"]["seed"] == 1
     predictions = read_jsonl(cell / "predictions.jsonl")
     assert len(predictions) == VAL and set(predictions[0]) == {"take_uid", "label", "predicted", "probabilities",
