@@ -272,10 +272,9 @@ def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConf
         if not all(map(math.isfinite, train_losses[-1:] + holdout_losses[-1:])):  # NaN weights predict "Novice" for all
             raise TrainingDiverged(f"seed {seed}: loss {train_losses[-1]} (held out: {holdout_losses[-1:]}) after epoch "
                                    f"{epoch}: training diverged; try a lower --lr")
-        if len(holdout_rows):
-            if holdout_losses[-1] < best["loss"]:
-                state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-                best = {"loss": holdout_losses[-1], "epoch": epoch, "state": state}
+        if len(holdout_rows) and holdout_losses[-1] < best["loss"]:
+            state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            best = {"loss": holdout_losses[-1], "epoch": epoch, "state": state}
     if best["state"] is not None:
         head.load_state_dict(best["state"])
     prior = label_prior(labels[fit_rows.numpy()])
