@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from pipeline.config import ConfigError
 from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
 from pipeline.fusion import HeadConfig, build_head
 
@@ -16,10 +18,16 @@ HEAD_WEIGHTS, HEAD_INFO = "head.safetensors", "head.json"
 
 
 def save_head(folder: Path, head: torch.nn.Module, config: HeadConfig, view_names: tuple[str, ...], **info) -> None:
-    """`head.safetensors` + `head.json` (head config, views in slot order, anything in `info`)."""
+    """`head.safetensors` + `head.json` (head config, views in slot order, the weights' sha256, anything in `info`).
+
+    Two atomic writes, not one: the hash in head.json lets a reader tell a pair caught between
+    them (new weights, old description) from a whole one.
+    """
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()}
-    write_bytes_atomic(Path(folder) / HEAD_WEIGHTS, save_safetensors(state))
-    write_json_atomic(Path(folder) / HEAD_INFO, {"head": dataclasses.asdict(config), "views": list(view_names), **info})
+    weights = save_safetensors(state)
+    write_bytes_atomic(Path(folder) / HEAD_WEIGHTS, weights)
+    write_json_atomic(Path(folder) / HEAD_INFO, {"head": dataclasses.asdict(config), "views": list(view_names),
+                                                 "head_sha256": hashlib.sha256(weights).hexdigest(), **info})
 
 
 def load_head(folder: Path) -> tuple[torch.nn.Module, dict]:
@@ -28,6 +36,10 @@ def load_head(folder: Path) -> tuple[torch.nn.Module, dict]:
     if not (folder / HEAD_INFO).is_file():
         raise FileNotFoundError(f"{folder}: no trained head here ({HEAD_INFO} missing)")
     info = read_json(folder / HEAD_INFO)
+    weights = (folder / HEAD_WEIGHTS).read_bytes()
+    if "head_sha256" in info and info["head_sha256"] != hashlib.sha256(weights).hexdigest():  # older heads: no hash
+        raise ConfigError(f"{folder}: {HEAD_WEIGHTS} is not the one {HEAD_INFO} describes (written while being saved "
+                          "again?); save or train it again")
     head = build_head(HeadConfig(**info["head"]))
-    head.load_state_dict(load_safetensors((folder / HEAD_WEIGHTS).read_bytes()))
+    head.load_state_dict(load_safetensors(weights))
     return head.eval(), info

@@ -125,3 +125,25 @@ def test_dropout_zeroes_a_share_p_keeps_the_mean_and_is_off_in_eval():
     assert float(y.mean()) == pytest.approx(1.0, abs=0.01)
     assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.75)]
     assert torch.equal(dropout.eval()(x), x)
+
+
+def test_a_head_saved_and_loaded_round_trips_and_a_mismatched_pair_is_refused(tmp_path):
+    import json
+
+    from pipeline.checkpoints import load_head, save_head
+    from pipeline.config import ConfigError
+
+    config = HeadConfig(dim=32, num_views=5, hidden=16, heads=4)
+    torch.manual_seed(0)
+    head = build_head(config)
+    save_head(tmp_path / "a", head, config, ("ego", "exo1", "exo2", "exo3", "exo4"))
+    loaded, info = load_head(tmp_path / "a")
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))
+    save_head(tmp_path / "b", build_head(config), config, info["views"])
+    (tmp_path / "a" / "head.safetensors").write_bytes((tmp_path / "b" / "head.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match="head.safetensors is not the one head.json describes"):
+        load_head(tmp_path / "a")  # new weights beside the old description: a save caught between its two writes
+    description = json.loads((tmp_path / "a" / "head.json").read_text())
+    del description["head_sha256"]  # heads saved before the hash was recorded still load
+    (tmp_path / "a" / "head.json").write_text(json.dumps(description))
+    load_head(tmp_path / "a")
