@@ -26,8 +26,8 @@ def save_head(folder: Path, head: torch.nn.Module, config: HeadConfig, view_name
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()}
     weights = save_safetensors(state)
     write_bytes_atomic(Path(folder) / HEAD_WEIGHTS, weights)
-    write_json_atomic(Path(folder) / HEAD_INFO, {"head": dataclasses.asdict(config), "views": list(view_names),
-                                                 "head_sha256": hashlib.sha256(weights).hexdigest(), **info})
+    write_json_atomic(Path(folder) / HEAD_INFO, {"head": dataclasses.asdict(config), "views": list(view_names), **info,
+                                                 "head_sha256": hashlib.sha256(weights).hexdigest()})
 
 
 def load_head(folder: Path) -> tuple[torch.nn.Module, dict]:

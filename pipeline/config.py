@@ -56,8 +56,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text) or {}
         elif path.suffix == ".toml":
@@ -66,7 +66,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
             data = json.loads(text)
         else:
             raise ConfigError(f"config file {path}: unsupported suffix {path.suffix!r} (use .yaml, .toml or .json)")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path}: cannot parse: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping of field names to values")
@@ -123,7 +123,7 @@ def save_config(config: Any, path: Path) -> None:
 
 
 def read_saved_config(cls: type[Config], path: Path) -> Config:
-    data = dict(json.loads(Path(path).read_text()))
+    data = dict(json.loads(Path(path).read_bytes()))  # bytes: UTF-8 whatever the locale
     data.pop("kind", None)
     return build_config(cls, data, {key: f"saved config {path}" for key in data})
 

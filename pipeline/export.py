@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import h5py
@@ -20,6 +21,25 @@ from pipeline.config import ConfigError
 from pipeline.takes import LABEL_NAMES
 
 
+def _remove_dead_partials(out: Path) -> None:
+    """Delete partial files that exports killed on this host left beside `out` (others may still be writing)."""
+    host = socket.gethostname()
+    for leftover in out.parent.glob(f".{out.name}.*.partial"):
+        writer_host, _, pid = leftover.name[len(out.name) + 2 : -len(".partial")].rpartition("-")
+        if writer_host == host and pid.isdigit() and not _running(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def export_hdf5(cache: FeatureCache, out: Path, splits: list[str] | None = None) -> dict[str, int]:
     """Write every take of `splits` (default: all; each must be finished) to `out` atomically; returns takes per split."""
     out = Path(out)
@@ -27,7 +47,8 @@ def export_hdf5(cache: FeatureCache, out: Path, splits: list[str] | None = None)
         raise ConfigError(f"{out} is an existing directory; give the output file's path, e.g. {out / 'features.h5'}")
     splits = _finished_splits(cache, splits)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")  # one name: a killed export's leftover is replaced by the next
+    _remove_dead_partials(out)
+    partial = out.with_name(f".{out.name}.{socket.gethostname()}-{os.getpid()}.partial")  # one per writing process
     try:
         counts = _write(cache, splits, partial)
         os.replace(partial, out)

@@ -195,8 +195,10 @@ def resolve_view_files(take_dir: Path) -> dict[str, Path]:
     # Aria's RGB stream is 214-1; a folder may also hold its SLAM (1201-*) or eye (211-*) streams
     egos = [p for p in arias if p.stem.lower().endswith("214-1")] or arias
     exos = sorted((p for p in files if _EXO_NAME.match(p.name.lower())), key=_exo_number)
-    if len(egos) != 1:
-        raise ValueError(f"{folder}: expected exactly one ego (aria*) video, found {[p.name for p in egos]}")
+    if len(egos) > 1:
+        raise ValueError(f"{folder}: expected one ego (aria*) video, found {[p.name for p in egos]}")
+    if not egos and not exos:
+        raise ValueError(f"{folder}: no ego (aria*) or exo (camN, gpN) video here")
     if len(exos) > 4:
         raise ValueError(f"{folder}: more than four exo videos: {[p.name for p in exos]}; the model takes four, "
                          "so pass a folder holding only the four it should see")
@@ -208,7 +210,7 @@ def resolve_view_files(take_dir: Path) -> dict[str, Path]:
         else:  # cam05, or a second file for one number (cam01 and gp01)
             others.append(path)
     numbered.update(zip([view for view in VIEWS[1:] if view not in numbered], others))  # at most four: they fit
-    return {"ego": egos[0], **{view: numbered[view] for view in VIEWS[1:] if view in numbered}}
+    return ({"ego": egos[0]} if egos else {}) | {view: numbered[view] for view in VIEWS[1:] if view in numbered}
 
 
 def _exo_number(path: Path) -> int:

@@ -10,4 +10,5 @@ import os
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+first = os.environ["OMP_NUM_THREADS"].split(",")[0]  # OpenMP also accepts nested lists such as "4,2"
+torch.set_num_threads(int(first) if first.isdigit() and int(first) > 0 else 1)

@@ -72,3 +72,15 @@ def test_under_torchrun_cuda_means_each_ranks_own_gpu(monkeypatch):
     assert local_device("cuda") == "cuda:1" and local_device("cpu") == "cpu"
     with pytest.raises(ConfigError, match="--device cuda:0 under torchrun: give --device cuda"):
         local_device("cuda:0")
+
+
+def test_a_config_file_is_read_as_utf8_and_bad_bytes_are_a_clear_error(tmp_path):
+    from pipeline.config import read_config_file
+
+    good = tmp_path / "good.yaml"
+    good.write_bytes("root: /data/Müller\n".encode("utf-8"))
+    assert read_config_file(good) == {"root": "/data/Müller"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes("root: /data/Müller\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="bad.yaml: cannot parse"):
+        read_config_file(bad)

@@ -1,3 +1,8 @@
+import os
+import socket
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -26,7 +31,7 @@ def test_hdf5_export_round_trips_every_value(tmp_path):
             np.testing.assert_array_equal(group["label"][:], want.labels)
             for name in ("take_uid", "take_name", "scenario"):
                 assert [s.decode() for s in group[name][:]] == [getattr(r, name) for r in want.records]
-    assert not list(tmp_path.glob(".f.h5.partial"))
+    assert not list(tmp_path.glob(".f.h5.*partial"))
 
 
 def test_exporting_an_empty_cache_is_an_error(tmp_path):
@@ -71,7 +76,7 @@ def test_an_existing_directory_as_out_exits_2(tmp_path):
     (tmp_path / "f.h5").mkdir()
     result = export_cli(tmp_path)
     assert result.exit_code == 2 and "is an existing directory" in result.output
-    assert not list(tmp_path.glob(".f.h5.partial"))
+    assert not list(tmp_path.glob(".f.h5.*partial"))
 
 
 @pytest.mark.parametrize("failing", ["pipeline.export.os.replace", "pipeline.cache.FeatureCache.read"])
@@ -86,3 +91,15 @@ def test_a_failed_export_leaves_no_partial_file(tmp_path, monkeypatch, failing):
     with pytest.raises(OSError, match="disk full"):
         export_hdf5(cache, tmp_path / "f.h5")
     assert not list(tmp_path.glob("*f.h5*"))
+
+
+def test_a_killed_exports_partial_file_is_removed_and_a_running_ones_is_kept(tmp_path):
+    fill(FeatureCache.open_or_create(tmp_path / "cache", spec()), "val", ["v0"])
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid no longer runs: an export killed on this host
+    dead = tmp_path / f".f.h5.{socket.gethostname()}-{finished.pid}.partial"
+    running = tmp_path / f".f.h5.{socket.gethostname()}-{os.getppid()}.partial"  # an export still writing
+    for leftover in (dead, running):
+        leftover.write_bytes(b"partial")
+    export_hdf5(FeatureCache.open(tmp_path / "cache"), tmp_path / "f.h5")
+    assert not dead.exists() and running.exists() and (tmp_path / "f.h5").is_file()

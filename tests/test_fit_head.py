@@ -4,13 +4,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from pipeline.config import read_saved_config
-from pipeline.fusion import FUSIONS
-from pipeline.head_training import FitHeadConfig
-from stages.cli import app
 from pipeline.cache import FeatureCache, TakeRecord
+from pipeline.checkpoints import load_head
+from pipeline.config import read_saved_config
+from pipeline.fusion import FUSIONS, HeadConfig
+from pipeline.head_training import FeatureTable, FitHeadConfig, load_complete_split, predict_logits, stratified_holdout
+from stages.cli import app
 from tests.cachegen import DIM, FRAMES, split_view_cache
 
 TINY = ["--epochs", "20", "--lr", "2e-3", "--batch-size", "16", "--hidden", "48", "--heads", "4"]
@@ -229,3 +232,11 @@ def test_the_cell_keeps_its_best_held_out_epoch(tmp_path):
     losses = settings["holdout_losses"]
     assert int(np.argmin(losses)) < len(losses) - 1  # the run did overfit: the last epoch is not the best
     assert settings["best_epoch"] == int(np.argmin(losses))
+    # and the saved weights are that epoch's: their held-out loss is the minimum
+    cache = FeatureCache.open(tmp_path / "cache")
+    head, info = load_head(tmp_path / "run" / "ego+exos__crossview__seed0")
+    table = FeatureTable(load_complete_split(cache, "train"), cache.spec.views, tuple(info["views"]), HeadConfig(**info["head"]))
+    rows = np.flatnonzero(table.usable)
+    held = torch.from_numpy(rows[stratified_holdout(table.labels.numpy()[rows], 0.25)])
+    loss = F.cross_entropy(predict_logits(head, table.inputs[held], table.present[held], "fp32"), table.labels[held])
+    assert float(loss) == pytest.approx(min(losses), rel=1e-5)

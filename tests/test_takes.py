@@ -75,6 +75,17 @@ def test_take_folder_with_aria_side_streams_picks_the_rgb_one(tmp_path):
         resolve_view_files(tmp_path)
 
 
+def test_a_take_folder_without_an_ego_file_leaves_the_ego_slot_empty(tmp_path):
+    with pytest.raises(ValueError, match="no ego .* or exo .* video here"):
+        resolve_view_files(tmp_path)
+    (tmp_path / "cam02.mp4").write_bytes(b"")
+    assert resolve_view_files(tmp_path) == {"exo2": tmp_path / "cam02.mp4"}
+    for name in ["aria01_214-1.mp4", "aria02_214-1.mp4"]:
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="expected one ego"):
+        resolve_view_files(tmp_path)
+
+
 def test_label_order_and_parsing():
     assert [ProficiencyLabel.parse(n) for n in LABEL_NAMES] == list(ProficiencyLabel)
     assert LABEL_NAMES == ("Novice", "Early Expert", "Intermediate Expert", "Late Expert")
