@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
-from pipeline.files import write_json_atomic
+from pipeline.files import read_json, write_json_atomic
 
 Config = TypeVar("Config")
 
@@ -123,7 +123,7 @@ def save_config(config: Any, path: Path) -> None:
 
 
 def read_saved_config(cls: type[Config], path: Path) -> Config:
-    data = dict(json.loads(Path(path).read_bytes()))  # bytes: UTF-8 whatever the locale
+    data = dict(read_json(path))
     data.pop("kind", None)
     return build_config(cls, data, {key: f"saved config {path}" for key in data})
 

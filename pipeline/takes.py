@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from pipeline.files import read_json
+
 VIEWS: tuple[str, ...] = ("ego", "exo1", "exo2", "exo3", "exo4")
 SPLITS: tuple[str, ...] = ("train", "val")
 SCENARIOS: tuple[str, ...] = ("Rock Climbing", "Basketball", "Dance", "Music", "Cooking", "Soccer")
@@ -85,7 +87,7 @@ def load_takes(root: Path, split: str) -> list[Take]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotation file not found (is --root an egoexo download root?)")
     try:
-        document = json.loads(path.read_bytes())  # bytes: UTF-8 whatever the locale
+        document = read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AnnotationError(path, [f"not valid UTF-8 JSON: {err}"], UNUSABLE) from None
     records = document.get("annotations") if isinstance(document, dict) else None
