@@ -16,14 +16,13 @@ at any moment loses at most the shards in flight and never exposes half-written 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from pipeline.files import read_json, write_json_atomic
+from pipeline.files import fsync_path, read_json, write_json_atomic
 
 CACHE_FORMAT = 1
 STORE_NAME = "features.zarr"
@@ -163,6 +162,9 @@ class FeatureCache:
                 compressors=None,  # float16 features barely compress (zstd 1.09x): not worth the CPU
                 overwrite=True,
             )
+            store = self.root / STORE_NAME
+            # zarr renames its metadata into place without fsync: flush it before the plan commits the split
+            _flush_up_to(self.root, store / "zarr.json", store / split / "zarr.json", self._array_path(split) / "zarr.json")
             write_json_atomic(plan_path, list(take_uids))
         size = self.spec.shard_size
         return [list(take_uids[start : start + size]) for start in range(0, len(take_uids), size)]
@@ -185,7 +187,7 @@ class FeatureCache:
         # them back to merge the new chunks and fail its checksum on every retry
         shard_file.unlink(missing_ok=True)
         array[start : start + expected[0]] = tokens.astype(np.float16)
-        _fsync(shard_file)  # a committed marker must never point at data still in the page cache
+        _flush_up_to(self.root, shard_file)  # a committed marker must never point at data still in the page cache
         marker = {"records": [asdict(r) for r in records], "failures": failures}
         write_json_atomic(self.root / "shards" / split / f"{shard:05d}.json", marker)
 
@@ -254,14 +256,21 @@ class FeatureCache:
         return self.root / STORE_NAME / split / "tokens"
 
 
-def _fsync(path: Path) -> None:
-    """Flush `path` to disk; zarr writes no file for a shard that is all fill value."""
-    if path.is_file():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _flush_up_to(root: Path, *files: Path) -> None:
+    """fsync `files` and every folder from theirs up to `root` (zarr may have just created them).
+
+    A missing file is skipped: zarr writes none for a shard that is all fill value."""
+    folders = set()
+    for file in files:
+        if file.is_file():
+            fsync_path(file)
+        for folder in file.parents:
+            folders.add(folder)
+            if folder == root:
+                break
+    for folder in sorted(folders, key=lambda f: -len(f.parts)):  # deepest first: a folder's entry after its contents
+        if folder.is_dir():
+            fsync_path(folder)
 
 
 # where the weights came from: another spelling or a moved folder of the same weights (same

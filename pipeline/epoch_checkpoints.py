@@ -20,7 +20,7 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline.config import ConfigError
 from pipeline.distributed import Ranks
-from pipeline.files import read_json, replace_folder, write_bytes_atomic, write_json_atomic
+from pipeline.files import fsync_path, read_json, replace_folder, write_bytes_atomic, write_json_atomic
 
 CHECKPOINT, STAGING, RETIRED = "checkpoint", "checkpoint.staging", "checkpoint.old"
 BEST_WEIGHTS = "best.safetensors"  # the best epoch's trainable weights, beside the checkpoints
@@ -76,6 +76,7 @@ def _finish_interrupted_swap(out: Path) -> None:
         replace_folder(newest, out / CHECKPOINT)
     elif newest == out / RETIRED and not (out / CHECKPOINT).exists():  # the crash came between the two renames
         newest.rename(out / CHECKPOINT)
+        fsync_path(out)
 
 
 def _remove(folder: Path) -> None:

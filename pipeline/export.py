@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.config import ConfigError
+from pipeline.files import commit_file
 from pipeline.takes import LABEL_NAMES
 
 
@@ -51,7 +52,7 @@ def export_hdf5(cache: FeatureCache, out: Path, splits: list[str] | None = None)
     partial = out.with_name(f".{out.name}.{socket.gethostname()}-{os.getpid()}.partial")  # one per writing process
     try:
         counts = _write(cache, splits, partial)
-        os.replace(partial, out)
+        commit_file(partial, out)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

@@ -1,4 +1,8 @@
-"""Atomic file writes: a reader never sees a half-written file, a crash leaves the old one intact."""
+"""Atomic file writes: a reader never sees a half-written file, a crash leaves the old one intact.
+
+Durable too: a file's bytes are flushed to disk before its rename, and the folder holding a
+rename after it, so a power loss cannot leave a committed name pointing at empty or missing data.
+"""
 
 from __future__ import annotations
 
@@ -29,12 +33,34 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         os.fchmod(fd, NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        commit_file(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def commit_file(finished: Path, target: Path) -> None:
+    """Rename the complete file `finished` to `target` durably: its bytes, then the rename, reach the disk."""
+    fsync_path(finished)
+    os.replace(finished, target)
+    fsync_path(Path(target).parent)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (creations, renames), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (writers like save_pretrained do not)."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(Path(parent) / name)
+        fsync_path(Path(parent))
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
@@ -51,6 +77,7 @@ def write_folder_atomic(target: Path, write: Callable[[Path], object]) -> None:
     staging = Path(target).with_name(Path(target).name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     write(staging)
+    fsync_tree(staging)
     replace_folder(staging, target)
 
 
@@ -66,4 +93,5 @@ def replace_folder(finished: Path, target: Path) -> None:
     if target.exists():
         target.rename(retired)
     finished.rename(target)
+    fsync_path(target.parent)
     shutil.rmtree(retired, ignore_errors=True)
