@@ -12,7 +12,8 @@ from pipeline.takes import Take
 
 
 class TakeClips(Dataset):
-    """Decoded, preprocessed clips of whole takes: (V, T, 3, 224, 224), (V,) present, label."""
+    """Decoded, preprocessed clips of whole takes: (V, T, 3, 224, 224), (V,) present, label, index,
+    and what decoding had to say about the take (failed views, unequal lengths: one line each)."""
 
     def __init__(self, takes: list[Take], views: tuple[str, ...], frames: int):
         self.takes, self.views, self.frames = takes, views, frames
@@ -22,14 +23,37 @@ class TakeClips(Dataset):
 
     def __getitem__(self, index: int):
         take = self.takes[index]
-        decoded = decode_take(take, self.views, self.frames)
-        for view, reason in decoded.failures.items():  # as extract does: the view counts as absent, said aloud
-            warnings.warn(f"take {take.take_uid}, view {view}: {reason}; treated as absent", stacklevel=2)
+        with warnings.catch_warnings(record=True) as caught:  # said by the loader in the main process, see ClipBatches
+            warnings.simplefilter("always")
+            decoded = decode_take(take, self.views, self.frames)
+        # as extract does: a failed view counts as absent, said aloud
+        notes = [f"take {take.take_uid}, view {view}: {reason}; treated as absent" for view, reason in decoded.failures.items()]
+        notes += [str(warning.message) for warning in caught]
         blank = torch.zeros(self.frames, 3, 224, 224)
         clips = torch.stack([decoded.clips.get(view, blank) for view in self.views])
         present = torch.tensor([view in decoded.clips for view in self.views])
-        return clips, present, int(take.label), index
+        return clips, present, int(take.label), index, "\n".join(notes)
 
 
-def clip_loader(takes: list[Take], views, frames: int, batch_size: int, workers: int) -> DataLoader:
-    return DataLoader(TakeClips(takes, views, frames), batch_size=batch_size, num_workers=workers, shuffle=False)
+class ClipBatches:
+    """Batches of TakeClips (clips, present, labels, indices) whose notes are warned in this process.
+
+    Warned here, not in the DataLoader worker: Python says each distinct warning once per process,
+    and workers are new processes every epoch, so their warnings repeated in every epoch.
+    """
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for clips, present, labels, indices, notes in self.loader:
+            for line in "\n".join(notes).splitlines():
+                warnings.warn(line, UserWarning, stacklevel=1)
+            yield clips, present, labels, indices
+
+
+def clip_loader(takes: list[Take], views, frames: int, batch_size: int, workers: int) -> ClipBatches:
+    return ClipBatches(DataLoader(TakeClips(takes, views, frames), batch_size=batch_size, num_workers=workers, shuffle=False))

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from pipeline.checkpoints import load_head
 from pipeline.demo_data import write_demo_dataset
 from pipeline.fusion import HeadConfig, build_head, head_inputs
 from pipeline.head_training import stratified_holdout
-from pipeline.clips import TakeClips
+from pipeline.clips import TakeClips, clip_loader
 from pipeline.skill_model import SkillModel, load_skill_model, read_model_spec
 from pipeline.takes import VIEWS, load_takes
 from stages.cli import app
@@ -158,7 +159,7 @@ def test_a_cell_from_a_compiled_cache_is_evaluated_with_the_compiled_backbone(wo
     model, _ = load_skill_model(cell)
     val = FeatureCache.open(cache).read("val")
     take = next(t for t in load_takes(world / "data", "val") if t.take_uid == val.records[0].take_uid)
-    clips, present, _, _ = TakeClips([take], VIEWS, FRAMES)[0]
+    clips, present, _, _, _ = TakeClips([take], VIEWS, FRAMES)[0]
     with torch.inference_mode(), bb.autocast_context(torch.device("cpu")):
         tokens = model.tokens(clips[None], present[None])
     np.testing.assert_array_equal(tokens[0].half().numpy(), val.tokens[0])
@@ -206,7 +207,7 @@ def test_zero_lora_updates_give_the_frozen_cache_logits(world, fitted_cell):
     cache = FeatureCache.open(world / "cache-fp32")
     val = cache.read("val")
     takes = {t.take_uid: t for t in load_takes(world / "data", "val")}
-    clips, present, _, _ = TakeClips([takes[r.take_uid] for r in val.records[:2]], VIEWS, FRAMES)[0]
+    clips, present, _, _, _ = TakeClips([takes[r.take_uid] for r in val.records[:2]], VIEWS, FRAMES)[0]
     with torch.inference_mode():
         end_to_end = model(clips[None], present[None])
         cached = head(head_inputs(torch.from_numpy(val.tokens[:1]).float(), HeadConfig(**info["head"])),
@@ -230,7 +231,7 @@ def test_extract_with_a_finetuned_adapter_has_another_fingerprint(world, fitted_
 
 def test_evaluate_runs_the_backbone_with_the_runs_adapter(world):
     model, _ = load_skill_model(world / "run")
-    clips, present, _, _ = TakeClips(load_takes(world / "data", "val")[:1], VIEWS, FRAMES)[0]
+    clips, present, _, _, _ = TakeClips(load_takes(world / "data", "val")[:1], VIEWS, FRAMES)[0]
     with torch.inference_mode(), bb.autocast_context(torch.device("cpu")):
         tokens = model.tokens(clips[None], present[None])
         with model.backbone.disable_adapter():  # AttributeError if no adapter was loaded
@@ -455,8 +456,7 @@ def test_a_take_without_any_decodable_view_gets_the_prior_and_no_gradient(world,
     broken = dataclasses.replace(take, videos={view: tmp_path / "empty.mp4" for view in take.videos})
     (tmp_path / "empty.mp4").write_bytes(b"")
     with pytest.warns(UserWarning, match=f"take {take.take_uid}, view ego: .*empty.mp4.*treated as absent"):
-        items = [TakeClips([t], VIEWS, FRAMES)[0] for t in (broken, other)]
-    clips, present = torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+        clips, present, _, _ = next(iter(clip_loader([broken, other], VIEWS, FRAMES, batch_size=2, workers=0)))
     assert not present[0].any() and present[1].all()
     autocast = bb.autocast_context(torch.device("cpu"))  # the artifact's bf16 backbone, as evaluate runs it
     with autocast:
@@ -466,6 +466,18 @@ def test_a_take_without_any_decodable_view_gets_the_prior_and_no_gradient(world,
     assert all(p.grad is None or (p.grad == 0).all() for p in model.head.parameters())
     with torch.inference_mode(), autocast:
         torch.testing.assert_close(model.eval()(clips, present)[1:], model(clips[1:], present[1:]))
+
+
+def test_decode_warnings_are_said_once_by_the_main_process_not_by_each_epochs_workers(world, tmp_path):
+    take = load_takes(world / "data", "val")[0]
+    broken = dataclasses.replace(take, videos={**take.videos, "ego": tmp_path / "empty.mp4"})
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: each distinct warning once per process
+        for _epoch in range(2):  # finetune makes a new loader, so new worker processes, every epoch
+            assert len(list(clip_loader([broken], VIEWS, FRAMES, batch_size=1, workers=1))) == 1
+    said = [str(w.message) for w in caught if "treated as absent" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith(f"take {take.take_uid}, view ego: ")
 
 
 def test_a_batch_without_any_decodable_view_still_trains_every_backbone_weight(world):
