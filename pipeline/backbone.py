@@ -87,9 +87,10 @@ def set_num_frames(model: TimesformerModel, num_frames: int) -> None:
         raise RuntimeError("TimeSformer layers no longer share the model's config; num_frames would not reach them")
     time = model.embeddings.time_embeddings  # (1, T0, D)
     if time.shape[1] != num_frames:
-        # Linear, align_corners=False (as the reference): each embedding is the centre of one of T0
-        # equal time bins, resampled at the centres of T bins. A Parameter of exactly T rows also
-        # keeps HF's own fallback (nearest interpolation at every forward) from running.
+        # Linear, align_corners=False: each embedding is the centre of one of T0 equal time bins,
+        # resampled at the centres of T bins (symmetric in time). The reference code reads position
+        # t * T0 / T instead (left-aligned, last one repeated): at most 0.375 steps away for T <= 32.
+        # A Parameter of exactly T rows also keeps HF's own fallback (nearest at every forward) from running.
         resized = F.interpolate(time.detach().transpose(1, 2), size=num_frames, mode="linear", align_corners=False)
         model.embeddings.time_embeddings = torch.nn.Parameter(
             resized.transpose(1, 2).contiguous(), requires_grad=time.requires_grad

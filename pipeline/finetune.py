@@ -66,6 +66,7 @@ class FinetuneConfig:
     grad_accum: int = 4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # clip the gradient's norm before each update (HF Trainer's default, used by the reference); 0: off
     holdout: float = 0.1
     seed: int = 0
     gradient_checkpointing: bool = True
@@ -84,6 +85,8 @@ class FinetuneConfig:
             raise ConfigError(f"FinetuneConfig.workers: must be >= 0, got {self.workers}")
         if self.lr < 0 or self.weight_decay < 0:  # lr 0: evaluate a warm-started head end to end, unchanged
             raise ConfigError(f"FinetuneConfig: lr and weight_decay must be >= 0 (got {self.lr}, {self.weight_decay})")
+        if not self.max_grad_norm >= 0:
+            raise ConfigError(f"FinetuneConfig.max_grad_norm: must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         for problem in (device_problem(self.device), output_problem("out", self.out)):
             if problem:
                 raise ConfigError(f"FinetuneConfig.{problem}")
@@ -207,6 +210,8 @@ def run_finetune(
             (loss / config.grad_accum).backward()
             state["train_losses"].append(loss.item())
             if (step + 1) % config.grad_accum == 0 or step + 1 == len(loader):
+                if config.max_grad_norm:  # DDP has averaged the gradients: every rank clips alike
+                    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -35,6 +35,8 @@ def finetune(
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default 4)."),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 0.01)."),
     warmup_ratio: Optional[float] = typer.Option(None, help="Warmup share of the cosine schedule (default 0.1)."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm before each update (default 1.0, "
+                                                  "as HF Trainer; 0: no clipping)."),
     holdout: Optional[float] = typer.Option(None, help="Stratified share of train held out to pick the best epoch."),
     seed: Optional[int] = typer.Option(None, help="Random seed (default 0)."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, help="Recompute activations in backward (default on)."),

@@ -15,6 +15,7 @@ def test_published_recipes_load_as_finetune_configs(setting):
     config = load_config(FinetuneConfig, CONFIGS / f"finetune-{setting}.yaml", {"root": "data", "out": "run"})
     assert (config.frames, config.lora_r, config.lora_alpha, config.hidden, config.lr) == RECIPES[setting]
     assert config.views == setting and config.batch_size * config.grad_accum == 16 and config.epochs == 4
+    assert config.max_grad_norm == 1.0  # HF Trainer's default: the reference was trained with it
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from typer.testing import CliRunner
 
 from pipeline import backbone as bb
@@ -335,6 +336,8 @@ def test_init_head_warm_starts_from_a_fit_head_cell(world, fitted_cell, tmp_path
     ("lr", -1.0, "lr and weight_decay must be >= 0"),
     ("hidden", 0, "FinetuneConfig.hidden: must be >= 1"),
     ("workers", -1, "FinetuneConfig.workers: must be >= 0"),
+    ("max_grad_norm", -1.0, "FinetuneConfig.max_grad_norm: must be >= 0"),
+    ("max_grad_norm", float("nan"), "FinetuneConfig.max_grad_norm: must be >= 0"),
     ("views", "ego+bogus", "bogus"),
 ])
 def test_finetune_settings_are_checked_before_any_work(field, value, message):
@@ -344,6 +347,29 @@ def test_finetune_settings_are_checked_before_any_work(field, value, message):
     with pytest.raises(ConfigError) as info:
         FinetuneConfig(root=Path("r"), out=Path("o"), **{field: value})
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 0])
+def test_updates_see_the_gradient_clipped_to_max_grad_norm(world, tmp_path, max_norm):
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(record)  # every optimizer's
+    try:
+        args = finetune_args(world / "data", world / "tiny", tmp_path / "run", "--max-grad-norm", max_norm)
+        args[args.index("--epochs") + 1] = "1"
+        assert cli(*args).exit_code == 0
+    finally:
+        handle.remove()
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert len(norms) == len(state["train_losses"]) >= 2  # no accumulation: one update per batch
+    if max_norm:
+        assert max(norms) <= max_norm * (1 + 1e-4)
+    else:  # the control: without clipping these gradients are larger than the bound above
+        assert min(norms) > 0.05
 
 
 def test_resume_refuses_other_settings_and_leaves_the_run_alone(world, tmp_path):
