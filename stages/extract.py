@@ -17,7 +17,7 @@ from pipeline.views import FAILURES_EXIT
 
 def extract(
     root: Optional[Path] = typer.Option(None, help="egoexo download root (holds annotations/ and takes/)."),
-    split: Optional[str] = typer.Option(None, help="Annotation split to extract: train or val."),
+    split: Optional[str] = typer.Option(None, help="Annotation split to extract: train (default) or val; fit-head needs both in one cache."),
     cache: Optional[Path] = typer.Option(None, help="Feature cache folder (default cache/features)."),
     backbone: Optional[str] = typer.Option(None, help="TimeSformer hub id or local folder (default facebook/timesformer-base-finetuned-k600)."),
     frames: Optional[int] = typer.Option(None, help="Frames T sampled uniformly over each take (default 16)."),
