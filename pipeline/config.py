@@ -78,7 +78,11 @@ def load_config(cls: type[Config], path: Path | None = None, overrides: dict[str
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if path is not None:
-        for key, value in read_config_file(path).items():
+        data = read_config_file(path)
+        kind = data.pop("kind", cls.__name__)  # the resolved config a stage saved beside its output is a config file too
+        if kind != cls.__name__:
+            raise ConfigError(f"config file {path} is of kind {kind!r}; this stage reads {cls.__name__!r}")
+        for key, value in data.items():
             values[key], sources[key] = value, f"config file {path}"
     for key, value in (overrides or {}).items():
         if value is not None:

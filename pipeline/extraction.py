@@ -30,6 +30,7 @@ from pipeline.decoder_crashes import decoding, triage
 from pipeline.distributed import Ranks, barrier
 from pipeline.takes import VIEWS, Take, load_takes
 from pipeline.video import PREPROCESSING, VideoError, decode_clip, preprocess
+from pipeline.views import GROUPS, parse_view_setting
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class ExtractConfig:
     compile: bool = False
 
     def __post_init__(self):
+        # the other stages' view settings (ego+exos, exos, ego+exo2) name views too
+        object.__setattr__(self, "views", tuple(name for item in self.views
+                                                for name in (parse_view_setting(item) if "+" in item or item in GROUPS else (item,))))
         problems = []
         if self.frames < 1:
             problems.append(f"frames must be >= 1, got {self.frames}")

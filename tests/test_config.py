@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 
 from pipeline.config import ConfigError, device_problem, load_config, read_saved_config, save_config
 from pipeline.extraction import ExtractConfig
+from pipeline.head_training import FitHeadConfig
 
 
 @pytest.mark.parametrize("suffix,text", [
@@ -21,15 +23,29 @@ def test_file_then_flags_override(tmp_path, suffix, text):
     assert config.batch_size is None and config.clips_per_forward == 1  # flag not given: the default stays
 
 
-def test_comma_separated_views_flag():
-    config = load_config(ExtractConfig, None, {"root": "r", "views": "ego, exo3"})
-    assert config.views == ("ego", "exo3")
+@pytest.mark.parametrize("views,expected", [
+    ("ego, exo3", ("ego", "exo3")),
+    ("ego+exos", ("ego", "exo1", "exo2", "exo3", "exo4")),  # the view settings of fit-head and finetune
+    ("exos", ("exo1", "exo2", "exo3", "exo4")),
+    ("exo2+ego", ("ego", "exo2")),
+])
+def test_extract_views_flag_takes_names_or_view_settings(views, expected):
+    assert load_config(ExtractConfig, None, {"root": "r", "views": views}).views == expected
+
+
+def test_a_saved_config_is_a_config_file_for_its_own_stage_only(tmp_path):
+    config = load_config(ExtractConfig, None, {"root": "r", "frames": 8})
+    save_config(config, tmp_path / "extract-train.json")  # as extract saves it beside the cache
+    assert load_config(ExtractConfig, tmp_path / "extract-train.json", {"frames": 4}) == dataclasses.replace(config, frames=4)
+    with pytest.raises(ConfigError, match="is of kind 'ExtractConfig'; this stage reads 'FitHeadConfig'"):
+        load_config(FitHeadConfig, tmp_path / "extract-train.json")
 
 
 @pytest.mark.parametrize("values,message", [
     ({"root": "r", "frames": "eight"}, "ExtractConfig.frames from command line: expected an integer"),
     ({"root": "r", "split": "test"}, "'test' is not one of"),
     ({"root": "r", "views": "ego,cam9"}, "views must be distinct names"),
+    ({"root": "r", "views": "ego+cam9"}, "view setting 'ego+cam9': unknown view 'cam9'"),
     ({"root": "r", "frame": 3}, "unknown field(s) ['frame']"),
     ({"frames": 3}, "required field(s) not set: ['root']"),
 ])
