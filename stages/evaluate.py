@@ -39,6 +39,9 @@ def evaluate(
     """Evaluate a trained model end to end (decode, backbone, head) on a split."""
     if problem := output_problem("--out", out):
         raise ConfigError(problem)
+    if out.resolve() == checkpoint.resolve():  # its metrics.json and predictions.jsonl are the run's own results
+        raise ConfigError(f"--out {out} is the checkpoint folder itself: evaluating there would overwrite the run's own "
+                          f"metrics; write to another folder, e.g. {checkpoint / 'eval'}")
     _check_conflicts(checkpoint, frames, views)
     model, spec = load_skill_model(checkpoint, device)
     takes = load_takes(root, split)

@@ -80,6 +80,11 @@ def test_evaluate_reproduces_the_run_and_rejects_conflicting_settings(world, tmp
     views = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(world / "run"), "--root", str(world / "data"),
                                      "--out", str(tmp_path / "x"), "--views", "ego"])
     assert views.exit_code == 2 and "--views ego conflicts" in views.output
+    before = (world / "run" / "metrics.json").read_bytes()
+    into_the_run = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(world / "run"), "--root", str(world / "data"),
+                                            "--split", "train", "--out", str(world / "run" / ".")])
+    assert into_the_run.exit_code == 2 and "is the checkpoint folder itself" in into_the_run.output
+    assert (world / "run" / "metrics.json").read_bytes() == before
 
 
 def test_predict_on_a_take_folder(world, tmp_path):
