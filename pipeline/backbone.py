@@ -72,7 +72,15 @@ def load_backbone(name_or_dir: str, num_frames: int) -> TimesformerModel:
         name_or_dir = str(path)
     hf_logging.disable_progress_bar()  # one bar per load would drown the stage's own progress
     # fp32 master weights whatever the checkpoint's dtype: autocast gives bf16 speed, LoRA needs fp32.
-    model = TimesformerModel.from_pretrained(name_or_dir, dtype=torch.float32)
+    try:
+        model = TimesformerModel.from_pretrained(name_or_dir, dtype=torch.float32)
+    except OSError as err:  # offline, firewalled, or a misspelt hub id
+        if path:
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"backbone {name_or_dir!r}: not a local folder, and the Hugging Face hub (or its local cache) "
+                          f"cannot provide it: {reason}. Download it where the hub is reachable (e.g. "
+                          f"`hf download {name_or_dir}`), or pass --backbone with a folder written by save_pretrained") from None
     set_num_frames(model, num_frames)
     return model.eval()
 

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,6 +105,17 @@ def test_a_local_folder_without_config_is_named(tmp_path):
     for path in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(ValueError, match=str(path)):
             load_backbone(str(path), 8)
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path):
+    """Offline (or a misspelt id): one error naming the backbone and the way out, not transformers' traceback."""
+    code = ("from pipeline.backbone import load_backbone\nfrom pipeline.config import ConfigError\n"
+            "try:\n    load_backbone('no-such-org/no-such-timesformer', 8)\nexcept ConfigError as err:\n    print(err)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache, no network
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "backbone 'no-such-org/no-such-timesformer': not a local folder" in result.stdout
+    assert "--backbone with a folder written by save_pretrained" in result.stdout
 
 
 # --- LoRA --------------------------------------------------------------------------------------
