@@ -104,9 +104,11 @@ class FeatureCache:
             differences = _differences(cache.spec, spec)
             if differences:
                 listing = "\n".join(f"  - {d}" for d in differences)
+                hint = ("shard_size does not change the features: leave --shard-size out to use the cache's. "
+                        if any(d.startswith("shard_size") for d in differences) else "")
                 raise CacheError(
                     f"{root}: this cache was built differently; refusing to mix features:\n{listing}\n"
-                    "Use another --cache folder (or delete this one)."
+                    f"{hint}Use another --cache folder (or delete this one)."
                 )
             return cache
         Path(root).mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,9 @@ from pipeline.video import PREPROCESSING, VideoError, decode_clip, preprocess
 from pipeline.views import GROUPS, parse_view_setting
 
 
+DEFAULT_SHARD_SIZE = 16
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """Settings of `skillpipe extract`; saved as `<cache>/extract-<split>.json`."""
@@ -48,7 +51,7 @@ class ExtractConfig:
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast (CPU AMX / CUDA), or exact fp32
     batch_size: int | None = None  # clips per backbone forward; None: 1 on CPU (fastest per clip here), 16 on CUDA
     workers: int = 1  # decoding processes (0 = decode in the main process)
-    shard_size: int = 16  # takes per zarr shard (the unit of commit and resume)
+    shard_size: int | None = None  # takes per zarr shard (the unit of commit and resume); None: the cache's, 16 for a new one
     # fused attention + torch.compile: 1.04-1.16x faster forwards (2026-11-29) after a one-off compile (~1 min);
     # bf16-rounding-level differences from the eager features, so it is part of the fingerprint
     compile: bool = False
@@ -63,7 +66,7 @@ class ExtractConfig:
         unknown = [v for v in self.views if v not in VIEWS]
         if unknown or not self.views or len(set(self.views)) != len(self.views):
             problems.append(f"views must be distinct names from {list(VIEWS)}, got {list(self.views)}")
-        if (self.batch_size is not None and self.batch_size < 1) or self.shard_size < 1 or self.workers < 0:
+        if any(size is not None and size < 1 for size in (self.batch_size, self.shard_size)) or self.workers < 0:
             problems.append("batch_size and shard_size must be >= 1, workers >= 0")
         problems += filter(None, [device_problem(self.device), output_problem("cache", self.cache)])
         if problems:
@@ -117,6 +120,11 @@ def build_cache_spec(config: ExtractConfig, model: torch.nn.Module, weights_sha2
         hidden_size=model_config.hidden_size,
         shard_size=config.shard_size,
     )
+
+
+def existing_shard_size(cache_root: Path) -> int | None:
+    """The shard size of the cache at `cache_root`, None if there is none yet: a second split follows the first."""
+    return FeatureCache.open(cache_root).spec.shard_size if (Path(cache_root) / "cache.json").is_file() else None
 
 
 def load_extraction_model(config: ExtractConfig) -> tuple[torch.nn.Module, str]:
@@ -189,6 +197,7 @@ def run_extraction(
     cache and plans the split first. `on_start(total, skipped)` and `on_take(clips)` report progress.
     """
     config = with_absolute_paths(config, backbone=bb.resolved_backbone(config.backbone))  # evaluate reads them back
+    config = dataclasses.replace(config, shard_size=config.shard_size or existing_shard_size(config.cache) or DEFAULT_SHARD_SIZE)
     takes = load_takes(config.root, config.split)  # validates before any compute
     if not takes:
         raise ConfigError(f"{config.root}: split {config.split!r} has no takes")

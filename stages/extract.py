@@ -27,7 +27,7 @@ def extract(
     precision: Optional[str] = typer.Option(None, help="bf16 (autocast, default) or fp32."),
     batch_size: Optional[int] = typer.Option(None, help="Clips per backbone forward (default 1 on CPU, 16 on CUDA)."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes; 0 decodes in the main process (default 1)."),
-    shard_size: Optional[int] = typer.Option(None, help="Takes per zarr shard, the unit of commit and resume (default 16)."),
+    shard_size: Optional[int] = typer.Option(None, help="Takes per zarr shard, the unit of commit and resume (default: the cache's, 16 for a new cache)."),
     compile: Optional[bool] = typer.Option(
         None, "--compile/--no-compile",
         help="Fused attention + torch.compile: 1.04-1.16x faster forwards after a one-off compile (~1 min); "

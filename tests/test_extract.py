@@ -213,3 +213,16 @@ def test_errors_print_paths_with_brackets_as_they_are(backbone_dir, tmp_path):
     root = tmp_path / "takes[old]" / "x[/y]"
     result = CliRunner().invoke(app, extract_args(root, tmp_path / "cache", backbone_dir))
     assert result.exit_code == 2 and str(root) in result.output
+
+
+def test_a_second_split_follows_the_caches_shard_size_and_an_explicit_other_one_is_explained(dataset, backbone_dir, tmp_path):
+    cache_dir = tmp_path / "cache"
+    assert run_cli(*extract_args(dataset, cache_dir, backbone_dir, "--views", "ego", shard_size=3)).exit_code == 0
+    val = ["extract", "--root", str(dataset), "--split", "val", "--cache", str(cache_dir), "--backbone", str(backbone_dir),
+           "--frames", str(FRAMES), "--workers", "0", "--views", "ego"]  # no --shard-size
+    result = run_cli(*val)
+    assert result.exit_code == 0, result.output
+    assert json.loads((cache_dir / "extract-val.json").read_text())["shard_size"] == 3
+    explicit = CliRunner().invoke(app, [*val, "--shard-size", "5"])
+    assert explicit.exit_code == 2
+    assert "shard_size: cache has 3, this run has 5" in explicit.output and "leave --shard-size out" in explicit.output
