@@ -193,6 +193,16 @@ class FeatureCache:
         marker = {"records": [asdict(r) for r in records], "failures": failures}
         write_json_atomic(self.root / "shards" / split / f"{shard:05d}.json", marker)
 
+    def shard_failures(self, split: str, shard: int) -> dict:
+        """take_uid -> view -> reason of one committed shard."""
+        return self._marker(split, shard)["failures"]
+
+    def uncommit_shard(self, split: str, shard: int) -> None:
+        """Make a committed shard pending again (its marker goes; the data is rewritten by the next write_shard)."""
+        marker = self.root / "shards" / split / f"{shard:05d}.json"
+        marker.unlink(missing_ok=True)
+        fsync_path(marker.parent)
+
     def write_failures_summary(self) -> dict:
         """Rewrite failures.json from every committed marker; returns take_uid -> view -> reason."""
         failures = self.read_failures()
@@ -204,7 +214,7 @@ class FeatureCache:
         failures = {}
         for split in self.splits():
             for shard in sorted(self.committed_shards(split)):
-                failures.update(self._marker(split, shard)["failures"])
+                failures.update(self.shard_failures(split, shard))
         return failures
 
     # ---- reading ----------------------------------------------------------------------------

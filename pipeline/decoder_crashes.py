@@ -13,6 +13,7 @@ failed view); otherwise the marker is simply dropped.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -58,6 +59,13 @@ def known_crashes(cache_root: Path) -> dict[tuple[str, str], str]:
     folder = Path(cache_root) / CRASHES
     records = [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
     return {(r["take_uid"], r["view"]): r["reason"] for r in records}
+
+
+def forget(cache_root: Path, take_uids: list[str]) -> None:
+    """Drop the crash records of these takes' files, so that they are decoded again (guarded as ever)."""
+    for uid in take_uids:
+        for record in (Path(cache_root) / CRASHES).glob(f"{glob.escape(uid)}.*.json"):
+            record.unlink(missing_ok=True)
 
 
 def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str, str], str]:

@@ -55,6 +55,9 @@ class ExtractConfig:
     # fused attention + torch.compile: 1.04-1.16x faster forwards (2026-11-29) after a one-off compile (~1 min);
     # bf16-rounding-level differences from the eager features, so it is part of the fingerprint
     compile: bool = False
+    # re-extract the committed shards that recorded failed views (after the files were fixed or fetched); the
+    # shard's other takes are recomputed too, as a shard is written whole
+    retry_failed: bool = False
 
     def __post_init__(self):
         # the other stages' view settings (ego+exos, exos, ego+exo2) name views too
@@ -213,6 +216,12 @@ def run_extraction(
     plan = cache.plan_split(config.split, [take.take_uid for take in takes], create=ranks.is_main)
     owned_shards = [(k, [by_uid[uid] for uid in uids]) for k, uids in enumerate(plan) if ranks.owns(k)]
     done = cache.committed_shards(config.split)
+    if config.retry_failed:
+        retried = [(k, takes) for k, takes in owned_shards if k in done and cache.shard_failures(config.split, k)]
+        for k, shard_takes in retried:
+            cache.uncommit_shard(config.split, k)  # first: readers must not see the shard while it is rewritten
+            decoder_crashes.forget(config.cache, [take.take_uid for take in shard_takes])
+        done -= {k for k, _ in retried}
     pending = [(k, takes) for k, takes in owned_shards if k not in done]
     summary = ExtractSummary(total_takes=sum(len(t) for _, t in owned_shards),
                              skipped_takes=sum(len(t) for k, t in owned_shards if k in done))

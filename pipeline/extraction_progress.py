@@ -44,4 +44,6 @@ def extract_with_progress(settings: ExtractConfig, console: Console | None = Non
         for uid, reasons in sorted(summary.failures.items()):
             for view, reason in reasons.items():
                 console.print(f"  {uid} {view}: {reason}", highlight=False, markup=False)
+        console.print("These views are absent in the cache. Once the files are fixed or fetched, rerun with --retry-failed.",
+                      soft_wrap=True)
     return summary

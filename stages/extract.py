@@ -33,13 +33,18 @@ def extract(
         help="Fused attention + torch.compile: 1.04-1.16x faster forwards after a one-off compile (~1 min); "
              "recorded in the fingerprint.",
     ),
+    retry_failed: Optional[bool] = typer.Option(
+        None, "--retry-failed/--no-retry-failed",
+        help="Re-extract the shards that recorded failed views, after fixing or fetching those files (their other "
+             "takes are recomputed too: a shard is written whole).",
+    ),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON config file; flags override it."),
 ) -> None:
     """Decode takes, run the backbone per view, and commit token features to a zarr cache (resumable)."""
     overrides = dict(
         root=root, split=split, cache=cache, backbone=backbone, frames=frames, views=views, adapter=adapter,
         device=device, precision=precision, batch_size=batch_size, workers=workers, shard_size=shard_size,
-        compile=compile,
+        compile=compile, retry_failed=retry_failed,
     )
     settings = load_config(ExtractConfig, config, overrides)
     ranks = init_distributed(settings.device)  # torchrun: each rank extracts its own shards

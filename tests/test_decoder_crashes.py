@@ -140,3 +140,11 @@ def test_a_triage_child_that_cannot_run_is_an_error_not_a_clean_decode(monkeypat
     monkeypatch.setattr(decoder_crashes, "_CHILD", "import a_module_that_is_not_installed")
     with pytest.raises(RuntimeError, match="(?s)garbage.mp4: could not re-decode it .*a_module_that_is_not_installed"):
         decoder_crashes._crash_in_child(garbage, FRAMES)
+
+
+def test_forget_drops_the_crash_records_of_the_named_takes_only(tmp_path):
+    for uid, view in (("take-a", "ego"), ("take-a", "exo1"), ("take-b", "ego")):
+        write_json_atomic(tmp_path / decoder_crashes.CRASHES / f"{uid}.{view}.json",
+                          {"take_uid": uid, "view": view, "path": "x.mp4", "frames": 4, "reason": "crashed"})
+    decoder_crashes.forget(tmp_path, ["take-a"])
+    assert decoder_crashes.known_crashes(tmp_path) == {("take-b", "ego"): "crashed"}

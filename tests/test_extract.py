@@ -109,6 +109,33 @@ BAD_VIEWS = {
 }
 
 
+def test_retry_failed_re_extracts_only_the_shards_with_failed_views_once_the_files_are_fixed(dataset, backbone_dir, tmp_path):
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-r", str(dataset), str(root)], check=True)
+    take = load_takes(root, "train")[-1]  # the last shard (of 2 takes each) holds it
+    good = take.videos["exo2"].read_bytes()
+    take.videos["exo2"].write_bytes(b"")
+    args = extract_args(root, tmp_path / "cache", backbone_dir, "--views", "ego,exo2")
+    assert run_cli(*args).exit_code == 3
+    take.videos["exo2"].write_bytes(good)  # fetched again
+    before = markers(tmp_path / "cache")
+    rerun = run_cli(*args)
+    assert rerun.exit_code == 3 and "rerun with --retry-failed" in rerun.output  # still absent: said, with the way out
+    assert markers(tmp_path / "cache") == before
+    retried = run_cli(*args, "--retry-failed")
+    assert retried.exit_code == 0, retried.output
+    after = markers(tmp_path / "cache")
+    last = max(after)
+    assert after[last] != before[last] and {k: v for k, v in after.items() if k != last} == {
+        k: v for k, v in before.items() if k != last}  # only the shard with the failed view was written again
+    assert json.loads((tmp_path / "cache" / "failures.json").read_text()) == {}
+    clean = tmp_path / "clean"
+    assert run_cli(*extract_args(root, clean, backbone_dir, "--views", "ego,exo2")).exit_code == 0
+    retried_split, clean_split = FeatureCache.open(tmp_path / "cache").read("train"), FeatureCache.open(clean).read("train")
+    assert retried_split.present.all()
+    np.testing.assert_array_equal(retried_split.tokens, clean_split.tokens)
+
+
 def test_bad_views_are_recorded_marked_absent_and_exit_3(dataset, backbone_dir, tmp_path):
     root = tmp_path / "root"
     subprocess.run(["cp", "-r", str(dataset), str(root)], check=True)
