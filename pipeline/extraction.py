@@ -28,6 +28,7 @@ from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.config import ConfigError, device_problem, output_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import decoding, triage
 from pipeline.distributed import Ranks, barrier
+from pipeline.skill_model import read_model_spec
 from pipeline.takes import VIEWS, Take, load_takes
 from pipeline.video import PREPROCESSING, VideoError, decode_clip, preprocess
 from pipeline.views import GROUPS, parse_view_setting
@@ -130,11 +131,42 @@ def existing_shard_size(cache_root: Path) -> int | None:
     return FeatureCache.open(cache_root).spec.shard_size if (Path(cache_root) / "cache.json").is_file() else None
 
 
+def adapter_run(adapter: Path) -> Path | None:
+    """The finetune run that wrote the adapter at `adapter` (the run folder or its adapter/), if any."""
+    folder = bb.resolve_adapter_dir(adapter)
+    run = folder.parent
+    is_run = folder.name == "adapter" and (run / "head.json").is_file() and (run / "config.json").is_file()
+    return run if is_run else None
+
+
+def with_adapter_base(config: ExtractConfig) -> ExtractConfig:
+    """An adapter from a finetune run goes on the backbone that run trained: the default --backbone
+    becomes the run's (load_extraction_model checks that any other holds the same weights)."""
+    run = adapter_run(config.adapter) if config.adapter else None
+    if run is None or config.backbone != bb.DEFAULT_BACKBONE:
+        return config
+    return dataclasses.replace(config, backbone=read_model_spec(run).backbone)
+
+
+def _check_adapter_base(config: ExtractConfig, model: torch.nn.Module, weights_sha256: str) -> None:
+    run = adapter_run(config.adapter)
+    trained = read_model_spec(run) if run else None
+    if trained is None or trained.weights_sha256 is None:  # a bare adapter folder, or a run from before the hash
+        return
+    # the recorded hash is taken at the run's frame count (time embeddings resized): compare like with like
+    same_frames = trained.frames == model.config.num_frames
+    ours = weights_sha256 if same_frames else bb.weights_hash(bb.load_backbone(config.backbone, trained.frames))
+    if ours != trained.weights_sha256:
+        raise ConfigError(f"--adapter {config.adapter} was trained on the backbone {trained.backbone}; {config.backbone} holds "
+                          "other weights, so the adapter would not mean what it learnt. Leave --backbone out to use the run's.")
+
+
 def load_extraction_model(config: ExtractConfig) -> tuple[torch.nn.Module, str]:
     """The backbone (with adapter if any) in eval mode on the device, and the fp32 base weights' hash."""
     model = bb.load_backbone(config.backbone, config.frames)
     weights_sha256 = bb.weights_hash(model)
     if config.adapter:
+        _check_adapter_base(config, model, weights_sha256)
         model = bb.load_adapter(model, config.adapter)
     return bb.prepare_for_inference(model, config.device, config.precision, fused_attention=config.compile), weights_sha256
 
@@ -199,6 +231,7 @@ def run_extraction(
     Under torchrun each rank takes the shards `k % world_size == rank`; rank 0 creates the
     cache and plans the split first. `on_start(total, skipped)` and `on_take(clips)` report progress.
     """
+    config = with_adapter_base(config)
     config = with_absolute_paths(config, backbone=bb.resolved_backbone(config.backbone))  # evaluate reads them back
     config = dataclasses.replace(config, shard_size=config.shard_size or existing_shard_size(config.cache) or DEFAULT_SHARD_SIZE)
     takes = load_takes(config.root, config.split)  # validates before any compute

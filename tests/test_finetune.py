@@ -235,6 +235,24 @@ def test_extract_with_a_finetuned_adapter_has_another_fingerprint(world, fitted_
     assert np.abs(adapted - base).max() > 1e-3  # the adapter's weights were applied, not only hashed
 
 
+def test_extract_with_a_runs_adapter_uses_the_runs_backbone_and_refuses_other_weights(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the default backbone, were it used, could not load here
+    args = ["extract", "--root", world / "data", "--split", "val", "--frames", FRAMES, "--workers", "0",
+            "--adapter", world / "run" / "adapter", "--views", "ego"]
+    assert cli(*args, "--cache", tmp_path / "own").exit_code == 0  # no --backbone: the run's (world/tiny)
+    assert json.loads((tmp_path / "own" / "extract-val.json").read_text())["backbone"] == str((world / "tiny").resolve())
+    other = bb.save_tiny_backbone(tmp_path / "other-tiny", seed=1)
+    refused = CliRunner().invoke(app, [str(a) for a in [*args, "--cache", tmp_path / "other", "--backbone", other]])
+    assert refused.exit_code == 2 and "was trained on the backbone" in refused.output
+    assert not (tmp_path / "other").exists()
+    refused_at_other_frames = CliRunner().invoke(app, [str(a) for a in [*args, "--cache", tmp_path / "other8", "--backbone",
+                                                                        other, "--frames", FRAMES * 2]])
+    assert refused_at_other_frames.exit_code == 2 and "was trained on the backbone" in refused_at_other_frames.output
+    same_weights = tmp_path / "copy-of-tiny"
+    shutil.copytree(world / "tiny", same_weights)  # another folder, the same weights: accepted, at another T too
+    assert cli(*args, "--cache", tmp_path / "copy", "--backbone", same_weights, "--frames", FRAMES * 2).exit_code == 0
+
+
 def test_evaluate_runs_the_backbone_with_the_runs_adapter(world):
     model, _ = load_skill_model(world / "run")
     clips, present, _, _, _ = TakeClips(load_takes(world / "data", "val")[:1], VIEWS, FRAMES)[0]
