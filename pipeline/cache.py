@@ -298,11 +298,16 @@ def _differences(old: CacheSpec, new: CacheSpec) -> list[str]:
 def spec_differences(old: dict, new: dict, old_name: str = "cache has", new_name: str = "this run has") -> list[str]:
     """Human-readable differences between two cache specs (or their fingerprints, under `fingerprint.` keys)."""
     old_flat, new_flat = _flatten(old), _flatten(new)
-    return [
-        f"{key}: {old_name} {json.dumps(old_flat.get(key))}, {new_name} {json.dumps(new_flat.get(key))}"
-        for key in sorted(set(old_flat) | set(new_flat))
-        if key not in DESCRIPTIVE_KEYS and _normalise(old_flat.get(key)) != _normalise(new_flat.get(key))
-    ]
+    changed = [key for key in sorted(set(old_flat) | set(new_flat))
+               if key not in DESCRIPTIVE_KEYS and _normalise(old_flat.get(key)) != _normalise(new_flat.get(key))]
+    if "fingerprint.frames" in changed:
+        # the geometry's frames repeat the fingerprint's, and the weights hash is taken after the time embeddings
+        # are resized to T, so it follows the frame count: listing it would suggest the weights changed
+        changed = [key for key in changed if key not in ("frames", "fingerprint.weights_sha256")]
+    return [f"{key}: {old_name} {json.dumps(old_flat.get(key))}, {new_name} {json.dumps(new_flat.get(key))}"
+            + (" (the weights hash, taken with the time embeddings resized to T, differs with it)"
+               if key == "fingerprint.frames" else "")
+            for key in changed]
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

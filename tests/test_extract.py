@@ -87,6 +87,8 @@ def test_a_different_fingerprint_is_refused_with_exit_2(dataset, backbone_dir, t
     result = CliRunner().invoke(app, extract_args(dataset, tmp_path, backbone_dir, "--views", "ego", frames=8))
     assert result.exit_code == 2
     assert "refusing to mix" in result.output and "fingerprint.frames: cache has 4, this run has 8" in result.output
+    # listed once, and the weights hash (which follows T) is not named as if the backbone had changed
+    assert "weights_sha256" not in result.output and "\n  - frames:" not in result.output
 
 
 def test_invalid_annotations_exit_2_before_any_compute(dataset, backbone_dir, tmp_path):
