@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,8 @@ def add_lora(model: TimesformerModel, settings: LoraSettings):
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none", target_modules=LORA_TARGETS
     )
     training = model.training
-    adapted = get_peft_model(model, config)
+    with _peft_on_new_transformers():
+        adapted = get_peft_model(model, config)
     _check_adapted_count(adapted, model.config.num_hidden_layers)
     # peft leaves the wrapper and the new LoRA dropouts in train mode over an eval base: unify.
     return adapted.train(training)
@@ -124,9 +126,19 @@ def load_adapter(model: TimesformerModel, adapter_dir: Path):
     """Attach a saved peft adapter for inference (a folder with adapter_config.json, or one holding `adapter/`)."""
     from peft import PeftModel
 
-    adapted = PeftModel.from_pretrained(model, str(resolve_adapter_dir(adapter_dir)), is_trainable=False)
+    with _peft_on_new_transformers():
+        adapted = PeftModel.from_pretrained(model, str(resolve_adapter_dir(adapter_dir)), is_trainable=False)
     _check_adapted_count(adapted, model.config.num_hidden_layers)
     return adapted.eval()
+
+
+@contextlib.contextmanager
+def _peft_on_new_transformers() -> Iterator[None]:
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning
+    about peft's code, not ours, printed on every run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def resolve_adapter_dir(adapter_dir: Path) -> Path:

@@ -105,7 +105,10 @@ def build_model(config: FinetuneConfig) -> tuple[SkillModel, tuple[str, ...], st
         backbone = bb.add_lora(backbone, bb.LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
     if config.gradient_checkpointing:
         base = backbone.get_base_model() if config.tune == "lora" else backbone
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's name; the old one warns
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model_config = backbone.config
     if model_config.hidden_size % config.heads:
         raise ConfigError(f"FinetuneConfig.heads={config.heads} must divide the backbone's feature size {model_config.hidden_size}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from typing import Callable
 
 import typer
@@ -56,7 +57,13 @@ register("evaluate", evaluate.evaluate)
 register("predict", evaluate.predict)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as the stages' other messages: what happened, not the Python file and line that said it."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:
+    warnings.formatwarning = _one_line_warning
     sys.exit(app())
 
 

@@ -567,6 +567,8 @@ def test_evaluate_and_predict_name_takes_with_absent_views_and_exit_3(world, tmp
                                 str(third.videos["ego"].parents[3])], capture_output=True, text=True)
     assert predicted.returncode == 3, predicted.stderr
     assert "view ego" in predicted.stderr and "treated as absent" in predicted.stderr
+    assert "\nwarning: take " in "\n" + predicted.stderr and "UserWarning" not in predicted.stderr  # said, not traced
+    assert "FutureWarning" not in predicted.stderr  # peft's use of a deprecated transformers property is not ours
     (row,) = json.loads(predicted.stdout[predicted.stdout.index("["):])
     assert row["absent_views"] == ["ego", "exo3"]
 
