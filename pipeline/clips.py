@@ -35,11 +35,15 @@ class TakeClips(Dataset):
         return clips, present, int(take.label), index, "\n".join(notes)
 
 
-class ClipBatches:
-    """Batches of TakeClips (clips, present, labels, indices) whose notes are warned in this process.
+_SAID: set[str] = set()  # notes already warned by this process: each is said once, whatever the epoch
 
-    Warned here, not in the DataLoader worker: Python says each distinct warning once per process,
-    and workers are new processes every epoch, so their warnings repeated in every epoch.
+
+class ClipBatches:
+    """Batches of TakeClips (clips, present, labels, indices) whose notes are warned once per process.
+
+    Warned here, not in the DataLoader worker: workers are new processes every epoch, so their
+    warnings repeated in every epoch (and Python's own once-only record does not survive the
+    catch_warnings that collects the notes when decoding runs in this process).
     """
 
     def __init__(self, loader: DataLoader):
@@ -50,8 +54,10 @@ class ClipBatches:
 
     def __iter__(self):
         for clips, present, labels, indices, notes in self.loader:
-            for line in "\n".join(notes).splitlines():
-                warnings.warn(line, UserWarning, stacklevel=1)
+            for line in (line for take_notes in notes for line in take_notes.splitlines()):
+                if line not in _SAID:
+                    _SAID.add(line)
+                    warnings.warn(line, UserWarning, stacklevel=1)
             yield clips, present, labels, indices
 
 

@@ -249,22 +249,22 @@ def run_extraction(
     plan = cache.plan_split(config.split, [take.take_uid for take in takes], create=ranks.is_main)
     owned_shards = [(k, [by_uid[uid] for uid in uids]) for k, uids in enumerate(plan) if ranks.owns(k)]
     done = cache.committed_shards(config.split)
+    rewrite: set[int] = set()  # committed shards with failed views to extract again (--retry-failed)
     if config.retry_failed:
-        retried = [(k, takes) for k, takes in owned_shards if k in done and cache.shard_failures(config.split, k)]
-        for k, shard_takes in retried:
-            cache.uncommit_shard(config.split, k)  # first: readers must not see the shard while it is rewritten
-            decoder_crashes.forget(config.cache, [take.take_uid for take in shard_takes])
-        done -= {k for k, _ in retried}
-    pending = [(k, takes) for k, takes in owned_shards if k not in done]
+        for k, shard_takes in owned_shards:
+            if k in done and cache.shard_failures(config.split, k):
+                rewrite.add(k)
+                decoder_crashes.forget(config.cache, [take.take_uid for take in shard_takes])
+    pending = [(k, takes) for k, takes in owned_shards if k not in done or k in rewrite]
     summary = ExtractSummary(total_takes=sum(len(t) for _, t in owned_shards),
-                             skipped_takes=sum(len(t) for k, t in owned_shards if k in done))
+                             skipped_takes=sum(len(t) for k, t in owned_shards if k in done and k not in rewrite))
     if on_start:
         on_start(summary.total_takes, summary.skipped_takes)
     started = time.perf_counter()
     crashes = triage(config.cache)  # files that crashed the decoder in an earlier run
     while pending:
         try:
-            _extract_shards(config, model, cache, pending, crashes, summary, on_take)
+            _extract_shards(config, model, cache, pending, crashes, summary, on_take, rewrite)
             break
         except RuntimeError as err:
             if config.workers == 0:  # decoding in this process: no worker died
@@ -281,7 +281,7 @@ def run_extraction(
                 raise
             crashes = found  # record those views as failed and go on with the shards not yet committed
             done = cache.committed_shards(config.split)
-            pending = [(k, takes) for k, takes in pending if k not in done]
+            pending = [(k, takes) for k, takes in pending if k not in done or k in rewrite]
     summary.seconds = time.perf_counter() - started
     barrier(ranks)
     if ranks.is_main:
@@ -296,8 +296,11 @@ def _as_is(item: DecodedTake) -> DecodedTake:
 
 
 def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: FeatureCache, pending: list[tuple[int, list[Take]]],
-                    crashes: dict[tuple[str, str], str], summary: ExtractSummary, on_take: Callable[[int], None] | None) -> None:
-    """Decode (in DataLoader workers), encode and commit the pending shards, one whole shard at a time."""
+                    crashes: dict[tuple[str, str], str], summary: ExtractSummary, on_take: Callable[[int], None] | None,
+                    rewrite: set[int]) -> None:
+    """Decode (in DataLoader workers), encode and commit the pending shards, one whole shard at a time.
+
+    A shard in `rewrite` (committed before) is uncommitted just before it is written, then left out of it."""
     loader = DataLoader(
         ShardTakes(pending, config.views, config.frames, Path(config.cache), crashes),
         batch_size=None,
@@ -319,7 +322,10 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
             tokens = encode_shard(encode, model, decoded, config)
             records = [_record(take, item, config.views) for take, item in zip(shard_takes, decoded)]
             failures = {take.take_uid: item.failures for take, item in zip(shard_takes, decoded) if item.failures}
+            if shard in rewrite:  # only now, and first: a reader must not see it while it is rewritten
+                cache.uncommit_shard(config.split, shard)
             cache.write_shard(config.split, shard, tokens, records, failures)
+            rewrite.discard(shard)
             for item in decoded:
                 summary.clips += len(item.clips)
                 summary.computed_takes += 1

@@ -1,5 +1,6 @@
 """`skillpipe extract` end to end on generated takes with a tiny random TimeSformer."""
 
+import dataclasses
 import json
 import os
 import re
@@ -14,9 +15,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline import decoder_crashes
 from pipeline.backbone import encode_clips, load_backbone, save_tiny_backbone
 from pipeline.cache import FeatureCache
 from pipeline.demo_data import write_demo_dataset
+from pipeline.extraction import ExtractConfig, run_extraction
+from pipeline.files import write_json_atomic
 from pipeline.takes import VIEWS, load_takes
 from pipeline.video import decode_clip, preprocess
 from stages.cli import app
@@ -120,6 +124,9 @@ def test_retry_failed_re_extracts_only_the_shards_with_failed_views_once_the_fil
     args = extract_args(root, tmp_path / "cache", backbone_dir, "--views", "ego,exo2")
     assert run_cli(*args).exit_code == 3
     take.videos["exo2"].write_bytes(good)  # fetched again
+    crash_record = tmp_path / "cache" / decoder_crashes.CRASHES / f"{take.take_uid}.exo2.json"
+    write_json_atomic(crash_record, {"take_uid": take.take_uid, "view": "exo2", "path": str(take.videos["exo2"]),
+                                     "frames": FRAMES, "reason": "crashed the decoder"})  # as if it had, once
     before = markers(tmp_path / "cache")
     rerun = run_cli(*args)
     assert rerun.exit_code == 3 and "rerun with --retry-failed" in rerun.output  # still absent: said, with the way out
@@ -131,11 +138,41 @@ def test_retry_failed_re_extracts_only_the_shards_with_failed_views_once_the_fil
     assert after[last] != before[last] and {k: v for k, v in after.items() if k != last} == {
         k: v for k, v in before.items() if k != last}  # only the shard with the failed view was written again
     assert json.loads((tmp_path / "cache" / "failures.json").read_text()) == {}
+    assert not crash_record.exists()  # the retried take's files are decoded again, guarded as ever
     clean = tmp_path / "clean"
     assert run_cli(*extract_args(root, clean, backbone_dir, "--views", "ego,exo2")).exit_code == 0
     retried_split, clean_split = FeatureCache.open(tmp_path / "cache").read("train"), FeatureCache.open(clean).read("train")
     assert retried_split.present.all()
     np.testing.assert_array_equal(retried_split.tokens, clean_split.tokens)
+
+
+def test_an_interrupted_retry_keeps_the_commits_of_the_shards_it_had_not_reached(dataset, backbone_dir, tmp_path,
+                                                                                 monkeypatch):
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-r", str(dataset), str(root)], check=True)
+    takes = load_takes(root, "train")
+    broken = [takes[i].videos["exo2"] for i in (0, 2, 4)]  # one failed view in each of the shards 0, 1, 2
+    good = [path.read_bytes() for path in broken]
+    for path in broken:
+        path.write_bytes(b"")
+    config = ExtractConfig(root=root, cache=tmp_path / "cache", backbone=str(backbone_dir), frames=FRAMES,
+                           views=("ego", "exo2"), workers=0, shard_size=2)
+    run_extraction(config)
+    for path, data in zip(broken, good):
+        path.write_bytes(data)
+    written, write_shard = [], FeatureCache.write_shard
+
+    def interrupted_at_the_second(self, split, shard, *args):
+        written.append(shard)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        return write_shard(self, split, shard, *args)
+
+    monkeypatch.setattr(FeatureCache, "write_shard", interrupted_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_extraction(dataclasses.replace(config, retry_failed=True))
+    shards = len(FeatureCache.open(tmp_path / "cache").plan_split("train", [t.take_uid for t in takes]))
+    assert FeatureCache.open(tmp_path / "cache").committed_shards("train") == set(range(shards)) - {written[1]}
 
 
 def test_bad_views_are_recorded_marked_absent_and_exit_3(dataset, backbone_dir, tmp_path):
