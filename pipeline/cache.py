@@ -305,7 +305,7 @@ def spec_differences(old: dict, new: dict, old_name: str = "cache has", new_name
         # are resized to T, so it follows the frame count: listing it would suggest the weights changed
         changed = [key for key in changed if key not in ("frames", "fingerprint.weights_sha256")]
     return [f"{key}: {old_name} {json.dumps(old_flat.get(key))}, {new_name} {json.dumps(new_flat.get(key))}"
-            + (" (the weights hash, taken with the time embeddings resized to T, differs with it)"
+            + (" (the weights were not compared: their hash is taken with the time embeddings resized to T)"
                if key == "fingerprint.frames" else "")
             for key in changed]
 

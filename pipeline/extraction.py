@@ -44,7 +44,7 @@ class ExtractConfig:
     root: Path  # egoexo download root (holds annotations/ and takes/)
     split: Literal["train", "val"] = "train"
     cache: Path = Path("cache/features")  # feature cache folder (one zarr store)
-    backbone: str = bb.DEFAULT_BACKBONE  # hub id or local folder of a TimeSformer
+    backbone: str | None = None  # hub id or local folder of a TimeSformer; None: the --adapter run's, else the k600 one
     frames: int = 16  # T frames sampled per view
     views: tuple[str, ...] = VIEWS
     adapter: Path | None = None  # peft LoRA adapter folder (or a finetune run holding adapter/)
@@ -139,13 +139,13 @@ def adapter_run(adapter: Path) -> Path | None:
     return run if is_run else None
 
 
-def with_adapter_base(config: ExtractConfig) -> ExtractConfig:
-    """An adapter from a finetune run goes on the backbone that run trained: the default --backbone
-    becomes the run's (load_extraction_model checks that any other holds the same weights)."""
-    run = adapter_run(config.adapter) if config.adapter else None
-    if run is None or config.backbone != bb.DEFAULT_BACKBONE:
+def with_backbone(config: ExtractConfig) -> ExtractConfig:
+    """Fill in a backbone left unset: the one the --adapter's finetune run trained, else the default
+    checkpoint (load_extraction_model checks that a backbone given with a run's adapter has its weights)."""
+    if config.backbone is not None:
         return config
-    return dataclasses.replace(config, backbone=read_model_spec(run).backbone)
+    run = adapter_run(config.adapter) if config.adapter else None
+    return dataclasses.replace(config, backbone=read_model_spec(run).backbone if run else bb.DEFAULT_BACKBONE)
 
 
 def _check_adapter_base(config: ExtractConfig, model: torch.nn.Module, weights_sha256: str) -> None:
@@ -163,6 +163,7 @@ def _check_adapter_base(config: ExtractConfig, model: torch.nn.Module, weights_s
 
 def load_extraction_model(config: ExtractConfig) -> tuple[torch.nn.Module, str]:
     """The backbone (with adapter if any) in eval mode on the device, and the fp32 base weights' hash."""
+    config = with_backbone(config)
     model = bb.load_backbone(config.backbone, config.frames)
     weights_sha256 = bb.weights_hash(model)
     if config.adapter:
@@ -231,7 +232,7 @@ def run_extraction(
     Under torchrun each rank takes the shards `k % world_size == rank`; rank 0 creates the
     cache and plans the split first. `on_start(total, skipped)` and `on_take(clips)` report progress.
     """
-    config = with_adapter_base(config)
+    config = with_backbone(config)
     config = with_absolute_paths(config, backbone=bb.resolved_backbone(config.backbone))  # evaluate reads them back
     config = dataclasses.replace(config, shard_size=config.shard_size or existing_shard_size(config.cache) or DEFAULT_SHARD_SIZE)
     takes = load_takes(config.root, config.split)  # validates before any compute

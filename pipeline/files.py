@@ -27,7 +27,7 @@ NEW_FILE_MODE = 0o666 & ~_read_umask()
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, NEW_FILE_MODE)
@@ -53,6 +53,17 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_folders(folder: Path) -> None:
+    """`mkdir -p` whose new folders' entries reach the disk too (each new folder's parent is fsynced)."""
+    folder, missing = Path(folder), []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        fsync_path(new.parent)
 
 
 def fsync_tree(folder: Path) -> None:

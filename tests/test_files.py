@@ -49,9 +49,11 @@ def assert_committed_durably(events, target: Path) -> None:
     assert position(events[moved:], ("fsync", target.parent)) >= 0
 
 
-def test_an_atomic_write_is_durable(tmp_path, disk_events):
-    write_bytes_atomic(tmp_path / "a" / "result.json", b"{}")
-    assert_committed_durably(disk_events, tmp_path / "a" / "result.json")
+def test_an_atomic_write_is_durable_with_the_folders_it_creates(tmp_path, disk_events):
+    write_bytes_atomic(tmp_path / "a" / "b" / "result.json", b"{}")
+    assert_committed_durably(disk_events, tmp_path / "a" / "b" / "result.json")
+    for parent in (tmp_path, tmp_path / "a"):  # the new folders' own entries
+        assert ("fsync", parent.resolve()) in disk_events
 
 
 def test_a_folder_written_in_place_by_a_library_is_flushed_whole_before_its_rename(tmp_path, disk_events):

@@ -1,6 +1,7 @@
 """finetune / evaluate / predict on generated takes with a tiny random TimeSformer."""
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -241,6 +242,10 @@ def test_extract_with_a_runs_adapter_uses_the_runs_backbone_and_refuses_other_we
             "--adapter", world / "run" / "adapter", "--views", "ego"]
     assert cli(*args, "--cache", tmp_path / "own").exit_code == 0  # no --backbone: the run's (world/tiny)
     assert json.loads((tmp_path / "own" / "extract-val.json").read_text())["backbone"] == str((world / "tiny").resolve())
+    from pipeline.extraction import ExtractConfig, with_backbone
+
+    given = ExtractConfig(root=world / "data", backbone=bb.DEFAULT_BACKBONE, adapter=world / "run")
+    assert with_backbone(given).backbone == bb.DEFAULT_BACKBONE  # given, even if it is the default: then checked
     other = bb.save_tiny_backbone(tmp_path / "other-tiny", seed=1)
     refused = CliRunner().invoke(app, [str(a) for a in [*args, "--cache", tmp_path / "other", "--backbone", other]])
     assert refused.exit_code == 2 and "was trained on the backbone" in refused.output
@@ -598,3 +603,23 @@ def test_evaluate_and_predict_refuse_bad_input_with_exit_2(world, tmp_path):
     out = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(world / "run"), "--root", str(world / "data"),
                                    "--out", str(tmp_path / "afile")])
     assert out.exit_code == 2 and "afile is a file; it must be a folder" in out.output
+
+
+def test_a_checkpoint_from_before_max_grad_norm_resumes_with_clipping_off_only(tmp_path):
+    from transformers import get_cosine_schedule_with_warmup
+
+    from pipeline.config import ConfigError
+    from pipeline.distributed import Ranks
+    from pipeline.epoch_checkpoints import load_epoch_checkpoint, save_epoch_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = get_cosine_schedule_with_warmup(optimizer, 1, 10)
+    older = {"lr": 1.0}  # a run's settings as recorded before max_grad_norm existed
+    save_epoch_checkpoint(tmp_path, model, optimizer, schedule, {"epoch": 0, "world_size": 1, "config": older},
+                          [{"cpu": torch.get_rng_state()}])
+    load = functools.partial(load_epoch_checkpoint, tmp_path / "checkpoint", model, optimizer, schedule,
+                             ranks=Ranks(), device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"max_grad_norm: 0.0 -> 1.0"):  # says what the run trained with
+        load(config={**older, "max_grad_norm": 1.0})
+    assert load(config={**older, "max_grad_norm": 0.0})["epoch"] == 0
