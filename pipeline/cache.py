@@ -171,6 +171,15 @@ class FeatureCache:
         size = self.spec.shard_size
         return [list(take_uids[start : start + size]) for start in range(0, len(take_uids), size)]
 
+    def remove_leftovers(self, split: str) -> list[Path]:
+        """Delete the temporary files that killed writers left (markers' `.*.tmp`, zarr's `*.partial`); returns them.
+
+        Only while no writer of this split runs: extract's rank 0, before the other ranks start."""
+        leftovers = [*(self.root / "shards" / split).glob(".*.tmp"), *self._array_path(split).rglob("*.partial")]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return leftovers
+
     def committed_shards(self, split: str) -> set[int]:
         folder = self.root / "shards" / split
         return {int(p.stem) for p in folder.glob("[0-9]*.json")} if folder.is_dir() else set()

@@ -242,6 +242,7 @@ def run_extraction(
     spec = build_cache_spec(config, model, weights_sha256)
     if ranks.is_main:
         cache = FeatureCache.open_or_create(config.cache, spec)
+        cache.remove_leftovers(config.split)  # of a killed run; the other ranks wait at the barrier below
         cache.plan_split(config.split, [take.take_uid for take in takes])
         save_config(config, Path(config.cache) / f"extract-{config.split}.json")
     barrier(ranks)

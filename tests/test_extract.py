@@ -81,8 +81,13 @@ def test_extract_writes_every_take_and_view_and_a_rerun_does_no_work(dataset, ba
 
     before = markers(cache_dir)
     monkeypatch.chdir(tmp_path)  # the same folders, spelled relative to here: the same cache
+    killed_writers = [cache_dir / "shards" / "train" / ".00001.json.k1ll3d.tmp",  # a marker's temp file, as a kill leaves it
+                      cache_dir / "features.zarr" / "train" / "tokens" / "c" / "0.1234.partial"]  # and zarr's own
+    for leftover in killed_writers:
+        leftover.write_bytes(b"torn")
     again = run_cli(*extract_args(os.path.relpath(dataset), "cache", os.path.relpath(backbone_dir), "--precision", "fp32"))
     assert again.exit_code == 0 and "computed 0" in again.output
+    assert not any(leftover.exists() for leftover in killed_writers)
     assert markers(cache_dir) == before  # nothing rewritten
 
 
