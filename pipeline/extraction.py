@@ -326,6 +326,10 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
             failures = {take.take_uid: item.failures for take, item in zip(shard_takes, decoded) if item.failures}
             if shard in rewrite:  # only now, and first: a reader must not see it while it is rewritten
                 cache.uncommit_shard(config.split, shard)
+            elif shard in cache.committed_shards(config.split):
+                # another writer committed it since the run started (say ranks orphaned by a killed torchrun):
+                # rewriting it would delete its data under a committed marker, where readers would see zeros
+                continue
             cache.write_shard(config.split, shard, tokens, records, failures)
             rewrite.discard(shard)
             for item in decoded:

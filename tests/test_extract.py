@@ -297,3 +297,29 @@ def test_a_second_split_follows_the_caches_shard_size_and_an_explicit_other_one_
     explicit = CliRunner().invoke(app, [*val, "--shard-size", "5"])
     assert explicit.exit_code == 2
     assert "shard_size: cache has 3, this run has 5" in explicit.output and "leave --shard-size out" in explicit.output
+
+
+def test_a_shard_another_writer_committed_meanwhile_is_not_rewritten_under_its_marker(dataset, backbone_dir, tmp_path,
+                                                                                     monkeypatch):
+    config = ExtractConfig(root=dataset, cache=tmp_path / "cache", backbone=str(backbone_dir), frames=FRAMES,
+                           views=("ego",), workers=0, shard_size=2)
+    written, write_shard = [], FeatureCache.write_shard
+
+    def with_a_second_writer(self, split, shard, tokens, records, failures):
+        if not written:  # while this run writes its first shard, another writer commits the last one
+            last = max(records_of)
+            other = np.ones((len(records_of[last]), *tokens.shape[1:]), np.float16)
+            write_shard(self, split, last, other, records_of[last], {})
+            written.append(("other", last))
+        written.append(("this run", shard))
+        return write_shard(self, split, shard, tokens, records, failures)
+
+    clean = tmp_path / "clean"
+    run_extraction(dataclasses.replace(config, cache=clean))
+    records = FeatureCache.open(clean).read_records("train")
+    records_of = {k: records[2 * k: 2 * k + 2] for k in range((len(records) + 1) // 2)}
+    monkeypatch.setattr(FeatureCache, "write_shard", with_a_second_writer)
+    run_extraction(config)
+    last = max(records_of)
+    assert ("other", last) in written and ("this run", last) not in written
+    assert (FeatureCache.open(tmp_path / "cache").read("train").tokens[2 * last:] == 1).all()  # the other writer's data stands
