@@ -200,7 +200,7 @@ class FeatureCache:
         array[start : start + expected[0]] = tokens.astype(np.float16)
         _flush_up_to(self.root, shard_file)  # a committed marker must never point at data still in the page cache
         marker = {"records": [asdict(r) for r in records], "failures": failures}
-        write_json_atomic(self.root / "shards" / split / f"{shard:05d}.json", marker)
+        write_json_atomic(self._marker_path(split, shard), marker)
 
     def shard_failures(self, split: str, shard: int) -> dict:
         """take_uid -> view -> reason of one committed shard."""
@@ -208,7 +208,7 @@ class FeatureCache:
 
     def uncommit_shard(self, split: str, shard: int) -> None:
         """Make a committed shard pending again (its marker goes; the data is rewritten by the next write_shard)."""
-        marker = self.root / "shards" / split / f"{shard:05d}.json"
+        marker = self._marker_path(split, shard)
         marker.unlink(missing_ok=True)
         fsync_path(marker.parent)
 
@@ -271,7 +271,10 @@ class FeatureCache:
         ]
 
     def _marker(self, split: str, shard: int) -> dict:
-        return read_json(self.root / "shards" / split / f"{shard:05d}.json")
+        return read_json(self._marker_path(split, shard))
+
+    def _marker_path(self, split: str, shard: int) -> Path:
+        return self.root / "shards" / split / f"{shard:05d}.json"
 
     def _array_path(self, split: str) -> Path:
         return self.root / STORE_NAME / split / "tokens"
