@@ -5,7 +5,10 @@ Without torchrun's environment (WORLD_SIZE unset or 1) everything runs as a sing
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -35,12 +38,35 @@ class Ranks:
         return shard % self.world_size == self.rank
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_launcher() -> bool:
+    """Under torchrun on Linux: have the kernel send this rank SIGTERM when its launcher dies; True if set.
+
+    torchrun starts each rank in a session of its own, so a launcher killed alone (kill -9, the
+    out-of-memory killer) used to leave its ranks running: they went on writing the cache beside
+    a rerun, or slept in the process group's set-up for the collective timeout. torchrun's own
+    shutdown (Ctrl-C, a failed rank) still stops the ranks as before.
+    """
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    launcher = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return False
+    if launcher == 1 or os.getppid() != launcher:  # it died before the request: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 def init_distributed(device: str = "cpu") -> Ranks:
     """Join torchrun's process group (gloo on CPU, nccl on CUDA) if launched by torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Ranks()
     if not dist.is_initialized():
+        end_with_launcher()
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -13,7 +13,7 @@ import dataclasses
 import importlib.metadata
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import backbone as bb
-from pipeline import decoder_crashes
+from pipeline import decoder_crashes, split_lock
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.config import ConfigError, device_problem, output_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import decoding, triage
@@ -240,13 +240,23 @@ def run_extraction(
         raise ConfigError(f"{config.root}: split {config.split!r} has no takes")
     model, weights_sha256 = load_extraction_model(config)
     spec = build_cache_spec(config, model, weights_sha256)
-    if ranks.is_main:
-        cache = FeatureCache.open_or_create(config.cache, spec)
-        cache.remove_leftovers(config.split)  # of a killed run; the other ranks wait at the barrier below
-        cache.plan_split(config.split, [take.take_uid for take in takes])
-        save_config(config, Path(config.cache) / f"extract-{config.split}.json")
-    barrier(ranks)
-    cache = FeatureCache.open_or_create(config.cache, spec)
+    with ExitStack() as held:  # the split's writer lock (pipeline.split_lock), for the whole run
+        if ranks.is_main:
+            cache = FeatureCache.open_or_create(config.cache, spec)
+            held.enter_context(split_lock.first_writer(config.cache, config.split))  # before the split is touched
+            cache.remove_leftovers(config.split)  # of a killed run; the other ranks wait at the barrier below
+            cache.plan_split(config.split, [take.take_uid for take in takes])
+            save_config(config, Path(config.cache) / f"extract-{config.split}.json")
+        barrier(ranks)
+        if not ranks.is_main:
+            held.enter_context(split_lock.joining_writer(config.cache, config.split))
+        return _extract_split(config, model, FeatureCache.open_or_create(config.cache, spec), takes, on_take, on_start, ranks)
+
+
+def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: FeatureCache, takes: list[Take],
+                   on_take: Callable[[int], None] | None, on_start: Callable[[int, int], None] | None,
+                   ranks: Ranks) -> ExtractSummary:
+    """run_extraction once the split is planned and locked: this rank's pending shards, then the failure summary."""
     by_uid = {take.take_uid: take for take in takes}
     plan = cache.plan_split(config.split, [take.take_uid for take in takes], create=ranks.is_main)
     owned_shards = [(k, [by_uid[uid] for uid in uids]) for k, uids in enumerate(plan) if ranks.owns(k)]

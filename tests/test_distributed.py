@@ -1,0 +1,50 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_ranks_end_when_their_torchrun_launcher_is_killed_alone(tmp_path):
+    """torchrun puts each rank in a session of its own: kill -9 of the launcher alone used to leave them running."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", "2", str(REPO / "tests" / "torchrun_probe.py"),
+                                 str(tmp_path)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_files = [tmp_path / "rank0.pid", tmp_path / "rank1.pid"]
+    pids = []
+    try:
+        assert wait_for(lambda: all(p.is_file() and p.read_text() for p in pid_files), 120), "the ranks did not start"
+        pids = [int(p.read_text()) for p in pid_files]
+        assert all(running(pid) for pid in pids)
+        launcher.kill()
+        launcher.wait()
+        assert wait_for(lambda: not any(running(pid) for pid in pids), 30), "ranks outlived their launcher"
+    finally:
+        launcher.kill()
+        for pid in pids:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
