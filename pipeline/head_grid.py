@@ -48,6 +48,8 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
         if blind:  # scored with the train label prior, which can flatter or sink the accuracy
             console.print(f"[yellow]note:[/] {blind} of {len(val.records)} val takes have none of the views "
                           f"{list(names)} (view setting {setting!r}); they get the train label prior")
+    for summary in ("grid.json", "grid.png"):  # a previous run's, about cells this run replaces: gone until this grid ends
+        (settings.out / summary).unlink(missing_ok=True)
     save_config(settings, settings.out / "config.json")
     rows, tables = [], {}
     for cell in cells:
@@ -81,11 +83,12 @@ def _fit_cell(cell: Cell, cache: FeatureCache, settings: FitHeadConfig, head_con
         "train_takes": int(train.usable.sum()), "train_seconds": round(trained.seconds, 3),
         "config": config_to_dict(cell_config),
     }
-    metrics = write_evaluation(folder, val.take_uids, val.labels.cpu().numpy(), probabilities, val.scenarios,
-                               val.present.cpu().numpy(), names, cell_settings, cell.name)
     save_head(folder, trained.head, head_config, names, cache=str(cache.root.resolve()),
               cache_fingerprint=cache.spec.fingerprint, frames=cache.spec.frames, settings=cell_settings,
               precision=settings.precision, label_prior=trained.label_prior.tolist())
+    # metrics.json last, as in finetune runs: a cell folder that has it is complete
+    metrics = write_evaluation(folder, val.take_uids, val.labels.cpu().numpy(), probabilities, val.scenarios,
+                               val.present.cpu().numpy(), names, cell_settings, cell.name)
     if settings.submission:
         write_submission(settings.submission, val.take_uids, probabilities)
     return {"cell": cell.name, "views": cell.views, "fusion": cell.fusion, "seed": cell.seed,

@@ -115,7 +115,7 @@ def _save(figure, path: Path) -> None:
 
 def write_evaluation(folder: Path, take_uids: list[str], labels: np.ndarray, probabilities: np.ndarray,
                      scenarios: list[str], present: np.ndarray, views: tuple[str, ...], settings: dict, title: str) -> dict:
-    """metrics.json, predictions.jsonl and confusion.png of one evaluated model; returns the metrics.
+    """predictions.jsonl, confusion.png and, last, metrics.json of one evaluated model; returns the metrics.
 
     `present` (N, V) marks the model's `views` each take had: the others were missing or could not
     be decoded. Each prediction names its take's absent views; the metrics count the takes with
@@ -126,7 +126,7 @@ def write_evaluation(folder: Path, take_uids: list[str], labels: np.ndarray, pro
     metrics = {**evaluation_metrics(labels, probabilities, scenarios),
                "takes_with_absent_views": sum(map(bool, absent)),
                "takes_without_views": sum(len(missing) == len(views) for missing in absent), "settings": settings}
-    write_json_atomic(Path(folder) / "metrics.json", metrics)
     write_predictions(Path(folder) / "predictions.jsonl", prediction_rows(take_uids, labels, probabilities, absent))
     plot_confusion(Path(folder) / "confusion.png", metrics["confusion_matrix"], f"{title}\naccuracy {metrics['accuracy']:.3f}")
+    write_json_atomic(Path(folder) / "metrics.json", metrics)  # last: its presence says the folder is complete
     return metrics

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from pipeline import metrics
 from pipeline.cache import FeatureCache, TakeRecord
 from pipeline.checkpoints import load_head
 from pipeline.config import read_saved_config
@@ -218,9 +219,27 @@ def test_an_output_that_is_a_file_is_refused_before_training(grid, tmp_path):
 
 
 def test_a_diverged_cell_is_an_error_not_a_result(grid, tmp_path):
+    (tmp_path / "run").mkdir()
+    for summary in ("grid.json", "grid.png"):  # an earlier run's, into the same folder with other settings
+        (tmp_path / "run" / summary).write_bytes((grid / "run" / summary).read_bytes())
     result = fit(grid / "cache", tmp_path / "run", "--views", "ego+exos", "--lr", "1e8", "--precision", "fp32")
     assert result.exit_code == 2 and "training diverged; try a lower --lr" in result.output
-    assert "ego+exos__crossview__seed0" in result.output and not (tmp_path / "run" / "grid.json").exists()
+    # no grid summary, not even the earlier run's, whose cells this run replaces
+    assert "ego+exos__crossview__seed0" in result.output and not list((tmp_path / "run").glob("grid.*"))
+
+
+def test_a_cell_folder_with_metrics_is_complete(grid, tmp_path, monkeypatch):
+    """metrics.json is written last: a run stopped before it leaves a cell without one, never metrics without a head."""
+    def stopped(*args, **kwargs):
+        raise RuntimeError("stopped while plotting")
+
+    monkeypatch.setattr(metrics, "plot_confusion", stopped)
+    with pytest.raises(RuntimeError, match="stopped while plotting"):
+        CliRunner().invoke(app, ["fit-head", "--cache", str(grid / "cache"), "--out", str(tmp_path / "run"), *TINY,
+                                 "--views", "ego"], catch_exceptions=False)
+    cell = tmp_path / "run" / "ego__crossview__seed0"
+    assert (cell / "head.safetensors").is_file() and (cell / "head.json").is_file() and (cell / "predictions.jsonl").is_file()
+    assert not (cell / "metrics.json").exists()
 
 
 def test_the_cell_keeps_its_best_held_out_epoch(tmp_path):
