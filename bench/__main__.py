@@ -31,6 +31,7 @@ from pipeline.backbone import (
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, decode_take
 from pipeline.takes import VIEWS, load_takes
+from pipeline.video import ClipSampling
 
 
 def backbone_gflops(frames: int, device: str, compiled: bool = False, matmuls_only: bool = False
@@ -71,7 +72,7 @@ def save_base_backbone(folder: Path, frames: int) -> Path:
 def decode_only_s(root: Path, frames: int) -> tuple[float, int]:
     takes = load_takes(root, "train")
     started = time.perf_counter()
-    clips = sum(len(decode_take(take, VIEWS, frames).clips) for take in takes)
+    clips = sum(len(decode_take(take, VIEWS, ClipSampling(frames)).clips) for take in takes)
     return time.perf_counter() - started, clips
 
 

@@ -9,14 +9,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.extraction import decode_take
 from pipeline.takes import Take
+from pipeline.video import ClipSampling
 
 
 class TakeClips(Dataset):
     """Decoded, preprocessed clips of whole takes: (V, T, 3, 224, 224), (V,) present, label, index,
     and what decoding had to say about the take (failed views, unequal lengths: one line each)."""
 
-    def __init__(self, takes: list[Take], views: tuple[str, ...], frames: int):
-        self.takes, self.views, self.frames = takes, views, frames
+    def __init__(self, takes: list[Take], views: tuple[str, ...], sampling: ClipSampling):
+        self.takes, self.views, self.sampling = takes, views, sampling
 
     def __len__(self) -> int:
         return len(self.takes)
@@ -25,11 +26,11 @@ class TakeClips(Dataset):
         take = self.takes[index]
         with warnings.catch_warnings(record=True) as caught:  # said by the loader in the main process, see ClipBatches
             warnings.simplefilter("always")
-            decoded = decode_take(take, self.views, self.frames)
+            decoded = decode_take(take, self.views, self.sampling)
         # as extract does: a failed view counts as absent, said aloud
         notes = [f"take {take.take_uid}, view {view}: {reason}; treated as absent" for view, reason in decoded.failures.items()]
         notes += [str(warning.message) for warning in caught]
-        blank = torch.zeros(self.frames, 3, 224, 224)
+        blank = torch.zeros(self.sampling.frames, 3, 224, 224)
         clips = torch.stack([decoded.clips.get(view, blank) for view in self.views])
         present = torch.tensor([view in decoded.clips for view in self.views])
         return clips, present, int(take.label), index, "\n".join(notes)
@@ -61,5 +62,5 @@ class ClipBatches:
             yield clips, present, labels, indices
 
 
-def clip_loader(takes: list[Take], views, frames: int, batch_size: int, workers: int) -> ClipBatches:
-    return ClipBatches(DataLoader(TakeClips(takes, views, frames), batch_size=batch_size, num_workers=workers, shuffle=False))
+def clip_loader(takes: list[Take], views, sampling: ClipSampling, batch_size: int, workers: int) -> ClipBatches:
+    return ClipBatches(DataLoader(TakeClips(takes, views, sampling), batch_size=batch_size, num_workers=workers, shuffle=False))

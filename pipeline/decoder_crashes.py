@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.files import read_json, write_json_atomic
+from pipeline.video import ClipSampling
 
 MARKERS, CRASHES = "decoding", "decoder_crashes"
 DECODE_TIMEOUT_S = 600  # a take's decode that hangs this long counts as a crash too (worker and child)
@@ -32,21 +33,22 @@ DECODE_TIMEOUT_S = 600  # a take's decode that hangs this long counts as a crash
 # child itself could not run (a broken environment), which must not pass for "decodes fine"
 _CHILD = """
 import sys
-from pipeline.video import VideoError, decode_clip
+from pipeline.video import ClipSampling, VideoError, decode_clip
 try:
-    decode_clip(sys.argv[1], int(sys.argv[2]))
+    decode_clip(sys.argv[1], ClipSampling(int(sys.argv[2]), sys.argv[3]))
 except VideoError:
     pass
 """
 
 
 @contextlib.contextmanager
-def decoding(cache_root: Path, take_uid: str, view: str, path: Path, frames: int) -> Iterator[None]:
+def decoding(cache_root: Path, take_uid: str, view: str, path: Path, sampling: ClipSampling) -> Iterator[None]:
     """Mark `path` as being decoded by this process for the duration of the block."""
     marker = Path(cache_root) / MARKERS / f"{socket.gethostname()}-{os.getpid()}.json"
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")  # no fsync: the marker only has to survive the process, not the OS
-    tmp.write_text(json.dumps({"take_uid": take_uid, "view": view, "path": str(path), "frames": frames}))
+    tmp.write_text(json.dumps({"take_uid": take_uid, "view": view, "path": str(path), "frames": sampling.frames,
+                               "sampling": sampling.method}))
     os.replace(tmp, marker)
     try:
         yield
@@ -81,7 +83,8 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
             suspect = read_json(marker)
         except FileNotFoundError:  # another rank on this host triaged it first
             continue
-        reason = _crash_in_child(Path(suspect["path"]), suspect["frames"])
+        # markers written before sampling methods existed lack the key: they were uniform
+        reason = _crash_in_child(Path(suspect["path"]), ClipSampling(suspect["frames"], suspect.get("sampling", "uniform")))
         if reason:
             name = f"{suspect['take_uid']}.{suspect['view']}.json"
             write_json_atomic(Path(cache_root) / CRASHES / name, suspect | {"reason": reason})
@@ -91,9 +94,9 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
     return known_crashes(cache_root)
 
 
-def _crash_in_child(path: Path, frames: int) -> str | None:
+def _crash_in_child(path: Path, sampling: ClipSampling) -> str | None:
     """The reason if decoding `path` kills (or hangs) a fresh process; None if it returns or raises."""
-    command = [sys.executable, "-c", _CHILD, str(path), str(frames)]
+    command = [sys.executable, "-c", _CHILD, str(path), str(sampling.frames), sampling.method]
     try:
         result = subprocess.run(command, capture_output=True, timeout=DECODE_TIMEOUT_S)
     except subprocess.TimeoutExpired:

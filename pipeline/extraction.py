@@ -30,7 +30,7 @@ from pipeline.decoder_crashes import decoding, triage
 from pipeline.distributed import Ranks, barrier
 from pipeline.skill_model import read_model_spec
 from pipeline.takes import VIEWS, Take, load_takes
-from pipeline.video import PREPROCESSING, VideoError, decode_clip, preprocess
+from pipeline.video import SAMPLING_NAMES, ClipSampling, VideoError, decode_clip, preprocess
 from pipeline.views import GROUPS, parse_view_setting
 
 
@@ -46,6 +46,7 @@ class ExtractConfig:
     cache: Path = Path("cache/features")  # feature cache folder (one zarr store)
     backbone: str | None = None  # hub id or local folder of a TimeSformer; None: the --adapter run's, else the k600 one
     frames: int = 16  # T frames sampled per view
+    sampling: Literal["uniform", "window"] = "uniform"  # over the whole take, or the reference's 4T-frame window (centred)
     views: tuple[str, ...] = VIEWS
     adapter: Path | None = None  # peft LoRA adapter folder (or a finetune run holding adapter/)
     device: str = "cpu"  # cpu | cuda | cuda:N
@@ -67,6 +68,8 @@ class ExtractConfig:
         problems = []
         if self.frames < 1:
             problems.append(f"frames must be >= 1, got {self.frames}")
+        if self.sampling not in SAMPLING_NAMES:
+            problems.append(f"sampling must be one of {sorted(SAMPLING_NAMES)}, got {self.sampling!r}")
         unknown = [v for v in self.views if v not in VIEWS]
         if unknown or not self.views or len(set(self.views)) != len(self.views):
             problems.append(f"views must be distinct names from {list(VIEWS)}, got {list(self.views)}")
@@ -75,6 +78,10 @@ class ExtractConfig:
         problems += filter(None, [device_problem(self.device), output_problem("cache", self.cache)])
         if problems:
             raise ConfigError("ExtractConfig: " + "; ".join(problems))
+
+    @property
+    def clip_sampling(self) -> ClipSampling:
+        return ClipSampling(self.frames, self.sampling)
 
     @property
     def clips_per_forward(self) -> int:
@@ -106,7 +113,7 @@ def fingerprint(config: ExtractConfig, weights_sha256: str) -> dict:
         "adapter_sha256": bb.adapter_hash(config.adapter) if config.adapter else None,
         "frames": config.frames,
         "views": list(config.views),
-        "preprocessing": dataclasses.asdict(PREPROCESSING),
+        "preprocessing": dataclasses.asdict(config.clip_sampling.preprocessing),
         "precision": config.precision,
         "dtype": "float16",
         "code_version": code_version(),
@@ -183,19 +190,19 @@ class DecodedTake:
 class ShardTakes(IterableDataset):
     """Decodes the takes of the given shards in order; worker w of W decodes takes w, w+W, ..."""
 
-    def __init__(self, shards: list[tuple[int, list[Take]]], views: tuple[str, ...], frames: int, cache_root: Path,
-                 crashes: dict[tuple[str, str], str]):
-        self.shards, self.views, self.frames, self.cache_root, self.crashes = shards, views, frames, cache_root, crashes
+    def __init__(self, shards: list[tuple[int, list[Take]]], views: tuple[str, ...], sampling: ClipSampling,
+                 cache_root: Path, crashes: dict[tuple[str, str], str]):
+        self.shards, self.views, self.sampling, self.cache_root, self.crashes = shards, views, sampling, cache_root, crashes
 
     def __iter__(self) -> Iterator[DecodedTake]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         items = [(shard, pos, take) for shard, takes in self.shards for pos, take in enumerate(takes)]
         for shard, position, take in items[worker::num_workers]:
-            yield decode_take(take, self.views, self.frames, shard, position, self.cache_root, self.crashes)
+            yield decode_take(take, self.views, self.sampling, shard, position, self.cache_root, self.crashes)
 
 
-def decode_take(take: Take, views: tuple[str, ...], frames: int, shard: int = 0, position: int = 0,
+def decode_take(take: Take, views: tuple[str, ...], sampling: ClipSampling, shard: int = 0, position: int = 0,
                 cache_root: Path | None = None, crashes: dict[tuple[str, str], str] | None = None) -> DecodedTake:
     """Decode and preprocess every view; with `cache_root`, each decode is guarded by a crash marker
     (pipeline.decoder_crashes) and the views in `crashes` are failed without decoding them."""
@@ -207,10 +214,10 @@ def decode_take(take: Take, views: tuple[str, ...], frames: int, shard: int = 0,
         if view not in take.videos:  # a take folder given to predict without this camera
             failures[view] = "no file for this view in the take folder"
             continue
-        guard = decoding(cache_root, take.take_uid, view, take.videos[view], frames) if cache_root else nullcontext()
+        guard = decoding(cache_root, take.take_uid, view, take.videos[view], sampling) if cache_root else nullcontext()
         try:
             with guard:
-                sampled, lengths[view] = decode_clip(take.videos[view], frames)
+                sampled, lengths[view] = decode_clip(take.videos[view], sampling)
             clips[view] = preprocess(sampled)
         except VideoError as err:
             failures[view] = str(err)
@@ -314,7 +321,7 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
 
     A shard in `rewrite` (committed before) is uncommitted just before it is written, then left out of it."""
     loader = DataLoader(
-        ShardTakes(pending, config.views, config.frames, Path(config.cache), crashes),
+        ShardTakes(pending, config.views, config.clip_sampling, Path(config.cache), crashes),
         batch_size=None,
         num_workers=config.workers,
         collate_fn=_as_is,  # a module-level function: spawned or forkserver workers pickle it

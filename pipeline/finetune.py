@@ -40,6 +40,7 @@ from pipeline.fusion import FUSIONS, HeadConfig, build_head
 from pipeline.head_training import TrainingDiverged, label_prior, stratified_holdout
 from pipeline.skill_model import SkillModel
 from pipeline.takes import load_takes, shared_takes
+from pipeline.video import SAMPLING_NAMES, ClipSampling
 from pipeline.views import parse_view_setting
 
 
@@ -51,6 +52,7 @@ class FinetuneConfig:
     out: Path  # run folder
     backbone: str = bb.DEFAULT_BACKBONE
     frames: int = 16
+    sampling: Literal["uniform", "window"] = "uniform"  # over the whole take, or the reference's 4T-frame window (centred)
     views: str = "ego+exos"
     fusion: str = "crossview"
     init_head: Path | None = None  # a fit-head cell to warm-start the head from
@@ -83,6 +85,8 @@ class FinetuneConfig:
                 raise ConfigError(f"FinetuneConfig.{name}: must be >= 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise ConfigError(f"FinetuneConfig.workers: must be >= 0, got {self.workers}")
+        if self.sampling not in SAMPLING_NAMES:
+            raise ConfigError(f"FinetuneConfig.sampling: unknown {self.sampling!r} (choose from {sorted(SAMPLING_NAMES)})")
         if self.lr < 0 or self.weight_decay < 0:  # lr 0: evaluate a warm-started head end to end, unchanged
             raise ConfigError(f"FinetuneConfig: lr and weight_decay must be >= 0 (got {self.lr}, {self.weight_decay})")
         if not self.max_grad_norm >= 0:
@@ -93,6 +97,10 @@ class FinetuneConfig:
         for name, high in (("holdout", 0.5), ("warmup_ratio", 1.0), ("lora_dropout", 1.0)):
             if not 0 <= getattr(self, name) < high:
                 raise ConfigError(f"FinetuneConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")
+
+    @property
+    def clip_sampling(self) -> ClipSampling:
+        return ClipSampling(self.frames, self.sampling)
 
 
 def build_model(config: FinetuneConfig) -> tuple[SkillModel, tuple[str, ...], str]:
@@ -201,7 +209,7 @@ def run_finetune(
     for epoch in range(state["epoch"] + 1, config.epochs):
         order = torch.randperm(len(fit_takes), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
         share = rank_share(order.tolist(), ranks)
-        loader = clip_loader([fit_takes[i] for i in share], views, config.frames, config.batch_size, config.workers)
+        loader = clip_loader([fit_takes[i] for i in share], views, config.clip_sampling, config.batch_size, config.workers)
         model.train()
         for step, (clips, present, labels, _) in enumerate(loader):
             present = present.to(device)
@@ -240,7 +248,7 @@ def run_finetune(
     model.load_state_dict(load_safetensors((out / BEST_WEIGHTS).read_bytes()), strict=False)
     _save_final(out, model, config, views, state, prior, weights_sha256)
     settings = {**config_to_dict(config), "best_epoch": state["best_epoch"], "holdout_losses": state["holdout_losses"]}
-    state["metrics"] = evaluate_split(model, val_takes, views, config.frames, config.precision, out, settings,
+    state["metrics"] = evaluate_split(model, val_takes, views, config.clip_sampling, config.precision, out, settings,
                                       config.device, config.workers)
     return state
 
@@ -248,7 +256,8 @@ def run_finetune(
 def _holdout_loss(model, takes, views, config: FinetuneConfig, device) -> float:
     if not takes:
         return float("nan")
-    logits, _ = take_logits(model, takes, views, config.frames, config.precision, device, config.batch_size, config.workers)
+    logits, _ = take_logits(model, takes, views, config.clip_sampling, config.precision, device, config.batch_size,
+                            config.workers)
     return float(F.cross_entropy(logits, torch.tensor([int(t.label) for t in takes])))
 
 

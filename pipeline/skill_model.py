@@ -20,6 +20,7 @@ from pipeline.checkpoints import load_head
 from pipeline.config import ConfigError, device_problem
 from pipeline.files import read_json
 from pipeline.fusion import NUM_CLASSES, HeadConfig, head_inputs
+from pipeline.video import ClipSampling
 
 
 class SkillModel(nn.Module):
@@ -88,6 +89,11 @@ class ModelSpec:
     compiled: bool = False  # its cache was extracted with --compile: evaluate the same way
     weights_sha256: str | None = None  # bb.weights_hash of the backbone it was trained on (None: not recorded)
     adapter_sha256: str | None = None  # bb.adapter_hash of its adapter (None: none, or not recorded)
+    sampling: str = "uniform"  # how its clips were sampled (pipeline.video.ClipSampling); older artifacts: uniform
+
+    @property
+    def clip_sampling(self) -> ClipSampling:
+        return ClipSampling(self.frames, self.sampling)
 
 
 def read_model_spec(checkpoint: Path) -> ModelSpec:
@@ -106,16 +112,20 @@ def read_model_spec(checkpoint: Path) -> ModelSpec:
         settings = read_json(extract_config)
         return ModelSpec(settings["backbone"], Path(settings["adapter"]) if settings.get("adapter") else None,
                          int(settings["frames"]), tuple(info["views"]), settings["precision"], True,
-                         bool(settings.get("compile", False)), fingerprint.get("weights_sha256"), fingerprint.get("adapter_sha256"))
+                         bool(settings.get("compile", False)), fingerprint.get("weights_sha256"), fingerprint.get("adapter_sha256"),
+                         settings.get("sampling", "uniform"))
     if (checkpoint / "config.json").is_file() and info:  # a finetune run
         settings = read_json(checkpoint / "config.json")
         tuned = checkpoint / ("backbone" if settings.get("tune") == "full" else "adapter")
         if not tuned.is_dir():
             raise ConfigError(f"{checkpoint}: trained with tune={settings.get('tune')}, but its {tuned.name}/ folder is missing")
+        sampling = settings.get("sampling", "uniform")
         if tuned.name == "backbone":
-            return ModelSpec(str(tuned), None, int(settings["frames"]), tuple(info["views"]), settings["precision"], False)
+            return ModelSpec(str(tuned), None, int(settings["frames"]), tuple(info["views"]), settings["precision"], False,
+                             sampling=sampling)
         return ModelSpec(settings["backbone"], tuned, int(settings["frames"]), tuple(info["views"]), settings["precision"],
-                         False, weights_sha256=info.get("weights_sha256"), adapter_sha256=info.get("adapter_sha256"))
+                         False, weights_sha256=info.get("weights_sha256"), adapter_sha256=info.get("adapter_sha256"),
+                         sampling=sampling)
     raise FileNotFoundError(f"{checkpoint}: not a finetune run or fit-head cell (expected head.json, plus config.json or a cache)")
 
 

@@ -1,7 +1,10 @@
 """Decode the frames a clip needs and preprocess them as the TimeSformer checkpoint's processor.
 
-Sampling is deterministic and time-aligned: T indices at the centres of T equal segments of the
-whole take, at the same relative times in every view. Decoding seeks to those frames only.
+Sampling is deterministic and time-aligned, at the same relative times in every view:
+- `uniform` (default): T indices at the centres of T equal segments of the whole take;
+- `window`: the reference's clip length, T frames at stride 4 from a window of 4T frames (about
+  2 s at 30 fps), here the window at the centre of the take instead of a random one per view.
+Decoding seeks to those frames only.
 Preprocessing matches the VideoMAE image processor of `facebook/timesformer-base-finetuned-k600`:
 shortest edge 224 (bilinear), centre crop 224x224, scale 1/255, normalise mean 0.45 / std 0.225.
 """
@@ -28,6 +31,29 @@ class Preprocessing:
 
 
 PREPROCESSING = Preprocessing()
+WINDOW_STRIDE = 4  # the reference's frame stride inside its 4T-frame window
+# sampling methods by their option name -> the name the cache fingerprint records
+SAMPLING_NAMES = {"uniform": PREPROCESSING.sampling, "window": f"centred-window-stride-{WINDOW_STRIDE}"}
+
+
+@dataclass(frozen=True)
+class ClipSampling:
+    """Which frames of a view make its clip: `frames` (T) indices chosen by `method` (a SAMPLING_NAMES key)."""
+
+    frames: int
+    method: str = "uniform"
+
+    def __post_init__(self):
+        if self.method not in SAMPLING_NAMES:
+            raise ValueError(f"unknown sampling {self.method!r} (choose from {sorted(SAMPLING_NAMES)})")
+
+    def indices(self, num_video_frames: int) -> np.ndarray:
+        return sample_indices(num_video_frames, self.frames, self.method)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the cache fingerprint records for clips sampled this way."""
+        return Preprocessing(sampling=SAMPLING_NAMES[self.method])
 
 
 class VideoError(Exception):
@@ -38,19 +64,28 @@ class VideoError(Exception):
         super().__init__(f"{path}: {reason}")
 
 
-def sample_indices(num_video_frames: int, num_samples: int) -> np.ndarray:
-    """Centres of `num_samples` equal segments over the whole video: (T,) int64, increasing."""
+def sample_indices(num_video_frames: int, num_samples: int, method: str = "uniform") -> np.ndarray:
+    """(T,) int64 increasing frame indices.
+
+    uniform: the centres of `num_samples` equal segments over the whole video. window: every
+    WINDOW_STRIDE-th frame of the 4T-frame window at the video's centre; a video shorter than
+    the window gets the largest stride that fits (at least 1), still centred.
+    """
     if num_video_frames < num_samples:
         raise ValueError(f"only {num_video_frames} frames, need at least {num_samples}")
+    if method == "window":
+        stride = min(WINDOW_STRIDE, num_video_frames // num_samples)
+        start = (num_video_frames - stride * num_samples) // 2
+        return start + stride * np.arange(num_samples, dtype=np.int64)
     centres = (np.arange(num_samples) + 0.5) * num_video_frames / num_samples
     return np.floor(centres).astype(np.int64)
 
 
-def decode_clip(path: Path, num_samples: int) -> tuple[np.ndarray, int]:
+def decode_clip(path: Path, sampling: ClipSampling) -> tuple[np.ndarray, int]:
     """The sampled frames of one video, (T, H, W, 3) uint8, and its frame count. Raises VideoError naming the file."""
     import decord  # imported lazily: a process that never decodes (fit-head) need not load it
 
-    path = Path(path)
+    path, num_samples = Path(path), sampling.frames
     if not path.is_file():
         raise VideoError(path, "file not found")
     if path.stat().st_size == 0:
@@ -60,7 +95,7 @@ def decode_clip(path: Path, num_samples: int) -> tuple[np.ndarray, int]:
         num_frames = len(reader)
         if num_frames < num_samples:
             raise VideoError(path, f"only {num_frames} frames, need at least {num_samples}")
-        frames = reader.get_batch(sample_indices(num_frames, num_samples).tolist()).asnumpy()
+        frames = reader.get_batch(sampling.indices(num_frames).tolist()).asnumpy()
     except VideoError:
         raise
     except Exception as err:  # decord raises RuntimeError or its own DECORDError for bad streams

@@ -46,9 +46,9 @@ def evaluate(
     model, spec = load_skill_model(checkpoint, device)
     takes = load_takes(root, split)
     settings = {"checkpoint": str(checkpoint), "root": str(root), "split": split, "frames": spec.frames,
-                "views": list(spec.views), "backbone": spec.backbone, "precision": spec.precision,
+                "sampling": spec.sampling, "views": list(spec.views), "backbone": spec.backbone, "precision": spec.precision,
                 "backbone_forward": "compiled, as extract --compile" if spec.compiled else "eager"}
-    metrics = evaluate_split(model, takes, spec.views, spec.frames, spec.precision, out, settings, device, workers)
+    metrics = evaluate_split(model, takes, spec.views, spec.clip_sampling, spec.precision, out, settings, device, workers)
     console = Console()
     console.print(f"{split}: accuracy {metrics['accuracy']:.3f} over {metrics['num_takes']} takes -> {out}")
     if metrics["takes_with_absent_views"]:
@@ -73,7 +73,7 @@ def predict(
         except ValueError as err:  # the folder's files do not map to views: the user's input, not a bug
             raise ConfigError(str(err)) from None
         takes.append(Take(str(folder), Path(folder).name, "", ProficiencyLabel.NOVICE, "predict", files))
-    probabilities, present = predict_takes(model, takes, spec.views, spec.frames, spec.precision, device)
+    probabilities, present = predict_takes(model, takes, spec.views, spec.clip_sampling, spec.precision, device)
     absent = absent_views(present, spec.views)
     rows = [{"take": str(t.take_uid), "predicted": LABEL_NAMES[int(p.argmax())],
              "probabilities": dict(zip(LABEL_NAMES, (round(float(x), 4) for x in p))), "absent_views": missing}

@@ -20,7 +20,11 @@ def extract(
     split: Optional[str] = typer.Option(None, help="Annotation split to extract: train (default) or val; fit-head needs both in one cache."),
     cache: Optional[Path] = typer.Option(None, help="Feature cache folder (default cache/features)."),
     backbone: Optional[str] = typer.Option(None, help="TimeSformer hub id or local folder (default facebook/timesformer-base-finetuned-k600)."),
-    frames: Optional[int] = typer.Option(None, help="Frames T sampled uniformly over each take (default 16)."),
+    frames: Optional[int] = typer.Option(None, help="Frames T sampled per view (default 16)."),
+    sampling: Optional[str] = typer.Option(
+        None, help="uniform (default): T frames spread over the whole take; window: the reference's clip, T frames at "
+                   "stride 4 from the 4T-frame window at the take's centre (~2 s at 30 fps).",
+    ),
     views: Optional[str] = typer.Option(None, help="Comma-separated views to extract (default ego,exo1,exo2,exo3,exo4)."),
     adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (or a finetune run holding adapter/)."),
     device: Optional[str] = typer.Option(None, help="cpu (default) or cuda[:N]."),
@@ -42,7 +46,7 @@ def extract(
 ) -> None:
     """Decode takes, run the backbone per view, and commit token features to a zarr cache (resumable)."""
     overrides = dict(
-        root=root, split=split, cache=cache, backbone=backbone, frames=frames, views=views, adapter=adapter,
+        root=root, split=split, cache=cache, backbone=backbone, frames=frames, sampling=sampling, views=views, adapter=adapter,
         device=device, precision=precision, batch_size=batch_size, workers=workers, shard_size=shard_size,
         compile=compile, retry_failed=retry_failed,
     )

@@ -20,6 +20,8 @@ def finetune(
     out: Optional[Path] = typer.Option(None, help="Run folder: adapter/, head, config.json, metrics."),
     backbone: Optional[str] = typer.Option(None, help="TimeSformer hub id or local folder."),
     frames: Optional[int] = typer.Option(None, help="Frames T per view (default 16)."),
+    sampling: Optional[str] = typer.Option(None, help="uniform (default, over the whole take) or window (the reference's "
+                                           "4T-frame window at stride 4, at the take's centre)."),
     views: Optional[str] = typer.Option(None, help="View setting: ego, exos, ego+exos, ego+exo2 ..."),
     fusion: Optional[str] = typer.Option(None, help="Fusion head variant (default crossview)."),
     init_head: Optional[Path] = typer.Option(None, help="Warm-start the head from a fit-head cell folder."),

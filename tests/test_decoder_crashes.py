@@ -15,6 +15,7 @@ from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, run_extraction
 from pipeline.files import write_json_atomic
 from pipeline.takes import VIEWS, load_takes
+from pipeline.video import ClipSampling
 from tests import crashing_decoder
 
 FRAMES = 4
@@ -136,10 +137,10 @@ def test_a_worker_death_that_the_file_alone_does_not_reproduce_names_the_file_an
 def test_a_triage_child_that_cannot_run_is_an_error_not_a_clean_decode(monkeypatch, tmp_path):
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(b"not a video")
-    assert decoder_crashes._crash_in_child(garbage, FRAMES) is None  # refused with a VideoError: no crash
+    assert decoder_crashes._crash_in_child(garbage, ClipSampling(FRAMES, "window")) is None  # a VideoError: no crash
     monkeypatch.setattr(decoder_crashes, "_CHILD", "import a_module_that_is_not_installed")
     with pytest.raises(RuntimeError, match="(?s)garbage.mp4: could not re-decode it .*a_module_that_is_not_installed"):
-        decoder_crashes._crash_in_child(garbage, FRAMES)
+        decoder_crashes._crash_in_child(garbage, ClipSampling(FRAMES))
 
 
 def test_forget_drops_the_crash_records_of_the_named_takes_only(tmp_path):

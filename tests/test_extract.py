@@ -23,7 +23,7 @@ from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, run_extraction
 from pipeline.files import write_json_atomic
 from pipeline.takes import VIEWS, load_takes
-from pipeline.video import decode_clip, preprocess
+from pipeline.video import ClipSampling, decode_clip, preprocess
 from stages.cli import app
 from tests import videos
 
@@ -75,7 +75,7 @@ def test_extract_writes_every_take_and_view_and_a_rerun_does_no_work(dataset, ba
     # the cached tokens are the backbone's pooled tokens of the sampled, preprocessed frames
     model = load_backbone(str(backbone_dir), FRAMES)
     take = takes[-1]
-    clips = torch.stack([preprocess(decode_clip(take.videos[v], FRAMES)[0]) for v in VIEWS])
+    clips = torch.stack([preprocess(decode_clip(take.videos[v], ClipSampling(FRAMES))[0]) for v in VIEWS])
     with torch.inference_mode():
         expected = encode_clips(model, clips).numpy()
     np.testing.assert_allclose(split.tokens[-1].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
@@ -367,3 +367,24 @@ def test_a_filesystem_without_flock_is_warned_about_and_the_run_goes_on(tmp_path
     with pytest.warns(UserWarning, match=r"cannot lock .*train.lock \(No locks available\): make sure that only one"):
         with split_lock.first_writer(tmp_path, "train"):
             pass
+
+
+def test_window_sampling_caches_the_references_clips_under_its_own_fingerprint(dataset, backbone_dir, tmp_path):
+    cache_dir = tmp_path / "cache"
+    result = run_cli(*extract_args(dataset, cache_dir, backbone_dir, "--precision", "fp32", "--sampling", "window"))
+    assert result.exit_code == 0, result.output
+    cache = FeatureCache.open(cache_dir)
+    assert cache.spec.fingerprint["preprocessing"]["sampling"] == "centred-window-stride-4"
+    take = load_takes(dataset, "train")[0]
+    model = load_backbone(str(backbone_dir), FRAMES)
+    expected = {}
+    for method in ("window", "uniform"):
+        clips = torch.stack([preprocess(decode_clip(take.videos[v], ClipSampling(FRAMES, method))[0]) for v in VIEWS])
+        with torch.inference_mode():
+            expected[method] = encode_clips(model, clips).numpy()
+    tokens = cache.read("train").tokens[0].astype(np.float32)
+    np.testing.assert_allclose(tokens, expected["window"], rtol=2e-3, atol=2e-3)
+    assert np.abs(tokens - expected["uniform"]).max() > 1e-2  # the two samplings see other frames of these videos
+    mixed = run_cli(*extract_args(dataset, cache_dir, backbone_dir, "--precision", "fp32", "--split", "val"))
+    assert mixed.exit_code == 2
+    assert 'preprocessing.sampling: cache has "centred-window-stride-4", this run has "uniform-segment-centres"' in mixed.output

@@ -19,6 +19,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from typer.testing import CliRunner
 
 from pipeline import backbone as bb
+from pipeline import evaluation
+from pipeline import finetune as finetune_module
 from pipeline.cache import FeatureCache
 from pipeline.checkpoints import load_head
 from pipeline.demo_data import write_demo_dataset
@@ -27,6 +29,7 @@ from pipeline.head_training import stratified_holdout
 from pipeline.clips import TakeClips, clip_loader
 from pipeline.skill_model import SkillModel, load_skill_model, read_model_spec
 from pipeline.takes import VIEWS, load_takes
+from pipeline.video import ClipSampling
 from stages.cli import app
 
 FRAMES = 4
@@ -166,10 +169,53 @@ def test_a_cell_from_a_compiled_cache_is_evaluated_with_the_compiled_backbone(wo
     model, _ = load_skill_model(cell)
     val = FeatureCache.open(cache).read("val")
     take = next(t for t in load_takes(world / "data", "val") if t.take_uid == val.records[0].take_uid)
-    clips, present, _, _, _ = TakeClips([take], VIEWS, FRAMES)[0]
+    clips, present, _, _, _ = TakeClips([take], VIEWS, ClipSampling(FRAMES))[0]
     with torch.inference_mode(), bb.autocast_context(torch.device("cpu")):
         tokens = model.tokens(clips[None], present[None])
     np.testing.assert_array_equal(tokens[0].half().numpy(), val.tokens[0])
+
+
+def test_a_cell_from_a_window_cache_is_evaluated_on_window_clips(world, tmp_path):
+    cache = tmp_path / "cache-window"
+    for split in ("train", "val"):
+        result = cli("extract", "--root", world / "data", "--split", split, "--cache", cache, "--backbone", world / "tiny",
+                     "--frames", FRAMES, "--workers", "0", "--sampling", "window")
+        assert result.exit_code == 0, result.output
+    result = cli("fit-head", "--cache", cache, "--out", tmp_path / "heads", "--views", "ego+exos", *TINY_HEAD, "--epochs", "5")
+    assert result.exit_code == 0, result.output
+    cell = tmp_path / "heads" / "ego+exos__crossview__seed0"
+    model, spec = load_skill_model(cell)
+    assert spec.clip_sampling == ClipSampling(FRAMES, "window")
+    val = FeatureCache.open(cache).read("val")
+    take = next(t for t in load_takes(world / "data", "val") if t.take_uid == val.records[0].take_uid)
+    clips, present, _, _, _ = TakeClips([take], VIEWS, spec.clip_sampling)[0]
+    with torch.inference_mode(), bb.autocast_context(torch.device("cpu")):
+        tokens = model.tokens(clips[None], present[None])
+    np.testing.assert_array_equal(tokens[0].half().numpy(), val.tokens[0])  # the cache's clips, bit for bit
+    result = cli("evaluate", "--checkpoint", cell, "--root", world / "data", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["settings"]["sampling"] == "window"
+    fit = [json.loads(l) for l in (cell / "predictions.jsonl").read_text().splitlines()]
+    end_to_end = [json.loads(l) for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    difference = max(np.abs(np.subtract(a["probabilities"], b["probabilities"])).max() for a, b in zip(fit, end_to_end))
+    assert difference < 1e-3
+
+
+def test_finetune_with_window_sampling_trains_and_evaluates_on_window_clips(world, tmp_path, monkeypatch):
+    seen = []
+
+    def recording(loader):
+        def wrapper(takes, views, sampling, *args, **kwargs):
+            seen.append(sampling)
+            return loader(takes, views, sampling, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(finetune_module, "clip_loader", recording(finetune_module.clip_loader))
+    monkeypatch.setattr(evaluation, "clip_loader", recording(evaluation.clip_loader))
+    result = cli(*finetune_args(world / "data", world / "tiny", tmp_path / "run", "--sampling", "window", "--epochs", "1"))
+    assert result.exit_code == 0, result.output
+    assert len(seen) >= 3 and set(seen) == {ClipSampling(FRAMES, "window")}  # training, held-out and val clips
+    assert read_model_spec(tmp_path / "run").clip_sampling == ClipSampling(FRAMES, "window")  # and evaluate's
 
 
 def test_evaluate_refuses_a_model_whose_cache_backbone_or_adapter_changed(world, fitted_cell, tmp_path):
@@ -214,7 +260,7 @@ def test_zero_lora_updates_give_the_frozen_cache_logits(world, fitted_cell):
     cache = FeatureCache.open(world / "cache-fp32")
     val = cache.read("val")
     takes = {t.take_uid: t for t in load_takes(world / "data", "val")}
-    clips, present, _, _, _ = TakeClips([takes[r.take_uid] for r in val.records[:2]], VIEWS, FRAMES)[0]
+    clips, present, _, _, _ = TakeClips([takes[r.take_uid] for r in val.records[:2]], VIEWS, ClipSampling(FRAMES))[0]
     with torch.inference_mode():
         end_to_end = model(clips[None], present[None])
         cached = head(head_inputs(torch.from_numpy(val.tokens[:1]).float(), HeadConfig(**info["head"])),
@@ -260,7 +306,7 @@ def test_extract_with_a_runs_adapter_uses_the_runs_backbone_and_refuses_other_we
 
 def test_evaluate_runs_the_backbone_with_the_runs_adapter(world):
     model, _ = load_skill_model(world / "run")
-    clips, present, _, _, _ = TakeClips(load_takes(world / "data", "val")[:1], VIEWS, FRAMES)[0]
+    clips, present, _, _, _ = TakeClips(load_takes(world / "data", "val")[:1], VIEWS, ClipSampling(FRAMES))[0]
     with torch.inference_mode(), bb.autocast_context(torch.device("cpu")):
         tokens = model.tokens(clips[None], present[None])
         with model.backbone.disable_adapter():  # AttributeError if no adapter was loaded
@@ -511,7 +557,7 @@ def test_a_take_without_any_decodable_view_gets_the_prior_and_no_gradient(world,
     broken = dataclasses.replace(take, videos={view: tmp_path / "empty.mp4" for view in take.videos})
     (tmp_path / "empty.mp4").write_bytes(b"")
     with pytest.warns(UserWarning, match=f"take {take.take_uid}, view ego: .*empty.mp4.*treated as absent"):
-        clips, present, _, _ = next(iter(clip_loader([broken, other], VIEWS, FRAMES, batch_size=2, workers=0)))
+        clips, present, _, _ = next(iter(clip_loader([broken, other], VIEWS, ClipSampling(FRAMES), batch_size=2, workers=0)))
     assert not present[0].any() and present[1].all()
     autocast = bb.autocast_context(torch.device("cpu"))  # the artifact's bf16 backbone, as evaluate runs it
     with autocast:
@@ -531,7 +577,7 @@ def test_decode_warnings_are_said_once_by_the_main_process_not_by_each_epochs_wo
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _epoch in range(2):  # finetune makes a new loader, so new worker processes, every epoch
-            assert len(list(clip_loader([clean, broken, clean], VIEWS, FRAMES, batch_size=3, workers=workers))) == 1
+            assert len(list(clip_loader([clean, broken, clean], VIEWS, ClipSampling(FRAMES), batch_size=3, workers=workers))) == 1
     said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     assert len(said) == 1 and said[0].startswith(f"take {take.take_uid}, view ego: ")  # and no empty ones for clean takes
 
@@ -605,7 +651,7 @@ def test_evaluate_and_predict_refuse_bad_input_with_exit_2(world, tmp_path):
     assert out.exit_code == 2 and "afile is a file; it must be a folder" in out.output
 
 
-def test_a_checkpoint_from_before_max_grad_norm_resumes_with_clipping_off_only(tmp_path):
+def test_a_checkpoint_from_before_max_grad_norm_and_sampling_resumes_only_as_it_trained(tmp_path):
     from transformers import get_cosine_schedule_with_warmup
 
     from pipeline.config import ConfigError
@@ -620,6 +666,9 @@ def test_a_checkpoint_from_before_max_grad_norm_resumes_with_clipping_off_only(t
                           [{"cpu": torch.get_rng_state()}])
     load = functools.partial(load_epoch_checkpoint, tmp_path / "checkpoint", model, optimizer, schedule,
                              ranks=Ranks(), device=torch.device("cpu"))
+    now = {**older, "max_grad_norm": 0.0, "sampling": "uniform"}  # the same run's settings as recorded today
     with pytest.raises(ConfigError, match=r"max_grad_norm: 0.0 -> 1.0"):  # says what the run trained with
-        load(config={**older, "max_grad_norm": 1.0})
-    assert load(config={**older, "max_grad_norm": 0.0})["epoch"] == 0
+        load(config={**now, "max_grad_norm": 1.0})
+    with pytest.raises(ConfigError, match=r"sampling: 'uniform' -> 'window'"):  # it trained on uniform clips
+        load(config={**now, "sampling": "window"})
+    assert load(config=now)["epoch"] == 0

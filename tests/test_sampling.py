@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.video import preprocess, sample_indices
+from pipeline.video import ClipSampling, preprocess, sample_indices
 
 
 @pytest.mark.parametrize("num_frames,samples", [(8, 8), (30, 8), (300, 16), (1001, 32), (17, 16)])
@@ -30,6 +30,30 @@ def test_sampling_is_deterministic_and_time_aligned_across_views():
 def test_too_short_a_take_is_an_error():
     with pytest.raises(ValueError, match="only 5 frames, need at least 8"):
         sample_indices(5, 8)
+
+
+@pytest.mark.parametrize("num_frames,samples", [(450, 16), (451, 8), (64, 16), (65, 16), (1800, 32)])
+def test_window_sampling_is_the_references_clip_at_the_takes_centre(num_frames, samples):
+    """T frames at stride 4 from a 4T-frame window (the reference's), centred instead of random."""
+    indices = ClipSampling(samples, "window").indices(num_frames)
+    assert len(indices) == samples and np.all(np.diff(indices) == 4)
+    start, end = indices[0], indices[0] + 4 * samples  # the window [start, end)
+    assert 0 <= start and end <= num_frames
+    assert abs((start + end) / 2 - num_frames / 2) <= 1  # centred
+    assert np.array_equal(indices, ClipSampling(samples, "window").indices(num_frames))  # deterministic
+
+
+@pytest.mark.parametrize("num_frames,samples,stride", [(40, 16, 2), (63, 16, 3), (16, 16, 1), (12, 8, 1)])
+def test_a_take_shorter_than_the_window_gets_the_largest_stride_that_fits(num_frames, samples, stride):
+    indices = ClipSampling(samples, "window").indices(num_frames)
+    assert len(indices) == samples and np.all(np.diff(indices) == stride)
+    assert indices[0] >= 0 and indices[-1] < num_frames
+    assert abs((indices[0] + indices[0] + stride * samples) / 2 - num_frames / 2) <= 1
+
+
+def test_an_unknown_sampling_is_refused():
+    with pytest.raises(ValueError, match="unknown sampling 'random'"):
+        ClipSampling(8, "random")
 
 
 def smooth_frames(height, width, count=2, seed=0):
