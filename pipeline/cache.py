@@ -7,7 +7,7 @@ Layout of a cache folder:
     splits/<split>.json         the split's take_uids in row order, fixed when the split is planned
     shards/<split>/NNNNN.json   commit marker of shard NNNNN: its takes' index records + failures
     failures.json               every failed view so far, take_uid -> view -> reason
-    locks/<split>.lock          held by the ranks of the extract run writing the split (pipeline.split_lock)
+    locks/<split>.lock          held by the ranks of the extract run writing the split (pipeline.writer_lock)
 
 A shard holds `shard_size` consecutive rows and is written whole by one writer, then committed by
 atomically writing its marker. Readers and resumed runs trust only committed shards, so a crash

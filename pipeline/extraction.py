@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import backbone as bb
-from pipeline import decoder_crashes, split_lock
+from pipeline import decoder_crashes
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.config import ConfigError, device_problem, output_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import decoding, triage
@@ -32,6 +32,7 @@ from pipeline.skill_model import read_model_spec
 from pipeline.takes import VIEWS, Take, load_takes
 from pipeline.video import SAMPLING_NAMES, ClipSampling, VideoError, decode_clip, preprocess
 from pipeline.views import GROUPS, parse_view_setting
+from pipeline.writer_lock import first_writer, joining_writer, split_lock_path
 
 
 DEFAULT_SHARD_SIZE = 16
@@ -247,16 +248,17 @@ def run_extraction(
         raise ConfigError(f"{config.root}: split {config.split!r} has no takes")
     model, weights_sha256 = load_extraction_model(config)
     spec = build_cache_spec(config, model, weights_sha256)
-    with ExitStack() as held:  # the split's writer lock (pipeline.split_lock), for the whole run
+    lock, subject = split_lock_path(config.cache, config.split), f"split {config.split!r} of the cache {config.cache}"
+    with ExitStack() as held:  # the split's writer lock (pipeline.writer_lock), for the whole run
         if ranks.is_main:
             cache = FeatureCache.open_or_create(config.cache, spec)
-            held.enter_context(split_lock.first_writer(config.cache, config.split))  # before the split is touched
+            held.enter_context(first_writer(lock, subject))  # before the split is touched
             cache.remove_leftovers(config.split)  # of a killed run; the other ranks wait at the barrier below
             cache.plan_split(config.split, [take.take_uid for take in takes])
             save_config(config, Path(config.cache) / f"extract-{config.split}.json")
         barrier(ranks)
         if not ranks.is_main:
-            held.enter_context(split_lock.joining_writer(config.cache, config.split))
+            held.enter_context(joining_writer(lock, subject))
         return _extract_split(config, model, FeatureCache.open_or_create(config.cache, spec), takes, on_take, on_start, ranks)
 
 

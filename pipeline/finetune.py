@@ -13,6 +13,7 @@ part of train; val is only used for the final evaluation.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -42,6 +43,7 @@ from pipeline.skill_model import SkillModel
 from pipeline.takes import load_takes, shared_takes
 from pipeline.video import SAMPLING_NAMES, ClipSampling
 from pipeline.views import parse_view_setting
+from pipeline.writer_lock import first_writer
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,9 @@ def rank_share(order: list[int], ranks: Ranks) -> list[int]:
     return padded[ranks.rank :: ranks.world_size]
 
 
+RUN_LOCK = "run.lock"
+
+
 def run_finetune(
     config: FinetuneConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None, ranks: Ranks = Ranks(),
     on_event: Callable[[str], None] | None = None,
@@ -160,8 +165,16 @@ def run_finetune(
     """Train, keep the best held-out epoch, and write the final model into `config.out`.
 
     Under torchrun every rank trains a disjoint share of each epoch through DistributedDataParallel;
-    rank 0 alone writes checkpoints, picks the best epoch and evaluates.
+    rank 0 alone writes checkpoints, picks the best epoch and evaluates. It holds the run folder's
+    lock (pipeline.writer_lock) throughout: a second run into the folder stops at once.
     """
+    lock = first_writer(Path(config.out) / RUN_LOCK, f"the run folder {config.out}") if ranks.is_main else nullcontext()
+    with lock:
+        return _run_finetune(config, resume, on_step, ranks, on_event)
+
+
+def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict], None] | None, ranks: Ranks,
+                  on_event: Callable[[str], None] | None) -> dict:
     config = with_absolute_paths(config, backbone=bb.resolved_backbone(config.backbone))  # evaluate reads them back
     train_takes, val_takes = load_takes(config.root, "train"), load_takes(config.root, "val")
     if shared := shared_takes(train_takes, val_takes):

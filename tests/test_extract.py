@@ -1,7 +1,6 @@
 """`skillpipe extract` end to end on generated takes with a tiny random TimeSformer."""
 
 import dataclasses
-import errno
 import json
 import os
 import re
@@ -16,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import decoder_crashes, split_lock
+from pipeline import decoder_crashes, writer_lock
 from pipeline.backbone import encode_clips, load_backbone, save_tiny_backbone
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.demo_data import write_demo_dataset
@@ -333,40 +332,16 @@ def test_a_second_run_on_a_split_being_written_is_refused_naming_the_holder_and_
     run_extraction(config)
     leftover = tmp_path / "cache" / "shards" / "train" / ".00001.json.in-flight.tmp"  # the running writer's temp file
     leftover.write_text("{}")
-    with split_lock.first_writer(tmp_path / "cache", "train"):  # another run, its rank 0 still alive
-        with pytest.raises(CacheError, match=rf"split 'train' is being written by another extract run \(pid {os.getpid()} "):
+    held = writer_lock.split_lock_path(tmp_path / "cache", "train")
+    with writer_lock.first_writer(held, "that split"):  # another run, its rank 0 still alive
+        with pytest.raises(CacheError, match=rf"split 'train' of the cache .* is being written by another run \(pid {os.getpid()} "):
             run_extraction(dataclasses.replace(config, retry_failed=True))
         assert leftover.exists()  # its temporary files are not "leftovers" while it runs
         result = CliRunner().invoke(app, extract_args(dataset, tmp_path / "cache", backbone_dir, "--views", "ego"))
-        assert result.exit_code == 2 and "only one run may write a split at a time" in result.output
+        assert result.exit_code == 2 and "only one run may write it at a time" in result.output
         run_extraction(dataclasses.replace(config, split="val"))  # another split of the cache is not held
     run_extraction(config)  # the lock goes with its holder
     assert not leftover.exists()
-
-
-def test_a_run_is_refused_while_any_rank_of_another_run_holds_the_split(tmp_path):
-    """A torchrun launcher killed alone leaves ranks running: a rank that joined keeps the split held after rank 0 ends."""
-    with split_lock.first_writer(tmp_path, "train"):
-        joined = split_lock.joining_writer(tmp_path, "train")
-        joined.__enter__()
-    try:
-        with pytest.raises(CacheError, match="being written by another extract run"):
-            with split_lock.first_writer(tmp_path, "train"):
-                pass
-    finally:
-        joined.__exit__(None, None, None)
-    with split_lock.first_writer(tmp_path, "train"):
-        assert str(os.getpid()) in split_lock.lock_path(tmp_path, "train").read_text()
-
-
-def test_a_filesystem_without_flock_is_warned_about_and_the_run_goes_on(tmp_path, monkeypatch):
-    def unsupported(file, operation):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr(split_lock.fcntl, "flock", unsupported)
-    with pytest.warns(UserWarning, match=r"cannot lock .*train.lock \(No locks available\): make sure that only one"):
-        with split_lock.first_writer(tmp_path, "train"):
-            pass
 
 
 def test_window_sampling_caches_the_references_clips_under_its_own_fingerprint(dataset, backbone_dir, tmp_path):

@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from pipeline.clips import TakeClips, clip_loader
 from pipeline.skill_model import SkillModel, load_skill_model, read_model_spec
 from pipeline.takes import VIEWS, load_takes
 from pipeline.video import ClipSampling
+from pipeline.writer_lock import first_writer
 from stages.cli import app
 
 FRAMES = 4
@@ -456,6 +458,17 @@ def test_resume_refuses_other_settings_and_leaves_the_run_alone(world, tmp_path)
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 2 and "lr: 0.003 -> 0.5" in result.output
     assert (run / "config.json").read_text() == before
+
+
+def test_a_second_run_into_a_run_folder_being_written_stops_at_once(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+    files = {path: path.stat().st_mtime_ns for path in run.rglob("*") if path.is_file() and path.name != "run.lock"}
+    with first_writer(run / "run.lock", "that folder"):  # the run still training there
+        result = CliRunner().invoke(app, [str(a) for a in finetune_args(world / "data", world / "tiny", run, "--resume")])
+    assert result.exit_code == 2, result.output
+    assert f"the run folder {run} is being written by another run (pid {os.getpid()} " in " ".join(result.output.split())
+    assert {path: path.stat().st_mtime_ns for path in files} == files  # nothing touched
 
 
 def test_resume_finds_a_checkpoint_left_mid_swap(tmp_path):
