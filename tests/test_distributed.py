@@ -48,3 +48,22 @@ def test_ranks_end_when_their_torchrun_launcher_is_killed_alone(tmp_path):
         for pid in pids:
             if running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def can_run_in_a_pid_namespace() -> bool:
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not can_run_in_a_pid_namespace(),
+                    reason="needs unshare and the right to make a PID namespace")
+def test_ranks_run_when_torchrun_is_pid_1_as_in_a_container(tmp_path):
+    """A parent of pid 1 is torchrun itself there, not a sign that the launcher died."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", str(torchrun), "--standalone", "--nproc-per-node", "2",
+                             str(REPO / "tests" / "torchrun_probe.py"), str(tmp_path), "exit"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "rank0.pid").read_text() and (tmp_path / "rank1.pid").read_text()

@@ -1,4 +1,5 @@
-"""A torchrun rank for tests: joins the process group as the stages do, says its pid, then waits to be stopped."""
+"""A torchrun rank for tests: joins the process group as the stages do, says its pid, then waits to be
+stopped (or, with a second argument `exit`, ends at once)."""
 
 import os
 import sys
@@ -10,4 +11,5 @@ from pipeline.distributed import init_distributed
 if __name__ == "__main__":
     ranks = init_distributed()
     Path(sys.argv[1], f"rank{ranks.rank}.pid").write_text(str(os.getpid()))
-    time.sleep(600)
+    if sys.argv[2:] != ["exit"]:
+        time.sleep(600)
