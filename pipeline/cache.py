@@ -113,7 +113,10 @@ class FeatureCache:
                 )
             return cache
         Path(root).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(root) / "cache.json", asdict(spec))
+        try:  # runs of two splits may create one cache at the same moment: the first wins, the other compares
+            write_json_atomic(Path(root) / "cache.json", asdict(spec), create_only=True)
+        except FileExistsError:
+            return cls.open_or_create(root, spec)
         return cls(root, spec)
 
     # ---- planning and writing -------------------------------------------------------------

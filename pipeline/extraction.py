@@ -47,7 +47,8 @@ class ExtractConfig:
     cache: Path = Path("cache/features")  # feature cache folder (one zarr store)
     backbone: str | None = None  # hub id or local folder of a TimeSformer; None: the --adapter run's, else the k600 one
     frames: int = 16  # T frames sampled per view
-    sampling: Literal["uniform", "window"] = "uniform"  # over the whole take, or the reference's 4T-frame window (centred)
+    # over the whole take, or the reference's 4T-frame window (centred); None: the --adapter run's, else uniform
+    sampling: Literal["uniform", "window"] | None = None
     views: tuple[str, ...] = VIEWS
     adapter: Path | None = None  # peft LoRA adapter folder (or a finetune run holding adapter/)
     device: str = "cpu"  # cpu | cuda | cuda:N
@@ -69,7 +70,7 @@ class ExtractConfig:
         problems = []
         if self.frames < 1:
             problems.append(f"frames must be >= 1, got {self.frames}")
-        if self.sampling not in SAMPLING_NAMES:
+        if self.sampling is not None and self.sampling not in SAMPLING_NAMES:
             problems.append(f"sampling must be one of {sorted(SAMPLING_NAMES)}, got {self.sampling!r}")
         unknown = [v for v in self.views if v not in VIEWS]
         if unknown or not self.views or len(set(self.views)) != len(self.views):
@@ -82,7 +83,8 @@ class ExtractConfig:
 
     @property
     def clip_sampling(self) -> ClipSampling:
-        return ClipSampling(self.frames, self.sampling)
+        """As resolved by with_run_defaults (None here: uniform)."""
+        return ClipSampling(self.frames, self.sampling or "uniform")
 
     @property
     def clips_per_forward(self) -> int:
@@ -147,13 +149,17 @@ def adapter_run(adapter: Path) -> Path | None:
     return run if is_run else None
 
 
-def with_backbone(config: ExtractConfig) -> ExtractConfig:
-    """Fill in a backbone left unset: the one the --adapter's finetune run trained, else the default
-    checkpoint (load_extraction_model checks that a backbone given with a run's adapter has its weights)."""
-    if config.backbone is not None:
-        return config
+def with_run_defaults(config: ExtractConfig) -> ExtractConfig:
+    """Fill in a backbone and sampling left unset: those the --adapter's finetune run trained with, else the
+    default checkpoint and uniform sampling (load_extraction_model checks that a backbone given with a run's
+    adapter has its weights)."""
     run = adapter_run(config.adapter) if config.adapter else None
-    return dataclasses.replace(config, backbone=read_model_spec(run).backbone if run else bb.DEFAULT_BACKBONE)
+    trained = read_model_spec(run) if run else None
+    return dataclasses.replace(
+        config,
+        backbone=config.backbone if config.backbone is not None else trained.backbone if trained else bb.DEFAULT_BACKBONE,
+        sampling=config.sampling or (trained.sampling if trained else "uniform"),
+    )
 
 
 def _check_adapter_base(config: ExtractConfig, model: torch.nn.Module, weights_sha256: str) -> None:
@@ -171,7 +177,7 @@ def _check_adapter_base(config: ExtractConfig, model: torch.nn.Module, weights_s
 
 def load_extraction_model(config: ExtractConfig) -> tuple[torch.nn.Module, str]:
     """The backbone (with adapter if any) in eval mode on the device, and the fp32 base weights' hash."""
-    config = with_backbone(config)
+    config = with_run_defaults(config)
     model = bb.load_backbone(config.backbone, config.frames)
     weights_sha256 = bb.weights_hash(model)
     if config.adapter:
@@ -240,7 +246,7 @@ def run_extraction(
     Under torchrun each rank takes the shards `k % world_size == rank`; rank 0 creates the
     cache and plans the split first. `on_start(total, skipped)` and `on_take(clips)` report progress.
     """
-    config = with_backbone(config)
+    config = with_run_defaults(config)
     config = with_absolute_paths(config, backbone=bb.resolved_backbone(config.backbone))  # evaluate reads them back
     config = dataclasses.replace(config, shard_size=config.shard_size or existing_shard_size(config.cache) or DEFAULT_SHARD_SIZE)
     takes = load_takes(config.root, config.split)  # validates before any compute
@@ -250,9 +256,9 @@ def run_extraction(
     spec = build_cache_spec(config, model, weights_sha256)
     lock, subject = split_lock_path(config.cache, config.split), f"split {config.split!r} of the cache {config.cache}"
     with ExitStack() as held:  # the split's writer lock (pipeline.writer_lock), for the whole run
-        if ranks.is_main:
+        if ranks.is_main:  # after the checks that loading the model makes, which must leave no folder behind
+            held.enter_context(first_writer(lock, subject))
             cache = FeatureCache.open_or_create(config.cache, spec)
-            held.enter_context(first_writer(lock, subject))  # before the split is touched
             cache.remove_leftovers(config.split)  # of a killed run; the other ranks wait at the barrier below
             cache.plan_split(config.split, [take.take_uid for take in takes])
             save_config(config, Path(config.cache) / f"extract-{config.split}.json")

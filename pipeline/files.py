@@ -25,7 +25,8 @@ def _read_umask() -> int:
 NEW_FILE_MODE = 0o666 & ~_read_umask()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes, create_only: bool = False) -> None:
+    """Write `path` whole; with `create_only`, FileExistsError if it exists (checked atomically, at the commit)."""
     path = Path(path)
     make_folders(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -33,16 +34,28 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         os.fchmod(fd, NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        commit_file(Path(tmp), path)
+        commit_file(Path(tmp), path, create_only)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def commit_file(finished: Path, target: Path) -> None:
-    """Rename the complete file `finished` to `target` durably: its bytes, then the rename, reach the disk."""
+def commit_file(finished: Path, target: Path, create_only: bool = False) -> None:
+    """Rename the complete file `finished` to `target` durably: its bytes, then the rename, reach the disk.
+
+    With `create_only` an existing `target` is kept and FileExistsError raised (a hard link, which cannot
+    replace; on a filesystem without hard links, a plain rename)."""
     fsync_path(finished)
-    os.replace(finished, target)
+    if create_only:
+        try:
+            os.link(finished, target)
+            os.unlink(finished)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here: rename, as without create_only
+            os.replace(finished, target)
+    else:
+        os.replace(finished, target)
     fsync_path(Path(target).parent)
 
 
@@ -74,8 +87,8 @@ def fsync_tree(folder: Path) -> None:
         fsync_path(Path(parent))
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def write_json_atomic(path: Path, obj: object, create_only: bool = False) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), create_only)
 
 
 def read_json(path: Path) -> object:

@@ -39,7 +39,8 @@ from pipeline.epoch_checkpoints import (
 from pipeline.files import write_bytes_atomic, write_folder_atomic
 from pipeline.fusion import FUSIONS, HeadConfig, build_head
 from pipeline.head_training import TrainingDiverged, label_prior, stratified_holdout
-from pipeline.skill_model import SkillModel
+from pipeline.metrics import mark_incomplete
+from pipeline.skill_model import SkillModel, read_model_spec
 from pipeline.takes import load_takes, shared_takes
 from pipeline.video import SAMPLING_NAMES, ClipSampling
 from pipeline.views import parse_view_setting
@@ -187,6 +188,9 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
             on_event(f"--init-head: the head keeps its trained size {trained_size}, not hidden {config.hidden}, "
                      f"heads {config.heads}")
         config = replace(config, **trained_size)
+    if config.init_head and on_event and (cell := read_model_spec(config.init_head)).sampling != config.sampling:
+        on_event(f"note: --init-head {config.init_head} was fitted on {cell.sampling} clips; this run samples "
+                 f"{config.sampling} (--sampling)")
     device = torch.device(config.device)
     model.to(device)
     trained = DistributedDataParallel(model) if ranks.world_size > 1 else model
@@ -277,6 +281,7 @@ def _holdout_loss(model, takes, views, config: FinetuneConfig, device) -> float:
 def _save_final(out: Path, model: SkillModel, config: FinetuneConfig, views, state: dict, label_prior: list[float],
                 weights_sha256: str) -> None:
     """The trained backbone part, then the head: the head's files, written last, name what they were trained with."""
+    mark_incomplete(out)  # a resumed finished run's: until the new evaluation, the folder is not complete
     tuned = out / ("adapter" if config.tune == "lora" else "backbone")
     write_folder_atomic(tuned, model.backbone.save_pretrained)
     # LoRA runs load the base weights named in config.json: evaluate checks they are still these

@@ -21,7 +21,7 @@ from pipeline.head_training import (
     Cell, FeatureTable, FitHeadConfig, TrainingDiverged, grid_cells, head_config_for, load_complete_split,
     predict_probabilities, train_head,
 )
-from pipeline.metrics import plot_grid, write_evaluation, write_submission
+from pipeline.metrics import mark_incomplete, plot_grid, write_evaluation, write_submission
 from pipeline.takes import shared_takes
 from pipeline.views import parse_view_setting
 
@@ -75,6 +75,7 @@ def _fit_cell(cell: Cell, cache: FeatureCache, settings: FitHeadConfig, head_con
         raise TrainingDiverged(f"{settings.out / cell.name}: {err}") from None
     probabilities = predict_probabilities(trained, val, settings.precision)
     folder = settings.out / cell.name
+    mark_incomplete(folder)  # a rerun's: its old metrics must not vouch for the new head
     cell_config = dataclasses.replace(settings, views=(cell.views,), fusions=(cell.fusion,), seeds=(cell.seed,))
     save_config(cell_config, folder / "config.json")
     cell_settings = {

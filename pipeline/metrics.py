@@ -113,6 +113,12 @@ def _save(figure, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
+def mark_incomplete(folder: Path) -> None:
+    """Remove a result folder's metrics.json before anything in it is rewritten: written last, it says the folder is
+    complete, and an old one beside new files would say so of a half-rewritten folder."""
+    (Path(folder) / "metrics.json").unlink(missing_ok=True)
+
+
 def write_evaluation(folder: Path, take_uids: list[str], labels: np.ndarray, probabilities: np.ndarray,
                      scenarios: list[str], present: np.ndarray, views: tuple[str, ...], settings: dict, title: str) -> dict:
     """predictions.jsonl, confusion.png and, last, metrics.json of one evaluated model; returns the metrics.
@@ -122,6 +128,7 @@ def write_evaluation(folder: Path, take_uids: list[str], labels: np.ndarray, pro
     some absent (`takes_with_absent_views`) and with none of the views, which get the train label
     prior (`takes_without_views`).
     """
+    mark_incomplete(folder)
     absent = absent_views(present, views)
     metrics = {**evaluation_metrics(labels, probabilities, scenarios),
                "takes_with_absent_views": sum(map(bool, absent)),

@@ -51,10 +51,29 @@ def _busy(path: Path, subject: str) -> CacheError:
     )
 
 
-def _lock(file, operation: int, path: Path, subject: str) -> bool:
+_HELD: set[int] = set()  # this process's lock descriptors
+
+
+def _drop_inherited() -> None:
+    """In a forked child (a DataLoader worker): close the copies of the parent's lock descriptors.
+
+    flock belongs to the open file, which fork shares: a worker left stuck in the decoder after its
+    main process died would otherwise keep the lock. Closing a copy never unlocks (LOCK_UN would)."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited)
+
+
+def _lock(fd: int, operation: int, path: Path, subject: str) -> bool:
     """flock without waiting; False where the filesystem cannot lock (said as a warning)."""
     try:
-        fcntl.flock(file, operation | fcntl.LOCK_NB)
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         raise _busy(path, subject) from None
@@ -67,24 +86,42 @@ def _lock(file, operation: int, path: Path, subject: str) -> bool:
 
 
 @contextmanager
+def _held(fd: int) -> Iterator[int]:
+    """Own the open lock descriptor `fd` (os.open's: not inherited across exec, PEP 446; forked children drop it)."""
+    _HELD.add(fd)
+    try:
+        yield fd
+    finally:
+        _HELD.discard(fd)
+        os.close(fd)
+
+
+@contextmanager
 def first_writer(path: Path, subject: str) -> Iterator[None]:
     """Rank 0's hold on `path`, taken before it writes anything: CacheError while any other run holds it.
 
     `subject` names what the lock guards, for the messages ("split 'train' of the cache X")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as file:
-        if _lock(file, fcntl.LOCK_EX, path, subject):
-            file.truncate(0)
-            file.write(holder_text() + "\n")
-            file.flush()
-            _lock(file, fcntl.LOCK_SH, path, subject)  # lets this run's other ranks join; not atomic, so checked again
+    with _held(os.open(path, os.O_RDWR | os.O_CREAT, 0o644)) as fd:
+        if _lock(fd, fcntl.LOCK_EX, path, subject):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (holder_text() + "\n").encode(), 0)
+            # lets this run's other ranks join. From an exclusive hold the change cannot conflict, so on Linux no
+            # other run gets in between; the check stays for filesystems that emulate flock
+            _lock(fd, fcntl.LOCK_SH, path, subject)
         yield
 
 
 @contextmanager
 def joining_writer(path: Path, subject: str) -> Iterator[None]:
     """Another rank's hold, taken after rank 0's first_writer: keeps later runs out while this rank is alive."""
-    with open(path, "r", encoding="utf-8") as file:
-        _lock(file, fcntl.LOCK_SH, Path(path), subject)
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CacheError(f"{path}: rank 0 of this run holds it, but this process cannot see it; if the cache is on a "
+                         "shared filesystem, check that every node sees the same files") from None
+    with _held(fd):
+        _lock(fd, fcntl.LOCK_SH, path, subject)
         yield

@@ -1,7 +1,10 @@
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import zarr
 
+from pipeline import cache as cache_module
 from pipeline.cache import STORE_NAME, CacheError, CacheSpec, FeatureCache, TakeRecord
 
 VIEWS = ("ego", "exo1")
@@ -145,3 +148,20 @@ def test_a_split_whose_plan_is_not_visible_is_refused_not_recreated(tmp_path):
     (tmp_path / "hidden.json").rename(plan)
     read = cache.read("train")
     np.testing.assert_array_equal(read.tokens, np.stack([written[u] for u in uids]))  # nothing was wiped
+
+
+def test_two_runs_creating_one_cache_at_once_keep_the_first_spec_and_the_second_is_refused(tmp_path, monkeypatch):
+    """Extract runs of two splits may both find no cache.json; the second must not overwrite the first's."""
+    first, second = spec(weights_sha256="a"), spec(weights_sha256="b")
+    real_write = cache_module.write_json_atomic
+
+    def the_other_run_wins_the_race(path, obj, create_only=False):
+        real_write(path, asdict(first), create_only=True)  # between this run's check and its write
+        real_write(path, obj, create_only)
+
+    monkeypatch.setattr(cache_module, "write_json_atomic", the_other_run_wins_the_race)
+    with pytest.raises(CacheError, match="built differently"):
+        FeatureCache.open_or_create(tmp_path, second)
+    monkeypatch.undo()
+    assert FeatureCache.open(tmp_path).spec == first
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]  # no temporary file left

@@ -30,7 +30,7 @@ from pipeline.head_training import stratified_holdout
 from pipeline.clips import TakeClips, clip_loader
 from pipeline.skill_model import SkillModel, load_skill_model, read_model_spec
 from pipeline.takes import VIEWS, load_takes
-from pipeline.video import ClipSampling
+from pipeline.video import SAMPLING_NAMES, ClipSampling
 from pipeline.writer_lock import first_writer
 from stages.cli import app
 
@@ -218,6 +218,14 @@ def test_finetune_with_window_sampling_trains_and_evaluates_on_window_clips(worl
     assert result.exit_code == 0, result.output
     assert len(seen) >= 3 and set(seen) == {ClipSampling(FRAMES, "window")}  # training, held-out and val clips
     assert read_model_spec(tmp_path / "run").clip_sampling == ClipSampling(FRAMES, "window")  # and evaluate's
+    # extract with the run's adapter samples as the run trained, unless told otherwise
+    extract = ["extract", "--root", world / "data", "--split", "val", "--frames", FRAMES, "--workers", "0", "--views", "ego",
+               "--adapter", tmp_path / "run"]
+    for cache, given, expected in (("followed", [], "window"), ("given", ["--sampling", "uniform"], "uniform")):
+        result = cli(*extract, "--cache", tmp_path / cache, *given)
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / cache / "extract-val.json").read_text())["sampling"] == expected
+        assert FeatureCache.open(tmp_path / cache).spec.fingerprint["preprocessing"]["sampling"] == SAMPLING_NAMES[expected]
 
 
 def test_evaluate_refuses_a_model_whose_cache_backbone_or_adapter_changed(world, fitted_cell, tmp_path):
@@ -290,10 +298,10 @@ def test_extract_with_a_runs_adapter_uses_the_runs_backbone_and_refuses_other_we
             "--adapter", world / "run" / "adapter", "--views", "ego"]
     assert cli(*args, "--cache", tmp_path / "own").exit_code == 0  # no --backbone: the run's (world/tiny)
     assert json.loads((tmp_path / "own" / "extract-val.json").read_text())["backbone"] == str((world / "tiny").resolve())
-    from pipeline.extraction import ExtractConfig, with_backbone
+    from pipeline.extraction import ExtractConfig, with_run_defaults
 
     given = ExtractConfig(root=world / "data", backbone=bb.DEFAULT_BACKBONE, adapter=world / "run")
-    assert with_backbone(given).backbone == bb.DEFAULT_BACKBONE  # given, even if it is the default: then checked
+    assert with_run_defaults(given).backbone == bb.DEFAULT_BACKBONE  # given, even if it is the default: then checked
     other = bb.save_tiny_backbone(tmp_path / "other-tiny", seed=1)
     refused = CliRunner().invoke(app, [str(a) for a in [*args, "--cache", tmp_path / "other", "--backbone", other]])
     assert refused.exit_code == 2 and "was trained on the backbone" in refused.output
@@ -390,11 +398,12 @@ def test_full_finetune_saves_a_backbone_that_extract_loads(world, tmp_path):
 def test_init_head_warm_starts_from_a_fit_head_cell(world, fitted_cell, tmp_path):
     from safetensors.torch import load_file
 
-    args = finetune_args(world / "data", world / "tiny", tmp_path / "warm", "--init-head", fitted_cell)
+    args = finetune_args(world / "data", world / "tiny", tmp_path / "warm", "--init-head", fitted_cell, "--sampling", "window")
     args[args.index("--epochs") + 1], args[args.index("--lr") + 1] = "1", "0"
     args[args.index("--hidden") + 1] = "64"  # the cell's head has 32: it keeps its size, and the run says so
     result = cli(*args)
     assert result.exit_code == 0 and "the head keeps its trained size" in " ".join(result.output.split())
+    assert "was fitted on uniform clips; this run samples window" in " ".join(result.output.split())
     saved = json.loads((tmp_path / "warm" / "config.json").read_text())
     assert saved["hidden"] == json.loads((tmp_path / "warm" / "head.json").read_text())["head"]["hidden"] == 32
     started, finished = load_file(fitted_cell / "head.safetensors"), load_file(tmp_path / "warm" / "head.safetensors")
@@ -469,6 +478,20 @@ def test_a_second_run_into_a_run_folder_being_written_stops_at_once(world, tmp_p
     assert result.exit_code == 2, result.output
     assert f"the run folder {run} is being written by another run (pid {os.getpid()} " in " ".join(result.output.split())
     assert {path: path.stat().st_mtime_ns for path in files} == files  # nothing touched
+
+
+def test_a_resumed_finished_run_is_not_complete_until_its_new_evaluation(world, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+
+    def stopped(*args, **kwargs):
+        raise RuntimeError("stopped while evaluating")
+
+    monkeypatch.setattr(finetune_module, "evaluate_split", stopped)
+    with pytest.raises(RuntimeError, match="stopped while evaluating"):
+        CliRunner().invoke(app, [str(a) for a in finetune_args(world / "data", world / "tiny", run, "--resume")],
+                           catch_exceptions=False)
+    assert (run / "head.json").is_file() and not (run / "metrics.json").exists()
 
 
 def test_resume_finds_a_checkpoint_left_mid_swap(tmp_path):

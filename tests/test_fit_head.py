@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from pipeline import metrics
+from pipeline import head_grid, metrics
 from pipeline.cache import FeatureCache, TakeRecord
 from pipeline.checkpoints import load_head
 from pipeline.config import read_saved_config
@@ -228,18 +228,21 @@ def test_a_diverged_cell_is_an_error_not_a_result(grid, tmp_path):
     assert "ego+exos__crossview__seed0" in result.output and not list((tmp_path / "run").glob("grid.*"))
 
 
-def test_a_cell_folder_with_metrics_is_complete(grid, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_in", ["write_evaluation", "plot_confusion"])  # before and inside the evaluation's writes
+def test_a_cell_folder_with_metrics_is_complete(grid, tmp_path, monkeypatch, stop_in):
     """metrics.json is written last: a run stopped before it leaves a cell without one, never metrics without a head."""
     def stopped(*args, **kwargs):
-        raise RuntimeError("stopped while plotting")
+        raise RuntimeError("stopped")
 
-    monkeypatch.setattr(metrics, "plot_confusion", stopped)
-    with pytest.raises(RuntimeError, match="stopped while plotting"):
-        CliRunner().invoke(app, ["fit-head", "--cache", str(grid / "cache"), "--out", str(tmp_path / "run"), *TINY,
-                                 "--views", "ego"], catch_exceptions=False)
+    arguments = ["fit-head", "--cache", str(grid / "cache"), "--out", str(tmp_path / "run"), *TINY, "--views", "ego"]
+    assert CliRunner().invoke(app, arguments).exit_code == 0
     cell = tmp_path / "run" / "ego__crossview__seed0"
-    assert (cell / "head.safetensors").is_file() and (cell / "head.json").is_file() and (cell / "predictions.jsonl").is_file()
-    assert not (cell / "metrics.json").exists()
+    head = (cell / "head.safetensors").read_bytes()
+    monkeypatch.setattr(head_grid if stop_in == "write_evaluation" else metrics, stop_in, stopped)
+    with pytest.raises(RuntimeError, match="stopped"):  # a rerun with other settings, stopped
+        CliRunner().invoke(app, [*arguments, "--epochs", "3"], catch_exceptions=False)
+    assert (cell / "head.safetensors").read_bytes() != head and (cell / "head.json").is_file()
+    assert not (cell / "metrics.json").exists()  # neither a new one nor the first run's
 
 
 def test_the_cell_keeps_its_best_held_out_epoch(tmp_path):
@@ -259,3 +262,14 @@ def test_the_cell_keeps_its_best_held_out_epoch(tmp_path):
     held = torch.from_numpy(rows[stratified_holdout(table.labels.numpy()[rows], 0.25)])
     loss = F.cross_entropy(predict_logits(head, table.inputs[held], table.present[held], "fp32"), table.labels[held])
     assert float(loss) == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_an_evaluation_rewritten_into_its_folder_drops_the_old_metrics_first(tmp_path, monkeypatch):
+    """evaluate --out of an earlier evaluation: stopped before its new metrics.json, the folder must not look complete."""
+    (tmp_path / "metrics.json").write_text("{}")
+    monkeypatch.setattr(metrics, "plot_confusion", lambda *args: (_ for _ in ()).throw(RuntimeError("stopped")))
+    probabilities = np.full((2, 4), 0.25)
+    with pytest.raises(RuntimeError, match="stopped"):
+        metrics.write_evaluation(tmp_path, ["a", "b"], np.array([0, 1]), probabilities, ["Cooking", "Music"],
+                                 np.ones((2, 1), bool), ("ego",), {}, "eval")
+    assert (tmp_path / "predictions.jsonl").is_file() and not (tmp_path / "metrics.json").exists()

@@ -1,5 +1,7 @@
 import errno
+import multiprocessing
 import os
+import time
 
 import pytest
 
@@ -30,4 +32,33 @@ def test_a_filesystem_without_flock_is_warned_about_and_the_run_goes_on(tmp_path
     monkeypatch.setattr(writer_lock.fcntl, "flock", unsupported)
     with pytest.warns(UserWarning, match=r"cannot lock .*train.lock \(No locks available\): make sure that only one run"):
         with writer_lock.first_writer(tmp_path / "train.lock", "split 'train'"):
+            pass
+
+
+def started_then_asleep(running) -> None:
+    running.set()
+    time.sleep(60)
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_lets_go(tmp_path):
+    """A DataLoader worker stuck in the decoder outlives its killed main process: it must not hold the run's lock."""
+    lock = tmp_path / "train.lock"
+    context = multiprocessing.get_context("fork")
+    running = context.Event()
+    with writer_lock.first_writer(lock, "split 'train'"):
+        child = context.Process(target=started_then_asleep, args=(running,))
+        child.start()
+        assert running.wait(60)  # the child is past fork's hooks
+    try:
+        with writer_lock.first_writer(lock, "split 'train'"):  # the child is still alive
+            assert child.is_alive()
+    finally:
+        child.kill()
+        child.join()
+
+
+def test_a_rank_that_cannot_see_rank_0s_lock_says_so(tmp_path):
+    with pytest.raises(CacheError, match="rank 0 of this run holds it, but this process cannot see it; if the cache is on a "
+                                         "shared filesystem"):
+        with writer_lock.joining_writer(tmp_path / "locks" / "train.lock", "split 'train'"):
             pass
