@@ -169,9 +169,15 @@ def run_finetune(
     rank 0 alone writes checkpoints, picks the best epoch and evaluates. It holds the run folder's
     lock (pipeline.writer_lock) throughout: a second run into the folder stops at once.
     """
-    lock = first_writer(Path(config.out) / RUN_LOCK, f"the run folder {config.out}") if ranks.is_main else nullcontext()
-    with lock:
-        return _run_finetune(config, resume, on_step, ranks, on_event)
+    out, new_folder = Path(config.out), not Path(config.out).exists()
+    with first_writer(out / RUN_LOCK, f"the run folder {out}") if ranks.is_main else nullcontext():
+        try:
+            return _run_finetune(config, resume, on_step, ranks, on_event)
+        except BaseException:  # refused before it wrote anything: leave no folder behind it
+            if ranks.is_main and new_folder and [path.name for path in out.iterdir()] == [RUN_LOCK]:
+                (out / RUN_LOCK).unlink()
+                out.rmdir()
+            raise
 
 
 def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict], None] | None, ranks: Ranks,

@@ -494,6 +494,19 @@ def test_a_resumed_finished_run_is_not_complete_until_its_new_evaluation(world, 
     assert (run / "head.json").is_file() and not (run / "metrics.json").exists()
 
 
+def test_a_refused_run_leaves_no_run_folder_behind(world, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(world / "data", data)
+    annotations = data / "annotations"
+    train = json.loads((annotations / "proficiency_demonstrator_train.json").read_text())
+    val = json.loads((annotations / "proficiency_demonstrator_val.json").read_text())
+    val["annotations"].append(train["annotations"][0])  # a train take in val too
+    (annotations / "proficiency_demonstrator_val.json").write_text(json.dumps(val))
+    result = CliRunner().invoke(app, [str(a) for a in finetune_args(data, world / "tiny", tmp_path / "run")])
+    assert result.exit_code == 2 and "in both the train and val annotations" in result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_finds_a_checkpoint_left_mid_swap(tmp_path):
     from pipeline.epoch_checkpoints import find_epoch_checkpoint
 
