@@ -14,10 +14,14 @@ from pipeline.video import ClipSampling
 
 class TakeClips(Dataset):
     """Decoded, preprocessed clips of whole takes: (V, T, 3, 224, 224), (V,) present, label, index,
-    and what decoding had to say about the take (failed views, unequal lengths: one line each)."""
+    and what decoding had to say about the take (failed views, unequal lengths: one line each).
 
-    def __init__(self, takes: list[Take], views: tuple[str, ...], sampling: ClipSampling):
-        self.takes, self.views, self.sampling = takes, views, sampling
+    `moved_windows` (seed, epoch): training clips, whose window (window sampling) moves at random,
+    per take and epoch (ClipSampling.moved_window)."""
+
+    def __init__(self, takes: list[Take], views: tuple[str, ...], sampling: ClipSampling,
+                 moved_windows: tuple[int, int] | None = None):
+        self.takes, self.views, self.sampling, self.moved_windows = takes, views, sampling, moved_windows
 
     def __len__(self) -> int:
         return len(self.takes)
@@ -26,7 +30,8 @@ class TakeClips(Dataset):
         take = self.takes[index]
         with warnings.catch_warnings(record=True) as caught:  # said by the loader in the main process, see ClipBatches
             warnings.simplefilter("always")
-            decoded = decode_take(take, self.views, self.sampling)
+            sampling = self.sampling.moved_window(*self.moved_windows, take.take_uid) if self.moved_windows else self.sampling
+            decoded = decode_take(take, self.views, sampling)
         # as extract does: a failed view counts as absent, said aloud
         notes = [f"take {take.take_uid}, view {view}: {reason}; treated as absent" for view, reason in decoded.failures.items()]
         notes += [str(warning.message) for warning in caught]
@@ -62,5 +67,7 @@ class ClipBatches:
             yield clips, present, labels, indices
 
 
-def clip_loader(takes: list[Take], views, sampling: ClipSampling, batch_size: int, workers: int) -> ClipBatches:
-    return ClipBatches(DataLoader(TakeClips(takes, views, sampling), batch_size=batch_size, num_workers=workers, shuffle=False))
+def clip_loader(takes: list[Take], views, sampling: ClipSampling, batch_size: int, workers: int,
+                moved_windows: tuple[int, int] | None = None) -> ClipBatches:
+    dataset = TakeClips(takes, views, sampling, moved_windows)
+    return ClipBatches(DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False))

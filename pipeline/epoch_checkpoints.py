@@ -27,7 +27,7 @@ BEST_WEIGHTS = "best.safetensors"  # the best epoch's trainable weights, beside 
 # what may change between a run and its resumption: where things are, and how they are computed
 RESUMABLE_CHANGES = frozenset({"root", "out", "device", "workers"})
 # settings added after checkpoints were first written, with the value that older runs trained with
-ADDED_SETTINGS = {"max_grad_norm": 0.0, "sampling": "uniform"}
+ADDED_SETTINGS = {"max_grad_norm": 0.0, "sampling": "uniform", "train_windows": "random"}  # (uniform runs: no windows)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -56,6 +56,9 @@ class FinetuneConfig:
     backbone: str = bb.DEFAULT_BACKBONE
     frames: int = 16
     sampling: Literal["uniform", "window"] = "uniform"  # over the whole take, or the reference's 4T-frame window (centred)
+    # window sampling: where training clips' windows sit. random: drawn per take and epoch from the seed (the
+    # reference trains on random windows); centre: where evaluation puts them. Held-out and val clips: centre
+    train_windows: Literal["random", "centre"] = "random"
     views: str = "ego+exos"
     fusion: str = "crossview"
     init_head: Path | None = None  # a fit-head cell to warm-start the head from
@@ -90,6 +93,8 @@ class FinetuneConfig:
             raise ConfigError(f"FinetuneConfig.workers: must be >= 0, got {self.workers}")
         if self.sampling not in SAMPLING_NAMES:
             raise ConfigError(f"FinetuneConfig.sampling: unknown {self.sampling!r} (choose from {sorted(SAMPLING_NAMES)})")
+        if self.train_windows not in ("random", "centre"):
+            raise ConfigError(f"FinetuneConfig.train_windows: random or centre, got {self.train_windows!r}")
         if self.lr < 0 or self.weight_decay < 0:  # lr 0: evaluate a warm-started head end to end, unchanged
             raise ConfigError(f"FinetuneConfig: lr and weight_decay must be >= 0 (got {self.lr}, {self.weight_decay})")
         if not self.max_grad_norm >= 0:
@@ -232,7 +237,9 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     for epoch in range(state["epoch"] + 1, config.epochs):
         order = torch.randperm(len(fit_takes), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
         share = rank_share(order.tolist(), ranks)
-        loader = clip_loader([fit_takes[i] for i in share], views, config.clip_sampling, config.batch_size, config.workers)
+        moved = (config.seed, epoch) if config.train_windows == "random" else None
+        loader = clip_loader([fit_takes[i] for i in share], views, config.clip_sampling, config.batch_size, config.workers,
+                             moved)
         model.train()
         for step, (clips, present, labels, _) in enumerate(loader):
             present = present.to(device)

@@ -11,6 +11,8 @@ shortest edge 224 (bilinear), centre crop 224x224, scale 1/255, normalise mean 0
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +44,26 @@ class ClipSampling:
 
     frames: int
     method: str = "uniform"
+    # window only: where the window sits, from 0 (the take's start) to 1 (its end); None: the centre. Training
+    # clips move it at random (moved_window); cached and evaluated clips never do
+    position: float | None = None
 
     def __post_init__(self):
         if self.method not in SAMPLING_NAMES:
             raise ValueError(f"unknown sampling {self.method!r} (choose from {sorted(SAMPLING_NAMES)})")
+        if self.position is not None and (self.method != "window" or not 0 <= self.position <= 1):
+            raise ValueError(f"a window position in [0, 1] needs window sampling, got {self.position} with {self.method}")
 
     def indices(self, num_video_frames: int) -> np.ndarray:
-        return sample_indices(num_video_frames, self.frames, self.method)
+        return sample_indices(num_video_frames, self.frames, self.method, self.position)
+
+    def moved_window(self, seed: int, epoch: int, take_uid: str) -> ClipSampling:
+        """A training clip's sampling: with window sampling, the window at a random position drawn from (seed, epoch,
+        take), the same in every view and on every rank or resume; uniform sampling is left as it is."""
+        if self.method != "window":
+            return self
+        draw = np.random.default_rng([seed, epoch, zlib.crc32(take_uid.encode())]).random()
+        return dataclasses.replace(self, position=float(draw))
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -64,18 +79,21 @@ class VideoError(Exception):
         super().__init__(f"{path}: {reason}")
 
 
-def sample_indices(num_video_frames: int, num_samples: int, method: str = "uniform") -> np.ndarray:
+def sample_indices(num_video_frames: int, num_samples: int, method: str = "uniform",
+                   position: float | None = None) -> np.ndarray:
     """(T,) int64 increasing frame indices.
 
     uniform: the centres of `num_samples` equal segments over the whole video. window: every
-    WINDOW_STRIDE-th frame of the 4T-frame window at the video's centre; a video shorter than
-    the window gets the largest stride that fits (at least 1), still centred.
+    WINDOW_STRIDE-th frame of the 4T-frame window at the video's centre, or at `position` (0: its
+    start, 1: its end); a video shorter than the window gets the largest stride that fits (at
+    least 1).
     """
     if num_video_frames < num_samples:
         raise ValueError(f"only {num_video_frames} frames, need at least {num_samples}")
     if method == "window":
         stride = min(WINDOW_STRIDE, num_video_frames // num_samples)
-        start = (num_video_frames - stride * num_samples) // 2
+        free = num_video_frames - stride * num_samples  # frames outside the window
+        start = free // 2 if position is None else round(position * free)
         return start + stride * np.arange(num_samples, dtype=np.int64)
     centres = (np.arange(num_samples) + 0.5) * num_video_frames / num_samples
     return np.floor(centres).astype(np.int64)

@@ -22,6 +22,8 @@ def finetune(
     frames: Optional[int] = typer.Option(None, help="Frames T per view (default 16)."),
     sampling: Optional[str] = typer.Option(None, help="uniform (default, over the whole take) or window (the reference's "
                                            "4T-frame window at stride 4, at the take's centre)."),
+    train_windows: Optional[str] = typer.Option(None, help="With --sampling window: random (default; per take and "
+                                                "epoch, seeded, as the reference trains) or centre (as evaluation)."),
     views: Optional[str] = typer.Option(None, help="View setting: ego, exos, ego+exos, ego+exo2 ..."),
     fusion: Optional[str] = typer.Option(None, help="Fusion head variant (default crossview)."),
     init_head: Optional[Path] = typer.Option(None, help="Warm-start the head from a fit-head cell folder."),

@@ -16,7 +16,7 @@ def test_published_recipes_load_as_finetune_configs(setting):
     assert (config.frames, config.lora_r, config.lora_alpha, config.hidden, config.lr) == RECIPES[setting]
     assert config.views == setting and config.batch_size * config.grad_accum == 16 and config.epochs == 4
     assert config.max_grad_norm == 1.0  # HF Trainer's default: the reference was trained with it
-    assert config.sampling == "uniform"
+    assert (config.sampling, config.train_windows) == ("uniform", "random")
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -206,17 +206,26 @@ def test_a_cell_from_a_window_cache_is_evaluated_on_window_clips(world, tmp_path
 def test_finetune_with_window_sampling_trains_and_evaluates_on_window_clips(world, tmp_path, monkeypatch):
     seen = []
 
-    def recording(loader):
+    def recording(loader, stage):
         def wrapper(takes, views, sampling, *args, **kwargs):
-            seen.append(sampling)
+            seen.append((stage, sampling, args[2] if len(args) > 2 else kwargs.get("moved_windows")))
             return loader(takes, views, sampling, *args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(finetune_module, "clip_loader", recording(finetune_module.clip_loader))
-    monkeypatch.setattr(evaluation, "clip_loader", recording(evaluation.clip_loader))
-    result = cli(*finetune_args(world / "data", world / "tiny", tmp_path / "run", "--sampling", "window", "--epochs", "1"))
+    monkeypatch.setattr(finetune_module, "clip_loader", recording(finetune_module.clip_loader, "train"))
+    monkeypatch.setattr(evaluation, "clip_loader", recording(evaluation.clip_loader, "evaluation"))
+    result = cli(*finetune_args(world / "data", world / "tiny", tmp_path / "run", "--sampling", "window", "--epochs", "2",
+                                "--seed", "5"))
     assert result.exit_code == 0, result.output
-    assert len(seen) >= 3 and set(seen) == {ClipSampling(FRAMES, "window")}  # training, held-out and val clips
+    window = ClipSampling(FRAMES, "window")
+    # training clips' windows move per epoch (seeded); held-out and val clips stay centred
+    assert [entry for entry in seen if entry[0] == "train"] == [("train", window, (5, 0)), ("train", window, (5, 1))]
+    assert {entry[1:] for entry in seen if entry[0] == "evaluation"} == {(window, None)} and len(seen) >= 5
+    centre = cli(*finetune_args(world / "data", world / "tiny", tmp_path / "centre", "--sampling", "window", "--epochs", "1",
+                                "--train-windows", "centre"))
+    assert centre.exit_code == 0, centre.output
+    assert seen[-3][0] == "train" and seen[-3][2] is None  # training, held-out and val clips: all centred
+    seen.clear()
     assert read_model_spec(tmp_path / "run").clip_sampling == ClipSampling(FRAMES, "window")  # and evaluate's
     # extract with the run's adapter samples as the run trained, unless told otherwise
     extract = ["extract", "--root", world / "data", "--split", "val", "--frames", FRAMES, "--workers", "0", "--views", "ego",
@@ -715,7 +724,7 @@ def test_a_checkpoint_from_before_max_grad_norm_and_sampling_resumes_only_as_it_
                           [{"cpu": torch.get_rng_state()}])
     load = functools.partial(load_epoch_checkpoint, tmp_path / "checkpoint", model, optimizer, schedule,
                              ranks=Ranks(), device=torch.device("cpu"))
-    now = {**older, "max_grad_norm": 0.0, "sampling": "uniform"}  # the same run's settings as recorded today
+    now = {**older, "max_grad_norm": 0.0, "sampling": "uniform", "train_windows": "random"}  # as recorded today
     with pytest.raises(ConfigError, match=r"max_grad_norm: 0.0 -> 1.0"):  # says what the run trained with
         load(config={**now, "max_grad_norm": 1.0})
     with pytest.raises(ConfigError, match=r"sampling: 'uniform' -> 'window'"):  # it trained on uniform clips

@@ -51,6 +51,19 @@ def test_a_take_shorter_than_the_window_gets_the_largest_stride_that_fits(num_fr
     assert abs((indices[0] + indices[0] + stride * samples) / 2 - num_frames / 2) <= 1
 
 
+def test_a_moved_window_spans_the_take_from_start_to_end_and_is_drawn_from_seed_epoch_and_take():
+    assert ClipSampling(8, "window", position=0.0).indices(450)[0] == 0
+    assert ClipSampling(8, "window", position=1.0).indices(450)[-1] == 450 - 4  # the window's last 4 frames end the take
+    window = ClipSampling(16, "window")
+    draws = [window.moved_window(seed, epoch, uid).position for seed in (0, 1) for epoch in range(10) for uid in ("a", "b")]
+    assert all(0 <= p <= 1 for p in draws) and len(set(draws)) == len(draws)
+    assert window.moved_window(3, 2, "a") == window.moved_window(3, 2, "a")  # every rank and resume draws the same
+    assert np.all(np.diff(window.moved_window(3, 2, "a").indices(900)) == 4)
+    assert ClipSampling(16).moved_window(3, 2, "a") == ClipSampling(16)  # uniform sampling does not move
+    with pytest.raises(ValueError, match="needs window sampling"):
+        ClipSampling(16, "uniform", position=0.5)
+
+
 def test_an_unknown_sampling_is_refused():
     with pytest.raises(ValueError, match="unknown sampling 'random'"):
         ClipSampling(8, "random")

@@ -1,6 +1,7 @@
 import decord
 import numpy as np
 import pytest
+import torch
 
 from pipeline.video import ClipSampling, VideoError, decode_clip, sample_indices
 from tests import videos
@@ -41,3 +42,21 @@ def test_a_take_whose_views_have_different_lengths_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match=r"take uid7: its views have different lengths \(\{'ego': 60, 'exo1': 30"):
         decoded = decode_take(take, tuple(lengths), ClipSampling(4))
     assert set(decoded.clips) == set(lengths) and not decoded.failures  # a warning, not a failure
+
+
+def test_training_clips_move_their_window_per_epoch_the_same_in_every_view(tmp_path):
+    from pipeline.clips import TakeClips
+    from pipeline.takes import ProficiencyLabel, Take
+    from pipeline.video import preprocess
+
+    files = {view: videos.good_video(tmp_path / f"{view}.mp4", frames=60, size=(48, 64)) for view in ("ego", "exo1")}
+    take = Take("uid8", "t8", "Dance", ProficiencyLabel.NOVICE, "train", files)
+    centred = ClipSampling(4, "window")
+    clips = {epoch: TakeClips([take], ("ego", "exo1"), centred, moved_windows=(0, epoch))[0][0] for epoch in range(4)}
+    assert torch.equal(clips[1], TakeClips([take], ("ego", "exo1"), centred, moved_windows=(0, 1))[0][0])  # seeded
+    assert len({clip.sum().item() for clip in clips.values()}) > 1  # the window moves from epoch to epoch
+    for epoch, clip in clips.items():  # each is the take's frames at its epoch's window, in every view
+        moved = centred.moved_window(0, epoch, "uid8")
+        for slot, view in enumerate(("ego", "exo1")):
+            assert torch.equal(clip[slot], preprocess(decode_clip(files[view], moved)[0]))
+    assert torch.equal(TakeClips([take], ("ego",), centred)[0][0][0], preprocess(decode_clip(files["ego"], centred)[0]))
