@@ -27,7 +27,15 @@ BEST_WEIGHTS = "best.safetensors"  # the best epoch's trainable weights, beside 
 # what may change between a run and its resumption: where things are, and how they are computed
 RESUMABLE_CHANGES = frozenset({"root", "out", "device", "workers"})
 # settings added after checkpoints were first written, with the value that older runs trained with
-ADDED_SETTINGS = {"max_grad_norm": 0.0, "sampling": "uniform", "train_windows": "random"}  # (uniform runs: no windows)
+ADDED_SETTINGS = {"max_grad_norm": 0.0, "sampling": "uniform"}
+
+
+def with_added_settings(saved: dict, config: dict) -> dict:
+    """A checkpoint's recorded settings, completed with the values its run trained with for settings added since."""
+    completed = {**ADDED_SETTINGS, **saved}
+    if "train_windows" not in completed:  # window runs before it trained on centred windows; uniform ones on none
+        completed["train_windows"] = "centre" if completed["sampling"] == "window" else config.get("train_windows")
+    return completed
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -109,7 +117,7 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
     """
     state = read_json(folder / "state.json")
     saved = state.get("config", config)  # checkpoints before 2026-11-29 did not record it
-    saved = {**ADDED_SETTINGS, **saved} if "config" in state else saved
+    saved = with_added_settings(saved, config) if "config" in state else saved
     changed = sorted(key for key in set(config) | set(saved) if key not in RESUMABLE_CHANGES and config.get(key) != saved.get(key))
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {config.get(key)!r}" for key in changed)

@@ -52,7 +52,9 @@ def commit_file(finished: Path, target: Path, create_only: bool = False) -> None
             os.unlink(finished)
         except FileExistsError:
             raise
-        except OSError:  # no hard links here: rename, as without create_only
+        except OSError:  # no hard links here: rename, after a check (no longer atomic)
+            if Path(target).exists():
+                raise FileExistsError(target) from None
             os.replace(finished, target)
     else:
         os.replace(finished, target)

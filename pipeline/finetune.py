@@ -36,11 +36,11 @@ from pipeline.epoch_checkpoints import (
     BEST_WEIGHTS, find_epoch_checkpoint, has_epoch_checkpoint, load_epoch_checkpoint, restore_best_weights, rng_states,
     save_epoch_checkpoint, trainable_state,
 )
-from pipeline.files import write_bytes_atomic, write_folder_atomic
+from pipeline.files import read_json, write_bytes_atomic, write_folder_atomic
 from pipeline.fusion import FUSIONS, HeadConfig, build_head
 from pipeline.head_training import TrainingDiverged, label_prior, stratified_holdout
 from pipeline.metrics import mark_incomplete
-from pipeline.skill_model import SkillModel, read_model_spec
+from pipeline.skill_model import SkillModel
 from pipeline.takes import load_takes, shared_takes
 from pipeline.video import SAMPLING_NAMES, ClipSampling
 from pipeline.views import parse_view_setting
@@ -199,8 +199,8 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
             on_event(f"--init-head: the head keeps its trained size {trained_size}, not hidden {config.hidden}, "
                      f"heads {config.heads}")
         config = replace(config, **trained_size)
-    if config.init_head and on_event and (cell := read_model_spec(config.init_head)).sampling != config.sampling:
-        on_event(f"note: --init-head {config.init_head} was fitted on {cell.sampling} clips; this run samples "
+    if config.init_head and on_event and (fitted := _cell_sampling(config.init_head)) not in (None, config.sampling):
+        on_event(f"note: --init-head {config.init_head} was fitted on {fitted} clips; this run samples "
                  f"{config.sampling} (--sampling)")
     device = torch.device(config.device)
     model.to(device)
@@ -281,6 +281,14 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     state["metrics"] = evaluate_split(model, val_takes, views, config.clip_sampling, config.precision, out, settings,
                                       config.device, config.workers)
     return state
+
+
+def _cell_sampling(cell: Path) -> str | None:
+    """How the clips of a fit-head cell's cache were sampled, from the cell's own head.json (None: not recorded).
+
+    Not from the cache: a warm start needs only the cell, whose cache may be gone or rebuilt since."""
+    recorded = read_json(Path(cell) / "head.json").get("cache_fingerprint", {}).get("preprocessing", {}).get("sampling")
+    return {name: option for option, name in SAMPLING_NAMES.items()}.get(recorded)
 
 
 def _holdout_loss(model, takes, views, config: FinetuneConfig, device) -> float:

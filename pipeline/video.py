@@ -3,7 +3,9 @@
 Sampling is deterministic and time-aligned, at the same relative times in every view:
 - `uniform` (default): T indices at the centres of T equal segments of the whole take;
 - `window`: the reference's clip length, T frames at stride 4 from a window of 4T frames (about
-  2 s at 30 fps), here the window at the centre of the take instead of a random one per view.
+  2 s at 30 fps), at the centre of the take (cached and evaluated clips); finetune's training
+  clips move it to a seeded random position, one per take and epoch, shared by its views (the
+  reference draws one per view, also at test time).
 Decoding seeks to those frames only.
 Preprocessing matches the VideoMAE image processor of `facebook/timesformer-base-finetuned-k600`:
 shortest edge 224 (bilinear), centre crop 224x224, scale 1/255, normalise mean 0.45 / std 0.225.
@@ -62,7 +64,7 @@ class ClipSampling:
         take), the same in every view and on every rank or resume; uniform sampling is left as it is."""
         if self.method != "window":
             return self
-        draw = np.random.default_rng([seed, epoch, zlib.crc32(take_uid.encode())]).random()
+        draw = np.random.default_rng([seed % 2**64, epoch, zlib.crc32(take_uid.encode())]).random()  # seeds may be < 0
         return dataclasses.replace(self, position=float(draw))
 
     @property

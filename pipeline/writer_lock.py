@@ -92,8 +92,34 @@ def _held(fd: int) -> Iterator[int]:
     try:
         yield fd
     finally:
-        _HELD.discard(fd)
-        os.close(fd)
+        if fd in _HELD:  # else a forked child, which closed its copy at fork: the number may be another file's now
+            _HELD.discard(fd)
+            os.close(fd)
+
+
+def _open_exclusive(path: Path, subject: str) -> tuple[int, bool]:
+    """A new descriptor of `path` holding its exclusive lock, and True; False where the filesystem cannot lock."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locked = _lock(fd, fcntl.LOCK_EX, path, subject)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not locked or _still_at(path, fd):
+            return fd, locked
+        os.close(fd)  # its holder removed the file (a refused finetune's folder) before this lock: start over
+
+
+def _still_at(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 @contextmanager
@@ -102,9 +128,9 @@ def first_writer(path: Path, subject: str) -> Iterator[None]:
 
     `subject` names what the lock guards, for the messages ("split 'train' of the cache X")."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _held(os.open(path, os.O_RDWR | os.O_CREAT, 0o644)) as fd:
-        if _lock(fd, fcntl.LOCK_EX, path, subject):
+    fd, locked = _open_exclusive(path, subject)
+    with _held(fd):
+        if locked:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (holder_text() + "\n").encode(), 0)
             # lets this run's other ranks join. From an exclusive hold the change cannot conflict, so on Linux no

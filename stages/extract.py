@@ -23,8 +23,8 @@ def extract(
     frames: Optional[int] = typer.Option(None, help="Frames T sampled per view (default 16)."),
     sampling: Optional[str] = typer.Option(
         None, help="uniform: T frames spread over the whole take; window: the reference's clip, T frames at stride 4 "
-                   "from the 4T-frame window at the take's centre (~2 s at 30 fps). Default: the --adapter run's, else "
-                   "uniform.",
+                   "from the 4T-frame window at the take's centre (~2 s at 30 fps; the reference draws it at random). "
+                   "Default: the --adapter run's, else uniform.",
     ),
     views: Optional[str] = typer.Option(None, help="Comma-separated views to extract (default ego,exo1,exo2,exo3,exo4)."),
     adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (or a finetune run holding adapter/)."),

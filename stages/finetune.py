@@ -21,7 +21,8 @@ def finetune(
     backbone: Optional[str] = typer.Option(None, help="TimeSformer hub id or local folder."),
     frames: Optional[int] = typer.Option(None, help="Frames T per view (default 16)."),
     sampling: Optional[str] = typer.Option(None, help="uniform (default, over the whole take) or window (the reference's "
-                                           "4T-frame window at stride 4, at the take's centre)."),
+                                           "4T-frame window at stride 4; centred for held-out and val clips, see "
+                                           "--train-windows for training clips)."),
     train_windows: Optional[str] = typer.Option(None, help="With --sampling window: random (default; per take and "
                                                 "epoch, seeded, as the reference trains) or centre (as evaluation)."),
     views: Optional[str] = typer.Option(None, help="View setting: ego, exos, ego+exos, ego+exo2 ..."),

@@ -413,6 +413,12 @@ def test_init_head_warm_starts_from_a_fit_head_cell(world, fitted_cell, tmp_path
     result = cli(*args)
     assert result.exit_code == 0 and "the head keeps its trained size" in " ".join(result.output.split())
     assert "was fitted on uniform clips; this run samples window" in " ".join(result.output.split())
+    moved = tmp_path / "cell-without-its-cache"  # a warm start needs the cell alone, not its cache
+    shutil.copytree(fitted_cell, moved)
+    head = json.loads((moved / "head.json").read_text())
+    (moved / "head.json").write_text(json.dumps({**head, "cache": str(tmp_path / "deleted-cache")}))
+    args[args.index("--init-head") + 1], args[args.index("--out") + 1] = str(moved), str(tmp_path / "warm2")
+    assert cli(*args).exit_code == 0
     saved = json.loads((tmp_path / "warm" / "config.json").read_text())
     assert saved["hidden"] == json.loads((tmp_path / "warm" / "head.json").read_text())["head"]["hidden"] == 32
     started, finished = load_file(fitted_cell / "head.safetensors"), load_file(tmp_path / "warm" / "head.safetensors")
@@ -730,3 +736,13 @@ def test_a_checkpoint_from_before_max_grad_norm_and_sampling_resumes_only_as_it_
     with pytest.raises(ConfigError, match=r"sampling: 'uniform' -> 'window'"):  # it trained on uniform clips
         load(config={**now, "sampling": "window"})
     assert load(config=now)["epoch"] == 0
+    assert load(config={**now, "train_windows": "centre"})["epoch"] == 0  # a uniform run has no windows to place
+
+
+def test_a_window_checkpoint_from_before_train_windows_resumes_on_centred_windows_only():
+    from pipeline.epoch_checkpoints import with_added_settings
+
+    older = {"lr": 1.0, "max_grad_norm": 1.0, "sampling": "window"}  # such runs trained on centred windows
+    assert with_added_settings(older, {**older, "train_windows": "random"})["train_windows"] == "centre"
+    assert with_added_settings({**older, "sampling": "uniform"}, {"train_windows": "random"})["train_windows"] == "random"
+    assert with_added_settings({**older, "train_windows": "random"}, {})["train_windows"] == "random"  # recorded: kept

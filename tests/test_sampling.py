@@ -60,6 +60,7 @@ def test_a_moved_window_spans_the_take_from_start_to_end_and_is_drawn_from_seed_
     assert window.moved_window(3, 2, "a") == window.moved_window(3, 2, "a")  # every rank and resume draws the same
     assert np.all(np.diff(window.moved_window(3, 2, "a").indices(900)) == 4)
     assert ClipSampling(16).moved_window(3, 2, "a") == ClipSampling(16)  # uniform sampling does not move
+    assert 0 <= window.moved_window(-1, 0, "a").position <= 1  # finetune accepts negative seeds
     with pytest.raises(ValueError, match="needs window sampling"):
         ClipSampling(16, "uniform", position=0.5)
 

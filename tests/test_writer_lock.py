@@ -1,7 +1,10 @@
 import errno
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +65,52 @@ def test_a_rank_that_cannot_see_rank_0s_lock_says_so(tmp_path):
                                          "shared filesystem"):
         with writer_lock.joining_writer(tmp_path / "locks" / "train.lock", "split 'train'"):
             pass
+
+
+def test_a_lock_file_its_holder_removed_meanwhile_is_not_taken_for_the_lock(tmp_path, monkeypatch):
+    """A refused finetune removes the run folder it made for its lock: a run that opened the file just before must
+    not lock the removed file while a third run locks a new one."""
+    lock = tmp_path / "run" / "run.lock"
+    refused = writer_lock.first_writer(lock, "the run folder")
+    refused.__enter__()
+    real_lock, removed = writer_lock._lock, []
+
+    def removed_before_this_lock(fd, operation, path, subject):
+        if not removed:  # this run has opened the file; the refused run now removes it and lets go
+            removed.append(path)
+            lock.unlink()
+            refused.__exit__(None, None, None)
+            lock.parent.rmdir()
+        return real_lock(fd, operation, path, subject)
+
+    monkeypatch.setattr(writer_lock, "_lock", removed_before_this_lock)
+    with writer_lock.first_writer(lock, "the run folder"):
+        monkeypatch.setattr(writer_lock, "_lock", real_lock)
+        assert removed and lock.is_file()
+        with pytest.raises(CacheError, match="is being written by another run"):
+            with writer_lock.first_writer(lock, "the run folder"):
+                pass
+
+
+FORKED_CHILD_LEAVES_THE_BLOCK = """
+import os, sys
+from pipeline import writer_lock
+with writer_lock.first_writer(sys.argv[1], "x"):
+    child = os.fork()
+    if child == 0:  # its copy of the lock was closed at fork: the pipe may take its number
+        reader, writer = os.pipe()
+if child == 0:
+    try:
+        os.write(writer, b"x")
+        os._exit(0 if os.read(reader, 1) == b"x" else 1)
+    except BaseException:
+        os._exit(2)
+_, status = os.waitpid(child, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_leaving_the_block_does_not_close_a_descriptor_it_reused(tmp_path):
+    result = subprocess.run([sys.executable, "-c", FORKED_CHILD_LEAVES_THE_BLOCK, str(tmp_path / "train.lock")],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
