@@ -36,6 +36,7 @@ from pipeline.writer_lock import first_writer, joining_writer, split_lock_path
 
 
 DEFAULT_SHARD_SIZE = 16
+DEFAULT_FRAMES = 16
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class ExtractConfig:
     split: Literal["train", "val"] = "train"
     cache: Path = Path("cache/features")  # feature cache folder (one zarr store)
     backbone: str | None = None  # hub id or local folder of a TimeSformer; None: the --adapter run's, else the k600 one
-    frames: int = 16  # T frames sampled per view
+    frames: int | None = None  # T frames sampled per view; None: the --adapter run's, else DEFAULT_FRAMES
     # over the whole take, or the reference's 4T-frame window (centred); None: the --adapter run's, else uniform
     sampling: Literal["uniform", "window"] | None = None
     views: tuple[str, ...] = VIEWS
@@ -68,7 +69,7 @@ class ExtractConfig:
         object.__setattr__(self, "views", tuple(name for item in self.views
                                                 for name in (parse_view_setting(item) if "+" in item or item in GROUPS else (item,))))
         problems = []
-        if self.frames < 1:
+        if self.frames is not None and self.frames < 1:
             problems.append(f"frames must be >= 1, got {self.frames}")
         if self.sampling is not None and self.sampling not in SAMPLING_NAMES:
             problems.append(f"sampling must be one of {sorted(SAMPLING_NAMES)}, got {self.sampling!r}")
@@ -84,7 +85,7 @@ class ExtractConfig:
     @property
     def clip_sampling(self) -> ClipSampling:
         """As resolved by with_run_defaults (None here: uniform)."""
-        return ClipSampling(self.frames, self.sampling or "uniform")
+        return ClipSampling(self.frames or DEFAULT_FRAMES, self.sampling or "uniform")
 
     @property
     def clips_per_forward(self) -> int:
@@ -150,14 +151,15 @@ def adapter_run(adapter: Path) -> Path | None:
 
 
 def with_run_defaults(config: ExtractConfig) -> ExtractConfig:
-    """Fill in a backbone and sampling left unset: those the --adapter's finetune run trained with, else the
-    default checkpoint and uniform sampling (load_extraction_model checks that a backbone given with a run's
-    adapter has its weights)."""
+    """Fill in a backbone, frame count and sampling left unset: those the --adapter's finetune run trained with,
+    else the default checkpoint, 16 frames and uniform sampling (load_extraction_model checks that a backbone given
+    with a run's adapter has its weights)."""
     run = adapter_run(config.adapter) if config.adapter else None
     trained = read_model_spec(run) if run else None
     return dataclasses.replace(
         config,
         backbone=config.backbone if config.backbone is not None else trained.backbone if trained else bb.DEFAULT_BACKBONE,
+        frames=config.frames or (trained.frames if trained else DEFAULT_FRAMES),
         sampling=config.sampling or (trained.sampling if trained else "uniform"),
     )
 

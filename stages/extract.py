@@ -20,7 +20,7 @@ def extract(
     split: Optional[str] = typer.Option(None, help="Annotation split to extract: train (default) or val; fit-head needs both in one cache."),
     cache: Optional[Path] = typer.Option(None, help="Feature cache folder (default cache/features)."),
     backbone: Optional[str] = typer.Option(None, help="TimeSformer hub id or local folder (default facebook/timesformer-base-finetuned-k600)."),
-    frames: Optional[int] = typer.Option(None, help="Frames T sampled per view (default 16)."),
+    frames: Optional[int] = typer.Option(None, help="Frames T sampled per view (default: the --adapter run's, else 16)."),
     sampling: Optional[str] = typer.Option(
         None, help="uniform: T frames spread over the whole take; window: the reference's clip, T frames at stride 4 "
                    "from the 4T-frame window at the take's centre (~2 s at 30 fps; the reference draws it at random). "

@@ -227,14 +227,17 @@ def test_finetune_with_window_sampling_trains_and_evaluates_on_window_clips(worl
     assert seen[-3][0] == "train" and seen[-3][2] is None  # training, held-out and val clips: all centred
     seen.clear()
     assert read_model_spec(tmp_path / "run").clip_sampling == ClipSampling(FRAMES, "window")  # and evaluate's
-    # extract with the run's adapter samples as the run trained, unless told otherwise
-    extract = ["extract", "--root", world / "data", "--split", "val", "--frames", FRAMES, "--workers", "0", "--views", "ego",
+    # extract with the run's adapter samples as the run trained (frames and sampling), unless told otherwise
+    extract = ["extract", "--root", world / "data", "--split", "val", "--workers", "0", "--views", "ego",
                "--adapter", tmp_path / "run"]
-    for cache, given, expected in (("followed", [], "window"), ("given", ["--sampling", "uniform"], "uniform")):
+    for cache, given, frames, sampling in (("followed", [], FRAMES, "window"),
+                                           ("given", ["--sampling", "uniform", "--frames", "8"], 8, "uniform")):
         result = cli(*extract, "--cache", tmp_path / cache, *given)
         assert result.exit_code == 0, result.output
-        assert json.loads((tmp_path / cache / "extract-val.json").read_text())["sampling"] == expected
-        assert FeatureCache.open(tmp_path / cache).spec.fingerprint["preprocessing"]["sampling"] == SAMPLING_NAMES[expected]
+        saved = json.loads((tmp_path / cache / "extract-val.json").read_text())
+        assert (saved["frames"], saved["sampling"]) == (frames, sampling)
+        fingerprint = FeatureCache.open(tmp_path / cache).spec.fingerprint
+        assert (fingerprint["frames"], fingerprint["preprocessing"]["sampling"]) == (frames, SAMPLING_NAMES[sampling])
 
 
 def test_evaluate_refuses_a_model_whose_cache_backbone_or_adapter_changed(world, fitted_cell, tmp_path):
