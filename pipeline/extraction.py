@@ -254,12 +254,18 @@ def run_extraction(
     takes = load_takes(config.root, config.split)  # validates before any compute
     if not takes:
         raise ConfigError(f"{config.root}: split {config.split!r} has no takes")
-    model, weights_sha256 = load_extraction_model(config)
-    spec = build_cache_spec(config, model, weights_sha256)
     lock, subject = split_lock_path(config.cache, config.split), f"split {config.split!r} of the cache {config.cache}"
+    # in an existing cache folder a second run stops before loading the model; a new folder waits for the checks
+    # that loading makes, which must not leave a folder behind
+    lock_first = ranks.is_main and Path(config.cache).is_dir()
     with ExitStack() as held:  # the split's writer lock (pipeline.writer_lock), for the whole run
-        if ranks.is_main:  # after the checks that loading the model makes, which must leave no folder behind
+        if lock_first:
             held.enter_context(first_writer(lock, subject))
+        model, weights_sha256 = load_extraction_model(config)
+        spec = build_cache_spec(config, model, weights_sha256)
+        if ranks.is_main:
+            if not lock_first:
+                held.enter_context(first_writer(lock, subject))
             cache = FeatureCache.open_or_create(config.cache, spec)
             cache.remove_leftovers(config.split)  # of a killed run; the other ranks wait at the barrier below
             cache.plan_split(config.split, [take.take_uid for take in takes])

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import decoder_crashes, writer_lock
+from pipeline import decoder_crashes, extraction, writer_lock
 from pipeline.backbone import encode_clips, load_backbone, save_tiny_backbone
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.demo_data import write_demo_dataset
@@ -326,7 +326,7 @@ def test_a_shard_another_writer_committed_meanwhile_is_not_rewritten_under_its_m
 
 
 def test_a_second_run_on_a_split_being_written_is_refused_naming_the_holder_and_touches_nothing(
-        dataset, backbone_dir, tmp_path):
+        dataset, backbone_dir, tmp_path, monkeypatch):
     config = ExtractConfig(root=dataset, cache=tmp_path / "cache", backbone=str(backbone_dir), frames=FRAMES,
                            views=("ego",), workers=0, shard_size=2)
     run_extraction(config)
@@ -337,6 +337,10 @@ def test_a_second_run_on_a_split_being_written_is_refused_naming_the_holder_and_
         with pytest.raises(CacheError, match=rf"split 'train' of the cache .* is being written by another run \(pid {os.getpid()} "):
             run_extraction(dataclasses.replace(config, retry_failed=True))
         assert leftover.exists()  # its temporary files are not "leftovers" while it runs
+        with monkeypatch.context() as patched:  # in an existing cache, refused before the model is even loaded
+            patched.setattr(extraction, "load_extraction_model", lambda config: pytest.fail("loaded the model"))
+            with pytest.raises(CacheError, match="is being written by another run"):
+                run_extraction(config)
         result = CliRunner().invoke(app, extract_args(dataset, tmp_path / "cache", backbone_dir, "--views", "ego"))
         assert result.exit_code == 2 and "only one run may write it at a time" in result.output
         run_extraction(dataclasses.replace(config, split="val"))  # another split of the cache is not held
