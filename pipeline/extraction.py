@@ -84,8 +84,8 @@ class ExtractConfig:
 
     @property
     def clip_sampling(self) -> ClipSampling:
-        """As resolved by with_run_defaults (None here: uniform)."""
-        return ClipSampling(self.frames or DEFAULT_FRAMES, self.sampling or "uniform")
+        """Of a config resolved by with_run_defaults (frames and sampling set)."""
+        return ClipSampling(self.frames, self.sampling)
 
     @property
     def clips_per_forward(self) -> int:
