@@ -27,7 +27,7 @@ class SkillModel(nn.Module):
     """(B, V, T, 3, 224, 224) clips + (B, V) present -> (B, 4) logits."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, head_config: HeadConfig, round_like_cache: bool = False,
-                 compiled: bool = False, head_precision: str | None = None, label_prior: list[float] | None = None):
+                 compiled: bool = False, frozen_weights: bool = False, head_precision: str | None = None, label_prior: list[float] | None = None):
         super().__init__()
         self.backbone, self.head, self.head_config = backbone, head, head_config
         # the head's own precision (a fit-head cell may differ from its cache's); None: the caller's autocast
@@ -38,7 +38,7 @@ class SkillModel(nn.Module):
         self.round_like_cache = round_like_cache
         # inference like `extract --compile` (the caller switched the backbone to fused attention):
         # the same compiled graph, fed one clip at a time as extract does on the CPU
-        self.compiled_encode = bb.compiled_encode_clips() if compiled else None
+        self.compiled_encode = bb.compiled_encode_clips(frozen_weights) if compiled else None
 
     def tokens(self, clips: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Backbone tokens of the present clips only: (B, V, 1 + T, D); absent slots stay zero."""
@@ -90,6 +90,7 @@ class ModelSpec:
     weights_sha256: str | None = None  # bb.weights_hash of the backbone it was trained on (None: not recorded)
     adapter_sha256: str | None = None  # bb.adapter_hash of its adapter (None: none, or not recorded)
     sampling: str = "uniform"  # how its clips were sampled (pipeline.video.ClipSampling); older artifacts: uniform
+    frozen_weights: bool = False  # compiled with the weights frozen into the graph (bb.compiled_encode_clips)
 
     @property
     def clip_sampling(self) -> ClipSampling:
@@ -113,7 +114,8 @@ def read_model_spec(checkpoint: Path) -> ModelSpec:
         return ModelSpec(settings["backbone"], Path(settings["adapter"]) if settings.get("adapter") else None,
                          int(settings["frames"]), tuple(info["views"]), settings["precision"], True,
                          bool(settings.get("compile", False)), fingerprint.get("weights_sha256"), fingerprint.get("adapter_sha256"),
-                         settings.get("sampling", "uniform"))
+                         settings.get("sampling", "uniform"),
+                         frozen_weights=fingerprint.get("backbone_forward") == bb.COMPILED_FORWARDS[True])
     if (checkpoint / "config.json").is_file() and info:  # a finetune run
         settings = read_json(checkpoint / "config.json")
         tuned = checkpoint / ("backbone" if settings.get("tune") == "full" else "adapter")
@@ -144,5 +146,5 @@ def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel,
     backbone = bb.prepare_for_inference(backbone, device, spec.precision, fused_attention=spec.compiled)
     head, info = load_head(checkpoint)
     model = SkillModel(backbone, head, HeadConfig(**info["head"]), round_like_cache=spec.from_cache,
-                       compiled=spec.compiled, head_precision=info.get("precision"), label_prior=info.get("label_prior"))
+                       compiled=spec.compiled, frozen_weights=spec.frozen_weights, head_precision=info.get("precision"), label_prior=info.get("label_prior"))
     return model.to(device).eval(), spec

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import backbone as bb
 from pipeline.config import ConfigError, output_problem
 from pipeline.evaluation import evaluate_split, predict_takes
 from pipeline.skill_model import load_skill_model, read_model_spec
@@ -47,7 +48,7 @@ def evaluate(
     takes = load_takes(root, split)
     settings = {"checkpoint": str(checkpoint), "root": str(root), "split": split, "frames": spec.frames,
                 "sampling": spec.sampling, "views": list(spec.views), "backbone": spec.backbone, "precision": spec.precision,
-                "backbone_forward": "compiled, as extract --compile" if spec.compiled else "eager"}
+                "backbone_forward": bb.COMPILED_FORWARDS[spec.frozen_weights] if spec.compiled else "eager"}
     metrics = evaluate_split(model, takes, spec.views, spec.clip_sampling, spec.precision, out, settings, device, workers)
     console = Console()
     console.print(f"{split}: accuracy {metrics['accuracy']:.3f} over {metrics['num_takes']} takes -> {out}")

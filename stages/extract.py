@@ -38,6 +38,11 @@ def extract(
         help="Fused attention + torch.compile: 1.04-1.16x faster forwards after a one-off compile (~1 min); "
              "recorded in the fingerprint.",
     ),
+    frozen_weights: Optional[bool] = typer.Option(
+        None, "--frozen-weights/--no-frozen-weights",
+        help="With --compile: freeze the weights into the compiled graph (prepacked matmuls, bias fused): ~12% faster "
+             "forwards on a CPU for ~20 s more compile per process. Default: as the cache was begun, on for a new cache.",
+    ),
     retry_failed: Optional[bool] = typer.Option(
         None, "--retry-failed/--no-retry-failed",
         help="Re-extract the shards that recorded failed views, after fixing or fetching those files (their other "
@@ -49,7 +54,7 @@ def extract(
     overrides = dict(
         root=root, split=split, cache=cache, backbone=backbone, frames=frames, sampling=sampling, views=views, adapter=adapter,
         device=device, precision=precision, batch_size=batch_size, workers=workers, shard_size=shard_size,
-        compile=compile, retry_failed=retry_failed,
+        compile=compile, frozen_weights=frozen_weights, retry_failed=retry_failed,
     )
     settings = load_config(ExtractConfig, config, overrides)
     ranks = init_distributed(settings.device)  # torchrun: each rank extracts its own shards

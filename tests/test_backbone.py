@@ -9,8 +9,8 @@ from transformers import TimesformerConfig, TimesformerModel
 
 import pipeline.backbone as backbone
 from pipeline.backbone import (
-    LORA_KINDS_PER_LAYER, LoraSettings, FusedSelfAttention, adapter_hash, add_lora, autocast_context, cast_for_autocast_inference, encode_clips, load_adapter,
-    load_backbone, reference_view_feature, save_tiny_backbone, set_num_frames, tiny_config, use_fused_attention, weights_hash,
+    LORA_KINDS_PER_LAYER, LoraSettings, FusedSelfAttention, adapter_hash, add_lora, autocast_context, cast_for_autocast_inference,
+    compiled_encode_clips, encode_clips, load_adapter, load_backbone, prepare_for_inference, reference_view_feature, save_tiny_backbone, set_num_frames, tiny_config, use_fused_attention, weights_hash,
 )
 
 NUM_PATCHES = 196  # (224 / 16) ** 2
@@ -304,3 +304,21 @@ def test_cuda_autocast_falls_back_to_fp16_without_bf16(monkeypatch, bf16, dtype)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
     assert autocast_context(torch.device("cuda")).fast_dtype == dtype
     assert autocast_context(torch.device("cpu")).fast_dtype == torch.bfloat16
+
+
+def test_the_frozen_weights_forward_follows_each_model_it_is_given_and_needs_no_grad(tiny_dir):
+    # the weights are constants of a frozen graph: a second model must get its own graph, not the first's weights
+    models = [prepare_for_inference(load_backbone(str(tiny_dir), 2), torch.device("cpu"), "bf16", fused_attention=True)]
+    models.append(prepare_for_inference(save_and_load_other_seed(tiny_dir.parent / "other"), torch.device("cpu"), "bf16",
+                                        fused_attention=True))
+    frozen, x = compiled_encode_clips(frozen_weights=True), clips(2)
+    with torch.inference_mode(), autocast_context(torch.device("cpu")):
+        for model in models:
+            torch.testing.assert_close(frozen(model, x), encode_clips(model, x), atol=1e-2, rtol=1e-2)
+        assert not torch.allclose(frozen(models[0], x), frozen(models[1], x), atol=1e-2)
+    with pytest.raises(RuntimeError, match="inference_mode"):
+        frozen(models[0], x)
+
+
+def save_and_load_other_seed(folder):
+    return load_backbone(str(save_tiny_backbone(folder, seed=1, num_frames=8)), 2)

@@ -20,7 +20,7 @@ from pipeline.backbone import encode_clips, load_backbone, save_tiny_backbone
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, run_extraction
-from pipeline.files import write_json_atomic
+from pipeline.files import read_json, write_json_atomic
 from pipeline.takes import VIEWS, load_takes
 from pipeline.video import ClipSampling, decode_clip, preprocess
 from stages.cli import app
@@ -259,10 +259,28 @@ def test_compiled_extract_matches_eager_and_has_its_own_fingerprint(dataset, bac
     assert result.exit_code == 0, result.output
     want, got = FeatureCache.open(eager).read("train").tokens, FeatureCache.open(compiled).read("train").tokens
     assert np.abs(got.astype(np.float32) - want).max() < 0.05 * np.abs(want).max()  # bf16 rounding, not another model
-    assert FeatureCache.open(compiled).spec.fingerprint["backbone_forward"] == "fused-attention+torch.compile"
+    assert FeatureCache.open(compiled).spec.fingerprint["backbone_forward"] == "fused-attention+torch.compile+frozen-weights"
     assert "backbone_forward" not in FeatureCache.open(eager).spec.fingerprint  # older eager caches stay valid
     refused = CliRunner().invoke(app, extract_args(dataset, compiled, backbone_dir))
     assert refused.exit_code == 2 and "backbone_forward" in refused.output
+
+
+def test_a_compiled_cache_begun_without_frozen_weights_is_continued_without_them(dataset, backbone_dir, tmp_path):
+    cache = tmp_path / "cache"  # as caches from before frozen weights were begun
+    result = run_cli(*extract_args(dataset, cache, backbone_dir, "--compile", "--no-frozen-weights"))
+    assert result.exit_code == 0, result.output
+    assert FeatureCache.open(cache).spec.fingerprint["backbone_forward"] == "fused-attention+torch.compile"
+    val = [arg if arg != "train" else "val" for arg in extract_args(dataset, cache, backbone_dir, "--compile")]
+    result = run_cli(*val)  # the other split follows the cache, rather than being refused for another forward
+    assert result.exit_code == 0, result.output
+    assert read_json(cache / "extract-val.json")["frozen_weights"] is False
+    refused = CliRunner().invoke(app, extract_args(dataset, cache, backbone_dir, "--compile", "--frozen-weights"))
+    assert refused.exit_code == 2 and "backbone_forward" in refused.output
+
+
+def test_frozen_weights_without_compile_is_refused(dataset, backbone_dir, tmp_path):
+    refused = CliRunner().invoke(app, extract_args(dataset, tmp_path / "cache", backbone_dir, "--frozen-weights"))
+    assert refused.exit_code == 2 and "frozen_weights" in refused.output and not (tmp_path / "cache").exists()
 
 
 SPAWNED_CLI = "import multiprocessing; multiprocessing.set_start_method('spawn'); from stages.cli import main; main()"

@@ -150,16 +150,17 @@ def test_parity_of_end_to_end_evaluation_with_fit_head(world, fitted_cell, tmp_p
     assert difference < 1e-3
 
 
-def test_a_cell_from_a_compiled_cache_is_evaluated_with_the_compiled_backbone(world, tmp_path):
+@pytest.mark.parametrize("frozen", [True, False])  # False: as compiled caches were made before frozen weights
+def test_a_cell_from_a_compiled_cache_is_evaluated_with_the_compiled_backbone(world, tmp_path, frozen, monkeypatch):
     cache = tmp_path / "cache-compiled"
     for split in ("train", "val"):
         result = cli("extract", "--root", world / "data", "--split", split, "--cache", cache, "--backbone", world / "tiny",
-                     "--frames", FRAMES, "--workers", "0", "--compile")
+                     "--frames", FRAMES, "--workers", "0", "--compile", "--frozen-weights" if frozen else "--no-frozen-weights")
         assert result.exit_code == 0, result.output
     result = cli("fit-head", "--cache", cache, "--out", tmp_path / "heads", "--views", "ego+exos", *TINY_HEAD, "--epochs", "5")
     assert result.exit_code == 0, result.output
     cell = tmp_path / "heads" / "ego+exos__crossview__seed0"
-    assert read_model_spec(cell).compiled
+    assert read_model_spec(cell).compiled and read_model_spec(cell).frozen_weights == frozen
     result = cli("evaluate", "--checkpoint", cell, "--root", world / "data", "--out", tmp_path / "eval")
     assert result.exit_code == 0, result.output
     fit = [json.loads(l) for l in (cell / "predictions.jsonl").read_text().splitlines()]
@@ -175,6 +176,11 @@ def test_a_cell_from_a_compiled_cache_is_evaluated_with_the_compiled_backbone(wo
     with torch.inference_mode(), bb.autocast_context(torch.device("cpu")):
         tokens = model.tokens(clips[None], present[None])
     np.testing.assert_array_equal(tokens[0].half().numpy(), val.tokens[0])
+    # the tiny backbone rounds alike either way, so check that the cache's forward is the one asked for
+    asked = []
+    monkeypatch.setattr(bb, "compiled_encode_clips", lambda frozen_weights: asked.append(frozen_weights))
+    load_skill_model(cell)
+    assert asked == [frozen]
 
 
 def test_a_cell_from_a_window_cache_is_evaluated_on_window_clips(world, tmp_path):
