@@ -34,10 +34,10 @@ from pipeline.takes import VIEWS, load_takes
 from pipeline.video import ClipSampling
 
 
-def backbone_gflops(frames: int, device: str, compiled: bool = False, matmuls_only: bool = False
-                    ) -> Callable[[], float]:
+def backbone_gflops(frames: int, device: str, compiled: bool = False, matmuls_only: bool = False,
+                    frozen_weights: bool = True) -> Callable[[], float]:
     """A measurement of the base-size TimeSformer forward's FLOP/s as extract runs it (bf16 autocast, weights cast
-    once; with `compiled`, as `extract --compile` does), random weights.
+    once; with `compiled`, as `extract --compile` does, `frozen_weights` as `--frozen-weights`), random weights.
 
     With `matmuls_only`: the forward's FLOPs over the time of its matmuls alone (the same shapes replayed,
     bench.common.replayed_matmuls), i.e. the rate the forward would reach if everything else were free. Its
@@ -46,7 +46,7 @@ def backbone_gflops(frames: int, device: str, compiled: bool = False, matmuls_on
     model = prepare_for_inference(TimesformerModel(TimesformerConfig(num_frames=frames)), torch.device(device), "bf16")
     batch = ExtractConfig(root=Path("."), device=device).clips_per_forward  # extract's default: 1 on CPU, 16 on CUDA
     clips = torch.randn(batch, frames, 3, 224, 224, device=device)
-    encode = compiled_encode_clips() if compiled else encode_clips
+    encode = compiled_encode_clips(frozen_weights) if compiled else encode_clips
     if compiled:
         use_fused_attention(model)
 
@@ -125,11 +125,14 @@ def main() -> None:
         "T16": backbone_gflops(16, args.device),
         "T8_compiled": backbone_gflops(8, args.device, compiled=True),
         "T16_compiled": backbone_gflops(16, args.device, compiled=True),
+        "T8_compiled_unfrozen": backbone_gflops(8, args.device, compiled=True, frozen_weights=False),
+        "T16_compiled_unfrozen": backbone_gflops(16, args.device, compiled=True, frozen_weights=False),
         "T8_matmuls_only": backbone_gflops(8, args.device, matmuls_only=True),
         "T16_matmuls_only": backbone_gflops(16, args.device, matmuls_only=True),
     }, rounds=args.rounds)
     rates = {name: max(values) for name, values in samples.items()}
-    backbone_rates = ("T8", "T16", "T8_compiled", "T16_compiled", "T8_matmuls_only", "T16_matmuls_only")
+    backbone_rates = ("T8", "T16", "T8_compiled", "T16_compiled", "T8_compiled_unfrozen", "T16_compiled_unfrozen",
+                      "T8_matmuls_only", "T16_matmuls_only")
     figures = {
         "device": args.device,
         "threads": torch.get_num_threads(),
@@ -143,6 +146,10 @@ def main() -> None:
         "backbone_fraction_of_matmul_ceiling_median_paired": {
             t: round(median_paired_ratio(samples[t], samples[t.split("_")[0] + "_matmuls_only"]), 3)
             for t in ("T8", "T16", "T8_compiled", "T16_compiled")
+        },
+        # --frozen-weights against the compiled forward without it (as `--no-frozen-weights`): time ratio, < 1 is faster
+        "backbone_frozen_over_unfrozen_time_median_paired": {
+            t: round(median_paired_ratio(samples[f"{t}_compiled_unfrozen"], samples[f"{t}_compiled"]), 3) for t in ("T8", "T16")
         },
     }
     with tempfile.TemporaryDirectory() as folder:

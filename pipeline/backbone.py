@@ -275,15 +275,22 @@ def compiled_encode_clips(frozen_weights: bool = True) -> Callable[[torch.nn.Mod
     fingerprint. The graph keeps the weights it was compiled with: only for a model that no longer changes, and
     only without autograd (under inference_mode, as extract, evaluate and predict run it).
     """
-    if frozen_weights:
-        return torch.compile(_frozen_encode_clips, options={"freezing": True})
-    return torch.compile(encode_clips)
+    if not frozen_weights:
+        return torch.compile(encode_clips)
+    compiled = torch.compile(_frozen_encode_clips)
+
+    def encode_frozen(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # inductor would silently not freeze: other rounding than the fingerprint says
+            raise RuntimeError("the frozen-weights forward runs only under torch.inference_mode() or torch.no_grad()")
+        # set globally, not as torch.compile(options=...): dynamo reads it while tracing, to make the weights constants
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(model, pixel_values)
+
+    return encode_frozen
 
 
 def _frozen_encode_clips(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """encode_clips under its own name, so that its compiled code never mixes with the unfrozen one's."""
-    if torch.is_grad_enabled():  # inductor would silently compile it unfrozen: other rounding than the fingerprint says
-        raise RuntimeError("the frozen-weights forward runs only under torch.inference_mode() or torch.no_grad()")
     return encode_clips(model, pixel_values)
 
 

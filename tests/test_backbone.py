@@ -320,5 +320,19 @@ def test_the_frozen_weights_forward_follows_each_model_it_is_given_and_needs_no_
         frozen(models[0], x)
 
 
+def test_the_frozen_weights_forward_really_freezes_them(tiny_dir):
+    # what tells a frozen graph from a plain compiled one: it keeps the weights it was compiled with (which is why
+    # it only serves models that no longer change); torch.compile(options=...) alone would not freeze them
+    model = prepare_for_inference(load_backbone(str(tiny_dir), 2), torch.device("cpu"), "bf16", fused_attention=True)
+    frozen, plain, x = compiled_encode_clips(frozen_weights=True), compiled_encode_clips(frozen_weights=False), clips(2)
+    with torch.inference_mode(), autocast_context(torch.device("cpu")):
+        frozen(model, x), plain(model, x)
+        for parameter in model.parameters():
+            parameter.mul_(0.5)
+        now = encode_clips(model, x)
+        torch.testing.assert_close(plain(model, x), now, atol=1e-2, rtol=1e-2)
+        assert not torch.allclose(frozen(model, x), now, atol=1e-2)
+
+
 def save_and_load_other_seed(folder):
     return load_backbone(str(save_tiny_backbone(folder, seed=1, num_frames=8)), 2)
