@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,37 +272,42 @@ def compiled_encode_clips(frozen_weights: bool = True) -> Callable[[torch.nn.Mod
     prepacked once for oneDNN with its bias (and the MLP's GELU) fused into the matmul, instead of the bias copied
     into the output and the weight reordered on every call. Measured at x0.87-0.90 of the unfrozen compiled
     forward's time (2026-12-05, base size, T=8 and T=16, medians of 8 interleaved rounds) and x0.90-0.94 in `make
-    bench`, for ~20 s more compile per process (inductor does not cache frozen graphs on disk). Different bf16 rounding, so it has its own
-    fingerprint. The graph keeps the weights it was compiled with: only for a model that no longer changes, and
-    only without autograd (under inference_mode, as extract, evaluate and predict run it).
-    """
-    if not frozen_weights:
-        return torch.compile(encode_clips)
-    compiled = torch.compile(_frozen_encode_clips)
+    bench`, for ~20 s more compile per process (inductor does not cache frozen graphs on disk). Different bf16
+    rounding, so it has its own fingerprint. The graph keeps the weights it was compiled with: only for a model
+    that no longer changes, and only without autograd (under inference_mode, as extract, evaluate and predict run it).
 
-    def encode_frozen(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():  # inductor would silently not freeze: other rounding than the fingerprint says
+    Each call returns a function with its own compiled code (a copy of encode_clips' code object): frozen graphs
+    hold their model's weights, and torch keeps at most `recompile_limit` (8) graphs per code object. The whole
+    forward must compile as one graph (fullgraph): past that limit, or at a graph break, torch would otherwise run
+    the rest eagerly (rounding unlike the fingerprint) or compile inner functions frozen into caches other
+    torch.compile users share.
+    """
+    code = encode_clips.__code__.replace()  # a distinct code object: dynamo keeps its compiled graphs on it
+    compiled = torch.compile(types.FunctionType(code, encode_clips.__globals__, "encode_clips_compiled"), fullgraph=True)
+
+    def encode(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        check_frames(model, pixel_values)  # here, not in the graph: a raise would fail the fullgraph trace
+        if frozen_weights and torch.is_grad_enabled():  # inductor would silently not freeze: not the fingerprint's rounding
             raise RuntimeError("the frozen-weights forward runs only under torch.inference_mode() or torch.no_grad()")
         # set globally, not as torch.compile(options=...): dynamo reads it while tracing, to make the weights constants
-        with torch._inductor.config.patch(freezing=True):
+        with torch._inductor.config.patch(freezing=frozen_weights):
             return compiled(model, pixel_values)
 
-    return encode_frozen
+    return encode
 
 
-def _frozen_encode_clips(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """encode_clips under its own name, so that its compiled code never mixes with the unfrozen one's."""
-    return encode_clips(model, pixel_values)
+def check_frames(model: torch.nn.Module, pixel_values: torch.Tensor) -> None:
+    if pixel_values.shape[1] != model.config.num_frames:
+        raise ValueError(
+            f"clips have {pixel_values.shape[1]} frames but the backbone is set up for {model.config.num_frames}: "
+            "call set_num_frames (HF would silently mix frames)"
+        )
 
 
 def encode_clips(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, T, 3, H, W) -> (B, 1 + T, D) fp32: row 0 the CLS token, row 1 + t frame t's patch mean."""
+    check_frames(model, pixel_values)
     batch, frames = pixel_values.shape[:2]
-    if frames != model.config.num_frames:
-        raise ValueError(
-            f"clips have {frames} frames but the backbone is set up for {model.config.num_frames}: "
-            "call set_num_frames (HF would silently mix frames)"
-        )
     hidden = model(pixel_values=pixel_values).last_hidden_state.float()  # (B, 1 + N*T, D)
     patches = hidden[:, 1:].reshape(batch, -1, frames, hidden.shape[-1])  # (B, N, T, D): patch-major, time fastest
     return torch.cat([hidden[:, :1], patches.mean(dim=1)], dim=1)  # (B, 1 + T, D)

@@ -60,8 +60,8 @@ class ExtractConfig:
     # fused attention + torch.compile: 1.2-1.4x faster forwards with frozen weights (2026-12-05) after a one-off
     # compile (~30-60 s per process); bf16-rounding-level differences from the eager features: in the fingerprint
     compile: bool = False
-    # with compile: the weights frozen into the graph (bb.compiled_encode_clips), ~12% faster forwards for ~20 s more
-    # compile per process; None: as the cache was extracted, True for a new cache
+    # with compile: the weights frozen into the graph (bb.compiled_encode_clips), 6-13% less time per forward for ~20 s
+    # more compile per process; None: as the cache was extracted, True for a new cache; ignored without compile
     frozen_weights: bool | None = None
     # re-extract the committed shards that recorded failed views (after the files were fixed or fetched); the
     # shard's other takes are recomputed too, as a shard is written whole
@@ -81,8 +81,8 @@ class ExtractConfig:
             problems.append(f"views must be distinct names from {list(VIEWS)}, got {list(self.views)}")
         if any(size is not None and size < 1 for size in (self.batch_size, self.shard_size)) or self.workers < 0:
             problems.append("batch_size and shard_size must be >= 1, workers >= 0")
-        if self.frozen_weights is not None and not self.compile:
-            problems.append("frozen_weights is a setting of the compiled forward: give it with compile")
+        if not self.compile:  # a setting of the compiled forward (a compiled run's saved config may carry it)
+            object.__setattr__(self, "frozen_weights", None)
         problems += filter(None, [device_problem(self.device), output_problem("cache", self.cache)])
         if problems:
             raise ConfigError("ExtractConfig: " + "; ".join(problems))

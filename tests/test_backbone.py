@@ -334,5 +334,27 @@ def test_the_frozen_weights_forward_really_freezes_them(tiny_dir):
         assert not torch.allclose(frozen(model, x), now, atol=1e-2)
 
 
+def test_each_compiled_forward_has_its_own_graphs_and_never_falls_back_to_eager(tiny_dir):
+    # torch keeps at most recompile_limit graphs per code object, then runs eagerly with a warning: a frozen cache
+    # would get eager features. Each compiled forward has its own code, and the whole forward must compile.
+    import torch._dynamo
+    with torch._dynamo.config.patch(recompile_limit=1):  # not monkeypatch: its undo deletes the config's entry
+        check_own_graphs(tiny_dir)
+
+
+def check_own_graphs(tiny_dir):
+    models = [prepare_for_inference(load_backbone(str(tiny_dir), 2), torch.device("cpu"), "bf16", fused_attention=True),
+              prepare_for_inference(save_and_load_other_seed(tiny_dir.parent / "other2"), torch.device("cpu"), "bf16",
+                                    fused_attention=True)]
+    first, second, x = compiled_encode_clips(frozen_weights=True), compiled_encode_clips(frozen_weights=True), clips(2)
+    with torch.inference_mode(), autocast_context(torch.device("cpu")):
+        first(models[0], x)
+        torch.testing.assert_close(second(models[1], x), encode_clips(models[1], x), atol=1e-2, rtol=1e-2)
+        with pytest.raises(Exception, match="fullgraph|recompil"):  # a hard failure, not a silent eager run
+            first(models[1], x)
+        with pytest.raises(ValueError, match="frames"):  # the backbone's own check, not a failed trace
+            second(models[1], clips(3))
+
+
 def save_and_load_other_seed(folder):
     return load_backbone(str(save_tiny_backbone(folder, seed=1, num_frames=8)), 2)

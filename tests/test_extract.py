@@ -278,9 +278,16 @@ def test_a_compiled_cache_begun_without_frozen_weights_is_continued_without_them
     assert refused.exit_code == 2 and "backbone_forward" in refused.output
 
 
-def test_frozen_weights_without_compile_is_refused(dataset, backbone_dir, tmp_path):
+def test_frozen_weights_without_compile_is_refused_but_a_compiled_runs_saved_config_can_run_eagerly(dataset, backbone_dir,
+                                                                                                    tmp_path):
     refused = CliRunner().invoke(app, extract_args(dataset, tmp_path / "cache", backbone_dir, "--frozen-weights"))
-    assert refused.exit_code == 2 and "frozen_weights" in refused.output and not (tmp_path / "cache").exists()
+    assert refused.exit_code == 2 and "--compile" in refused.output and not (tmp_path / "cache").exists()
+    saved = tmp_path / "extract-train.json"  # as a compiled run saves its resolved config
+    write_json_atomic(saved, {"root": str(dataset), "split": "train", "backbone": str(backbone_dir), "frames": FRAMES,
+                              "workers": 0, "shard_size": 2, "compile": True, "frozen_weights": True})
+    result = run_cli("extract", "--config", str(saved), "--no-compile", "--cache", str(tmp_path / "eager"))
+    assert result.exit_code == 0, result.output
+    assert "backbone_forward" not in FeatureCache.open(tmp_path / "eager").spec.fingerprint
 
 
 SPAWNED_CLI = "import multiprocessing; multiprocessing.set_start_method('spawn'); from stages.cli import main; main()"
