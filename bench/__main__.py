@@ -35,7 +35,7 @@ from pipeline.video import ClipSampling
 
 
 def backbone_gflops(frames: int, device: str, compiled: bool = False, matmuls_only: bool = False,
-                    frozen_weights: bool = True) -> Callable[[], float]:
+                    frozen_weights: bool = True, prepacked: bool = False) -> Callable[[], float]:
     """A measurement of the base-size TimeSformer forward's FLOP/s as extract runs it (bf16 autocast, weights cast
     once; with `compiled`, as `extract --compile` does, `frozen_weights` as `--frozen-weights`), random weights.
 
@@ -55,7 +55,7 @@ def backbone_gflops(frames: int, device: str, compiled: bool = False, matmuls_on
             encode(model, clips)
 
     if matmuls_only:  # the replay's own FLOPs: the patch convolution is not among them
-        replay_seconds, replay_flops = replayed_matmuls(forward, device)
+        replay_seconds, replay_flops = replayed_matmuls(forward, device, prepacked_linears=prepacked)
         return lambda: replay_flops / replay_seconds() / 1e9
     with torch.inference_mode(), autocast_context(torch.device(device)):
         flops = count_flops(encode_clips, model, clips)
@@ -129,10 +129,13 @@ def main() -> None:
         "T16_compiled_unfrozen": backbone_gflops(16, args.device, compiled=True, frozen_weights=False),
         "T8_matmuls_only": backbone_gflops(8, args.device, matmuls_only=True),
         "T16_matmuls_only": backbone_gflops(16, args.device, matmuls_only=True),
+        # the same with the Linears prepacked as the frozen compiled forward runs them (CPU): its own ceiling
+        **({"T8_matmuls_prepacked": backbone_gflops(8, args.device, matmuls_only=True, prepacked=True),
+            "T16_matmuls_prepacked": backbone_gflops(16, args.device, matmuls_only=True, prepacked=True)}
+           if args.device == "cpu" else {}),
     }, rounds=args.rounds)
     rates = {name: max(values) for name, values in samples.items()}
-    backbone_rates = ("T8", "T16", "T8_compiled", "T16_compiled", "T8_compiled_unfrozen", "T16_compiled_unfrozen",
-                      "T8_matmuls_only", "T16_matmuls_only")
+    backbone_rates = tuple(name for name in samples if name.startswith("T"))
     figures = {
         "device": args.device,
         "threads": torch.get_num_threads(),
@@ -147,6 +150,10 @@ def main() -> None:
             t: round(median_paired_ratio(samples[t], samples[t.split("_")[0] + "_matmuls_only"]), 3)
             for t in ("T8", "T16", "T8_compiled", "T16_compiled")
         },
+        # the frozen compiled forward against its own matmuls, Linears prepacked as it runs them (CPU only)
+        **({"backbone_compiled_fraction_of_prepacked_ceiling_median_paired": {
+            t: round(median_paired_ratio(samples[f"{t}_compiled"], samples[f"{t}_matmuls_prepacked"]), 3) for t in ("T8", "T16")
+        }} if "T8_matmuls_prepacked" in samples else {}),
         # --frozen-weights against the compiled forward without it (as `--no-frozen-weights`): time ratio, < 1 is faster
         "backbone_frozen_over_unfrozen_time_median_paired": {
             t: round(median_paired_ratio(samples[f"{t}_compiled_unfrozen"], samples[f"{t}_compiled"]), 3) for t in ("T8", "T16")

@@ -86,6 +86,15 @@ def count_flops(function, *args, **kwargs) -> int:
     return counter.get_total_flops()
 
 
+def _prepacked(func, args: list, kwargs: dict) -> tuple:
+    """A recorded bf16 aten.linear call as the same product on a weight prepacked once, bias fused; others as they are."""
+    if func is not torch.ops.aten.linear.default or args[1].dtype != torch.bfloat16 or args[1].device.type != "cpu":
+        return func, args, kwargs
+    inputs, weight, bias = (list(args) + [None])[:3]
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, inputs.numel() // inputs.shape[-1])
+    return torch.ops.mkldnn._linear_pointwise.default, [inputs, packed, bias, "none", [], ""], {}
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -110,8 +119,12 @@ class _MatmulRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def replayed_matmuls(function: Callable[[], object], device: str = "cpu") -> tuple[Callable[[], float], int]:
+def replayed_matmuls(function: Callable[[], object], device: str = "cpu", prepacked_linears: bool = False
+                     ) -> tuple[Callable[[], float], int]:
     """A replay of `function`'s matmuls alone (same shapes, strides and dtypes, random values) and their FLOPs.
+
+    prepacked_linears (CPU): each bf16 Linear replayed as the frozen compiled forward runs it, its weight prepacked
+    once for oneDNN and its bias fused (`mkldnn._linear_pointwise`); the other matmuls as recorded.
 
     Returns (a measurement of the replay's seconds, the replay's FLOPs). Everything a model does
     besides its matmuls (attention kernels, norms, activations, the optimizer) is left out, and
@@ -138,6 +151,8 @@ def replayed_matmuls(function: Callable[[], object], device: str = "cpu") -> tup
         for func, args, kwargs in calls:
             func(*args, **kwargs)
 
-    flops = count_flops(replay)
+    flops = count_flops(replay)  # the same products either way (the counter does not know the prepacked op)
+    if prepacked_linears:
+        calls = [_prepacked(func, args, kwargs) for func, args, kwargs in calls]
     replay()  # warm-up
     return lambda: timed_seconds(replay, device), flops

@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import count_flops, replayed_matmuls
 
@@ -38,3 +39,31 @@ def test_replay_sees_linears_under_inference_mode():
 
     _, flops = replayed_matmuls(forward)
     assert flops == 2 * 16 * (12 * 24 + 24 * 4)
+
+
+def test_a_prepacked_replay_runs_bf16_linears_as_prepacked_fused_products_with_the_same_flops():
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)).to(torch.bfloat16)
+    inputs = torch.randn(2, 8, 32, dtype=torch.bfloat16)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(inputs)
+
+    (plain_seconds, plain_flops), (packed_seconds, packed_flops) = (
+        replayed_matmuls(forward, prepacked_linears=packed) for packed in (False, True))
+    assert packed_flops == plain_flops == 2 * 16 * (32 * 64 + 64 * 16)
+    products = {"aten.mm", "aten.addmm", "mkldnn._linear_pointwise"}
+    for seconds, want in ((plain_seconds, {"aten.addmm"}), (packed_seconds, {"mkldnn._linear_pointwise"})):
+        with OpNames() as ran:
+            assert seconds() > 0
+        assert ran.names & products == want
+
+
+class OpNames(TorchDispatchMode):
+    def __enter__(self):
+        self.names = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
