@@ -280,7 +280,8 @@ def compiled_encode_clips(frozen_weights: bool = True) -> Callable[[torch.nn.Mod
     hold their model's weights, and torch keeps at most `recompile_limit` (8) graphs per code object. The whole
     forward must compile as one graph (fullgraph): past that limit, or at a graph break, torch would otherwise run
     the rest eagerly (rounding unlike the fingerprint) or compile inner functions frozen into caches other
-    torch.compile users share.
+    torch.compile users share. A frozen graph's weights stay in memory until the process ends (inductor keeps
+    every module it loaded, with its constants): one per process, as the stages build it, not one per loop turn.
     """
     code = encode_clips.__code__.replace()  # a distinct code object: dynamo keeps its compiled graphs on it
     compiled = torch.compile(types.FunctionType(code, encode_clips.__globals__, "encode_clips_compiled"), fullgraph=True)

@@ -1,5 +1,6 @@
 """The benchmark's matmul replay: it must replay exactly the matmuls a function runs, no more, no less."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +42,7 @@ def test_replay_sees_linears_under_inference_mode():
     assert flops == 2 * 16 * (12 * 24 + 24 * 4)
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU: nothing to prepack")
 def test_a_prepacked_replay_runs_bf16_linears_as_prepacked_fused_products_with_the_same_flops():
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)).to(torch.bfloat16)
     inputs = torch.randn(2, 8, 32, dtype=torch.bfloat16)
