@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.files import NEW_FILE_MODE, write_json_atomic
+from pipeline.files import NEW_FILE_MODE, commit_file, write_json_atomic
 from pipeline.takes import LABEL_NAMES, SCENARIOS, VIEWS, annotation_path, downscaled_path
 
 EGO_FILES = ("aria01_214-1.mp4", "aria02_214-1.mp4", "aria04_214-1.mp4", "aria_214-1.mp4", "aria1_214-1.mp4")
@@ -276,7 +276,7 @@ def _write_yuv420p(
             for planes in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(planes, format="yuv420p")))
             container.mux(stream.encode())
-        os.replace(tmp, path)
+        commit_file(Path(tmp), path)  # durable: bytes, then the rename, reach the disk
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -1,6 +1,7 @@
 """The demo dataset: egoexo layout and annotation schema, decodable videos, cues split across views."""
 
 import json
+import os
 import re
 import shutil
 import uuid
@@ -171,6 +172,16 @@ def test_write_video_round_trips_and_places_moov(tmp_path, faststart):
     assert len(reader) == 5 and reader[0].shape == (32, 64, 3)
     data = path.read_bytes()
     assert (data.find(b"moov") < data.find(b"mdat")) == faststart
+
+
+def test_a_video_reaches_the_disk_before_its_name(tmp_path, monkeypatch):
+    from pipeline import demo_data, files
+    events = []
+    monkeypatch.setattr(files, "fsync_path", lambda p: events.append(("fsync", Path(p).name)))
+    monkeypatch.setattr(demo_data.os, "replace", lambda a, b: events.append(("rename", Path(b).name)) or os.rename(a, b))
+    write_video(tmp_path / "v.mp4", np.zeros((2, 32, 64, 3), dtype=np.uint8))
+    assert events[-3:-1] == [("fsync", events[-3][1]), ("rename", "v.mp4")] and events[-3][1] != "v.mp4"
+    assert events[-1] == ("fsync", tmp_path.name)  # the folder, for the rename
 
 
 @pytest.mark.parametrize("frames", [
