@@ -27,7 +27,8 @@ class SkillModel(nn.Module):
     """(B, V, T, 3, 224, 224) clips + (B, V) present -> (B, 4) logits."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, head_config: HeadConfig, round_like_cache: bool = False,
-                 compiled: bool = False, frozen_weights: bool = False, head_precision: str | None = None, label_prior: list[float] | None = None):
+                 compiled: bool = False, frozen_weights: bool = False, head_precision: str | None = None,
+                 label_prior: list[float] | None = None):
         super().__init__()
         self.backbone, self.head, self.head_config = backbone, head, head_config
         # the head's own precision (a fit-head cell may differ from its cache's); None: the caller's autocast
@@ -146,5 +147,6 @@ def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel,
     backbone = bb.prepare_for_inference(backbone, device, spec.precision, fused_attention=spec.compiled)
     head, info = load_head(checkpoint)
     model = SkillModel(backbone, head, HeadConfig(**info["head"]), round_like_cache=spec.from_cache,
-                       compiled=spec.compiled, frozen_weights=spec.frozen_weights, head_precision=info.get("precision"), label_prior=info.get("label_prior"))
+                       compiled=spec.compiled, frozen_weights=spec.frozen_weights, head_precision=info.get("precision"),
+                       label_prior=info.get("label_prior"))
     return model.to(device).eval(), spec
