@@ -57,7 +57,7 @@ class ExtractConfig:
     batch_size: int | None = None  # clips per backbone forward; None: 1 on CPU (fastest per clip here), 16 on CUDA
     workers: int = 1  # decoding processes (0 = decode in the main process)
     shard_size: int | None = None  # takes per zarr shard (the unit of commit and resume); None: the cache's, 16 for a new one
-    # fused attention + torch.compile: 1.2-1.4x faster forwards with frozen weights (2026-12-05) after a one-off
+    # fused attention + torch.compile: 1.2-1.5x faster forwards with frozen weights (2026-12-05) after a one-off
     # compile (~30-60 s per process); bf16-rounding-level differences from the eager features: in the fingerprint
     compile: bool = False
     # with compile: the weights frozen into the graph (bb.compiled_encode_clips), 6-13% less time per forward for ~20 s

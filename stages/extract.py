@@ -35,7 +35,7 @@ def extract(
     shard_size: Optional[int] = typer.Option(None, help="Takes per zarr shard, the unit of commit and resume (default: the cache's, 16 for a new cache)."),
     compile: Optional[bool] = typer.Option(
         None, "--compile/--no-compile",
-        help="Fused attention + torch.compile with the weights frozen into the graph: 1.2-1.4x faster forwards on a "
+        help="Fused attention + torch.compile with the weights frozen into the graph: 1.2-1.5x faster forwards on a "
              "CPU after a one-off compile (~30-60 s per process); recorded in the fingerprint.",
     ),
     frozen_weights: Optional[bool] = typer.Option(
