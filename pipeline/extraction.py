@@ -142,17 +142,16 @@ def build_cache_spec(config: ExtractConfig, model: torch.nn.Module, weights_sha2
     )
 
 
-def existing_shard_size(cache_root: Path) -> int | None:
-    """The shard size of the cache at `cache_root`, None if there is none yet: a second split follows the first."""
-    return FeatureCache.open(cache_root).spec.shard_size if (Path(cache_root) / "cache.json").is_file() else None
-
-
-def existing_frozen_weights(cache_root: Path) -> bool | None:
-    """Whether the compiled cache at `cache_root` was extracted with frozen weights; None if it is not a compiled cache."""
-    if not (Path(cache_root) / "cache.json").is_file():
-        return None
-    forward = FeatureCache.open(cache_root).spec.fingerprint.get("backbone_forward")
-    return next((frozen for frozen, name in bb.COMPILED_FORWARDS.items() if name == forward), None)
+def with_cache_defaults(config: ExtractConfig) -> ExtractConfig:
+    """Fill in a shard size and frozen_weights left unset as the existing cache was begun (a second split or a
+    resume follows the first run), else 16 takes per shard and frozen weights."""
+    existing = FeatureCache.open(config.cache).spec if (Path(config.cache) / "cache.json").is_file() else None
+    begun_unfrozen = existing is not None and existing.fingerprint.get("backbone_forward") == bb.COMPILED_FORWARDS[False]
+    return dataclasses.replace(
+        config,
+        shard_size=config.shard_size or (existing.shard_size if existing else None) or DEFAULT_SHARD_SIZE,
+        frozen_weights=not begun_unfrozen if config.compile and config.frozen_weights is None else config.frozen_weights,
+    )
 
 
 def adapter_run(adapter: Path) -> Path | None:
@@ -263,9 +262,7 @@ def run_extraction(
     """
     config = with_run_defaults(config)
     config = with_absolute_paths(config, backbone=bb.resolved_backbone(config.backbone))  # evaluate reads them back
-    config = dataclasses.replace(config, shard_size=config.shard_size or existing_shard_size(config.cache) or DEFAULT_SHARD_SIZE)
-    if config.compile and config.frozen_weights is None:  # a compiled cache's other split, or a resume: as it began
-        config = dataclasses.replace(config, frozen_weights=existing_frozen_weights(config.cache) is not False)
+    config = with_cache_defaults(config)
     takes = load_takes(config.root, config.split)  # validates before any compute
     if not takes:
         raise ConfigError(f"{config.root}: split {config.split!r} has no takes")
