@@ -23,7 +23,7 @@ import torch
 from transformers import TimesformerConfig, TimesformerModel
 
 from bench.common import (
-    count_flops, interleaved_rounds, matmul_peak_gflops, median_paired_ratio, replayed_matmuls, timed_seconds,
+    count_flops, host_description, interleaved_rounds, matmul_peak_gflops, median_paired_ratio, replayed_matmuls, timed_seconds,
 )
 from pipeline.backbone import (
     autocast_context, compiled_encode_clips, encode_clips, prepare_for_inference, use_fused_attention,
@@ -138,6 +138,7 @@ def main() -> None:
     backbone_rates = tuple(name for name in samples if name.startswith("T"))
     figures = {
         "device": args.device,
+        "host": host_description(),
         "threads": torch.get_num_threads(),
         "matmul_peak_gflops": {"bf16": round(rates["bf16"], 1), "fp32": round(rates["fp32"], 1)},
         "backbone_gflops": {t: round(rates[t], 1) for t in backbone_rates},

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import platform
 import resource
 import statistics
 import time
@@ -77,6 +80,38 @@ def peak_resident_mb() -> float:
             return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def host_description(cpuinfo_path: str = "/proc/cpuinfo", caches_folder: str = "/sys/devices/system/cpu/cpu0/cache"
+                     ) -> dict[str, object]:
+    """What the figures were measured on: hosts here change between sessions (a bf16 peak of 650 one day,
+    3,300 another), so a figure is only comparable with others from the same kind of CPU.
+
+    CPU model and family/model numbers, usable cores, AMX, per-core L2 and shared L3 (Linux; fields it cannot
+    read are left out), the torch version and, when one is visible, the GPU.
+    """
+    host: dict[str, object] = {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+                               "torch": torch.__version__}
+    try:
+        with open(cpuinfo_path) as file:
+            first = file.read().split("\n\n")[0]
+        fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        host["cpu"] = fields.get("model name", host["cpu"])
+        host["cpu_family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+        host["amx_bf16"] = "amx_bf16" in fields.get("flags", "").split()
+    except OSError:
+        pass
+    for index in sorted(glob.glob(os.path.join(caches_folder, "index*"))):
+        try:
+            level, kind, size = (open(os.path.join(index, name)).read().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        if level in ("2", "3") and kind == "Unified":
+            host[f"l{level}_cache"] = size
+    if torch.cuda.is_available():
+        host["gpu"] = torch.cuda.get_device_name()
+    return host
 
 
 def count_flops(function, *args, **kwargs) -> int:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from bench.common import best_seconds, matmul_peak_gflops, median_paired_ratio, replayed_matmuls, timed_seconds
+from bench.common import best_seconds, host_description, matmul_peak_gflops, median_paired_ratio, replayed_matmuls, timed_seconds
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.fusion import HeadConfig, build_head
 from pipeline.head_training import FeatureTable, FitHeadConfig, head_config_for, load_complete_split, train_head
@@ -57,6 +57,9 @@ TRAIN, VAL, FRAMES, DIM, PATCHES = 1904, 466, 16, 768, 196
 EAGER_BYTES_PER_PARAMETER_STEP = 46
 COMPILED_BYTES_PER_PARAMETER_STEP = 34
 ADAMW_BYTES_PER_PARAMETER_STEP = 28  # the compiled step's AdamW pass alone: the 34 less the matmuls' 6
+# The speed target: 2 s per cell on a host where the plain loop took 11 s. Hosts here differ up to ~5x
+# (bf16 peaks of 650-3,300 GFLOP/s), so the target is scaled to this host by the plain loop's time.
+TARGET_CELL_S, TARGET_HOST_PLAIN_LOOP_S = 2.0, 11.0
 
 
 def random_cache(root: Path, seed: int = 0) -> FeatureCache:
@@ -176,6 +179,7 @@ def main() -> None:
     traffic_s = COMPILED_BYTES_PER_PARAMETER_STEP * parameters * steps / (bandwidth * 1e9)
     matmuls_s, adamw_s = min(replays, key=sum)
     figures = {
+        "host": host_description(),
         "threads": torch.get_num_threads(),
         "cache_build_s": round(build_s, 2),
         "cache_load_and_pool_s": round(load_s, 2),
@@ -189,6 +193,7 @@ def main() -> None:
         "grid_cells": args.cells,
         "grid_compiled_per_cell_s": round(grid_s / args.cells, 3),
         "speedup_vs_plain": round(best_plain / best_compiled, 2),
+        "target_cell_s_scaled_by_plain_loop": round(TARGET_CELL_S * best_plain / TARGET_HOST_PLAIN_LOOP_S, 3),
         "plain_over_compiled_median_paired": round(median_paired_ratio(plain_s, compiled_s), 2),
         "cell_gflop": round(cell_gflop, 1),
         "bf16_matmul_peak_gflops": round(peak, 1),
@@ -212,6 +217,8 @@ def main() -> None:
         f"  skillpipe --compile {best_compiled:.2f} s | skillpipe eager {best:.2f} s | plain eager fp32 loop {best_plain:.2f} s"
         f" (x{best_plain / best_compiled:.1f}; median of paired seeds x{figures['plain_over_compiled_median_paired']:.1f});"
         f" compiling once: {figures['compile_once_s']:.0f} s\n"
+        f"  target ({TARGET_CELL_S:.0f} s where the plain loop took {TARGET_HOST_PLAIN_LOOP_S:.0f} s) scaled to this host: "
+        f"{figures['target_cell_s_scaled_by_plain_loop']:.2f} s\n"
         f"  grid of {args.cells} cells through the stage with --compile, everything included: {grid_s / args.cells:.2f} s per cell\n"
         f"  {cell_gflop:.0f} GFLOP per cell = {cell_gflop / peak:.2f} s at the bf16 matmul peak ({peak:.0f} GFLOP/s); "
         f"fraction of peak: compiled {figures['fraction_of_bf16_peak']['compiled']:.2f}, eager "

@@ -1,4 +1,5 @@
-"""The benchmark's matmul replay: it must replay exactly the matmuls a function runs, no more, no less."""
+"""The benchmark's shared parts: the matmul replay must replay exactly the matmuls a function runs, no more, no
+less; the host description must say what the figures were measured on."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.common import count_flops, replayed_matmuls
+from bench.common import count_flops, host_description, replayed_matmuls
 
 
 def test_replay_has_the_functions_matmul_flops_and_leaves_out_everything_else():
@@ -69,3 +70,25 @@ class OpNames(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.add(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+def test_the_host_description_reads_the_first_cpu_and_the_unified_caches(tmp_path):
+    (tmp_path / "cpuinfo").write_text(
+        "processor\t: 0\nmodel name\t: Test CPU 9000\ncpu family\t: 6\nmodel\t\t: 143\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\n"
+        "processor\t: 1\nmodel name\t: Other CPU\ncpu family\t: 7\nmodel\t\t: 1\nflags\t\t: fpu\n\n")
+    for index, (level, kind, size) in enumerate([("1", "Data", "48K"), ("2", "Unified", "2048K"), ("3", "Unified", "99M")]):
+        folder = tmp_path / "cache" / f"index{index}"
+        folder.mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(value + "\n")
+    host = host_description(str(tmp_path / "cpuinfo"), str(tmp_path / "cache"))
+    assert host["cpu"] == "Test CPU 9000" and host["cpu_family_model"] == "6/143" and host["amx_bf16"] is True
+    assert host["l2_cache"] == "2048K" and host["l3_cache"] == "99M" and "l1_cache" not in host
+    assert host["cores"] >= 1 and host["torch"] == torch.__version__
+
+
+def test_the_host_description_leaves_out_what_it_cannot_read(tmp_path):
+    host = host_description(str(tmp_path / "missing"), str(tmp_path / "missing-caches"))
+    assert {"cpu", "cores", "torch"} <= set(host) and "amx_bf16" not in host and "l2_cache" not in host
+    (tmp_path / "cpuinfo").write_text("model name\t: No Flags CPU\n")
+    assert host_description(str(tmp_path / "cpuinfo"), str(tmp_path / "missing-caches"))["amx_bf16"] is False
