@@ -84,8 +84,8 @@ def peak_resident_mb() -> float:
 
 def host_description(cpuinfo_path: str = "/proc/cpuinfo", caches_folder: str = "/sys/devices/system/cpu/cpu0/cache"
                      ) -> dict[str, object]:
-    """What the figures were measured on: hosts here change between sessions (a bf16 peak of 650 one day,
-    3,300 another), so a figure is only comparable with others from the same kind of CPU.
+    """What the figures were measured on: hosts here change between sessions (a bf16 peak of ~800 GFLOP/s in
+    early sessions, 3,300 in a later one), so a figure is only comparable with others from the same kind of CPU.
 
     CPU model and family/model numbers, usable cores, AMX, per-core L2 and shared L3 (Linux; fields it cannot
     read are left out), the torch version and, when one is visible, the GPU.
