@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.decoder_crashes import CrashGuard
 from pipeline.extraction import decode_take
 from pipeline.takes import Take
 from pipeline.video import ClipSampling
@@ -17,11 +18,13 @@ class TakeClips(Dataset):
     and what decoding had to say about the take (failed views, unequal lengths: one line each).
 
     `moved_windows` (seed, epoch): training clips, whose window (window sampling) moves at random,
-    per take and epoch (ClipSampling.moved_window)."""
+    per take and epoch (ClipSampling.moved_window). `crash_guard`: decodes are marked in its folder, and
+    the files it knows to crash the decoder are absent views (pipeline.decoder_crashes)."""
 
     def __init__(self, takes: list[Take], views: tuple[str, ...], sampling: ClipSampling,
-                 moved_windows: tuple[int, int] | None = None):
+                 moved_windows: tuple[int, int] | None = None, crash_guard: CrashGuard | None = None):
         self.takes, self.views, self.sampling, self.moved_windows = takes, views, sampling, moved_windows
+        self.crash_guard = crash_guard
 
     def __len__(self) -> int:
         return len(self.takes)
@@ -31,7 +34,8 @@ class TakeClips(Dataset):
         with warnings.catch_warnings(record=True) as caught:  # said by the loader in the main process, see ClipBatches
             warnings.simplefilter("always")
             sampling = self.sampling.moved_window(*self.moved_windows, take.take_uid) if self.moved_windows else self.sampling
-            decoded = decode_take(take, self.views, sampling)
+            guard = self.crash_guard
+            decoded = decode_take(take, self.views, sampling, cache_root=guard and guard.root, crashes=guard and guard.crashes)
         # as extract does: a failed view counts as absent, said aloud
         notes = [f"take {take.take_uid}, view {view}: {reason}; treated as absent" for view, reason in decoded.failures.items()]
         notes += [str(warning.message) for warning in caught]
@@ -68,6 +72,6 @@ class ClipBatches:
 
 
 def clip_loader(takes: list[Take], views, sampling: ClipSampling, batch_size: int, workers: int,
-                moved_windows: tuple[int, int] | None = None) -> ClipBatches:
-    dataset = TakeClips(takes, views, sampling, moved_windows)
+                moved_windows: tuple[int, int] | None = None, crash_guard: CrashGuard | None = None) -> ClipBatches:
+    dataset = TakeClips(takes, views, sampling, moved_windows, crash_guard)
     return ClipBatches(DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False))

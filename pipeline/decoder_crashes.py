@@ -8,6 +8,10 @@ that was being decoded when the whole job was killed from outside. `triage` tell
 decoding each suspect once more in a child process: if the child dies too, the file is recorded
 in `<cache>/decoder_crashes/` and never decoded again (its view is absent, with the reason, like any
 failed view); otherwise the marker is simply dropped.
+
+finetune and evaluate decode under the same guard, in their run or output folder (CrashGuard). They
+do not go on in the same run: a crash stops it with the file named and recorded, and the rerun
+(`finetune --resume`, or the same evaluate command) goes on with that view absent.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -39,6 +44,33 @@ try:
 except VideoError:
     pass
 """
+
+
+@dataclass(frozen=True)
+class CrashGuard:
+    """Decodes marked under `root` (a cache, run or output folder); the (take_uid, view) files in `crashes`
+    are known to crash the decoder and are not decoded again."""
+
+    root: Path
+    crashes: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+def explained_worker_death(root: Path, err: RuntimeError, rerun: str) -> RuntimeError | None:
+    """After `err` stopped a run that decodes under `root`'s guard: if a process died while decoding, the error
+    naming the file (recorded when it crashes the decoder alone too, so that `rerun` goes on without its
+    view); None when no decode was cut short (`err` has another cause)."""
+    before = known_crashes(root)
+    cleared: list[str] = []
+    new = {key: reason for key, reason in triage(root, cleared).items() if key not in before}
+    if new:
+        lines = "\n".join(f"take {uid}, view {view}: {reason}" for (uid, view), reason in new.items())
+        return RuntimeError(f"{err}\n{lines}\nRecorded in {Path(root) / CRASHES}: {rerun} goes on with "
+                            f"{'this view' if len(new) == 1 else 'these views'} absent.")
+    if cleared:
+        return RuntimeError(f"{err}\nA decoding process died while decoding {', '.join(cleared)}, which decodes fine "
+                            f"alone in a child process: the cause is outside the file (out of memory?). {rerun} "
+                            "decodes it again.")
+    return None
 
 
 @contextlib.contextmanager

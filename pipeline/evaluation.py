@@ -9,6 +9,7 @@ import torch
 
 from pipeline import backbone as bb
 from pipeline.clips import clip_loader
+from pipeline.decoder_crashes import CrashGuard
 from pipeline.metrics import write_evaluation
 from pipeline.takes import Take
 from pipeline.video import ClipSampling
@@ -16,12 +17,14 @@ from pipeline.video import ClipSampling
 
 @torch.inference_mode()
 def take_logits(model, takes: list[Take], views, sampling: ClipSampling, precision: str, device: str = "cpu",
-                batch_size: int = 2, workers: int = 0) -> tuple[torch.Tensor, np.ndarray]:
-    """(N, 4) fp32 logits for `takes`, in order, on the CPU, and (N, V) bool: which views each take had."""
+                batch_size: int = 2, workers: int = 0, crash_guard: CrashGuard | None = None
+                ) -> tuple[torch.Tensor, np.ndarray]:
+    """(N, 4) fp32 logits for `takes`, in order, on the CPU, and (N, V) bool: which views each take had
+    (decoded under `crash_guard` when given: pipeline.decoder_crashes)."""
     model.eval()
     device = torch.device(device)
     outputs, present_flags = [torch.zeros(0, 4)], [np.zeros((0, len(views)), dtype=bool)]
-    for clips, present, _, _ in clip_loader(takes, views, sampling, batch_size, workers):
+    for clips, present, _, _ in clip_loader(takes, views, sampling, batch_size, workers, crash_guard=crash_guard):
         with bb.autocast_context(device, enabled=precision == "bf16"):
             outputs.append(model(clips.to(device), present.to(device)).float().cpu())
         present_flags.append(present.numpy())
@@ -29,15 +32,17 @@ def take_logits(model, takes: list[Take], views, sampling: ClipSampling, precisi
 
 
 def predict_takes(model, takes: list[Take], views, sampling: ClipSampling, precision: str, device: str = "cpu",
-                  batch_size: int = 2, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                  batch_size: int = 2, workers: int = 0, crash_guard: CrashGuard | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """(N, 4) class probabilities for `takes`, in order, and (N, V) bool: which views each take had."""
-    logits, present = take_logits(model, takes, views, sampling, precision, device, batch_size, workers)
+    logits, present = take_logits(model, takes, views, sampling, precision, device, batch_size, workers, crash_guard)
     return torch.softmax(logits, -1).numpy(), present
 
 
 def evaluate_split(model, takes: list[Take], views, sampling: ClipSampling, precision: str, out: Path, settings: dict,
-                   device: str = "cpu", workers: int = 0) -> dict:
-    probabilities, present = predict_takes(model, takes, views, sampling, precision, device, workers=workers)
+                   device: str = "cpu", workers: int = 0, crash_guard: CrashGuard | None = None) -> dict:
+    probabilities, present = predict_takes(model, takes, views, sampling, precision, device, workers=workers,
+                                           crash_guard=crash_guard)
     labels = np.array([int(t.label) for t in takes])
     return write_evaluation(out, [t.take_uid for t in takes], labels, probabilities, [t.scenario for t in takes],
                             present, tuple(views), settings, f"{Path(out).name}")

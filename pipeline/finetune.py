@@ -32,6 +32,7 @@ from pipeline.config import ConfigError, config_to_dict, device_problem, output_
 from pipeline.distributed import Ranks, barrier
 from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
+from pipeline.decoder_crashes import CRASHES, CrashGuard, explained_worker_death, known_crashes, triage
 from pipeline.epoch_checkpoints import (
     BEST_WEIGHTS, find_epoch_checkpoint, has_epoch_checkpoint, load_epoch_checkpoint, restore_best_weights, rng_states,
     save_epoch_checkpoint, trainable_state,
@@ -173,15 +174,20 @@ def run_finetune(
     Under torchrun every rank trains a disjoint share of each epoch through DistributedDataParallel;
     rank 0 alone writes checkpoints, picks the best epoch and evaluates. It holds the run folder's
     lock (pipeline.writer_lock) throughout: a second run into the folder stops at once.
+
+    Decodes are guarded as extract's are (pipeline.decoder_crashes): a video that crashes the decoder
+    stops the run with the file named and recorded, and `--resume` goes on with its view absent.
     """
     out, new_folder = Path(config.out), not Path(config.out).exists()
     with first_writer(out / RUN_LOCK, f"the run folder {out}") if ranks.is_main else nullcontext():
         try:
             return _run_finetune(config, resume, on_step, ranks, on_event)
-        except BaseException:  # refused before it wrote anything: leave no folder behind it
+        except BaseException as err:
             if ranks.is_main and new_folder and [path.name for path in out.iterdir()] == [RUN_LOCK]:
-                (out / RUN_LOCK).unlink()
+                (out / RUN_LOCK).unlink()  # refused before it wrote anything: leave no folder behind it
                 out.rmdir()
+            if isinstance(err, RuntimeError) and (explained := explained_worker_death(out, err, "finetune --resume")):
+                raise explained from err
             raise
 
 
@@ -232,6 +238,12 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
         raise ConfigError(f"{out}: holds a checkpoint already; pass --resume to continue it, or use another --out")
     if ranks.is_main:
         save_config(config, out / "config.json")
+    triage(out)  # files that crashed the decoder in an earlier try of this run are recorded, then never decoded
+    barrier(ranks)
+    guard = CrashGuard(out, known_crashes(out))
+    if guard.crashes and on_event:
+        on_event(f"{len(guard.crashes)} video file(s) recorded in {out / CRASHES} crash the decoder: "
+                 "their views are absent in this run")
     autocast = lambda: bb.autocast_context(device, enabled=config.precision == "bf16")  # noqa: E731
 
     for epoch in range(state["epoch"] + 1, config.epochs):
@@ -239,7 +251,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
         share = rank_share(order.tolist(), ranks)
         moved = (config.seed, epoch) if config.train_windows == "random" else None
         loader = clip_loader([fit_takes[i] for i in share], views, config.clip_sampling, config.batch_size, config.workers,
-                             moved)
+                             moved, guard)
         model.train()
         for step, (clips, present, labels, _) in enumerate(loader):
             present = present.to(device)
@@ -260,7 +272,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                 on_step({"epoch": epoch, "step": step, "steps": len(loader), "loss": loss.item(), "lr": schedule.get_last_lr()[0]})
         state["epoch"] = epoch
         if ranks.is_main:
-            holdout_loss = _holdout_loss(model, holdout_takes, views, config, device)
+            holdout_loss = _holdout_loss(model, holdout_takes, views, config, device, guard)
             state["holdout_losses"].append(holdout_loss)
             if not math.isfinite(holdout_loss) and holdout_takes:
                 raise TrainingDiverged(f"{out}: held-out loss is {holdout_loss} after epoch {epoch}; training diverged")
@@ -279,7 +291,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     _save_final(out, model, config, views, state, prior, weights_sha256)
     settings = {**config_to_dict(config), "best_epoch": state["best_epoch"], "holdout_losses": state["holdout_losses"]}
     state["metrics"] = evaluate_split(model, val_takes, views, config.clip_sampling, config.precision, out, settings,
-                                      config.device, config.workers)
+                                      config.device, config.workers, guard)
     return state
 
 
@@ -291,11 +303,11 @@ def _cell_sampling(cell: Path) -> str | None:
     return {name: option for option, name in SAMPLING_NAMES.items()}.get(recorded)
 
 
-def _holdout_loss(model, takes, views, config: FinetuneConfig, device) -> float:
+def _holdout_loss(model, takes, views, config: FinetuneConfig, device, guard: CrashGuard) -> float:
     if not takes:
         return float("nan")
     logits, _ = take_logits(model, takes, views, config.clip_sampling, config.precision, device, config.batch_size,
-                            config.workers)
+                            config.workers, guard)
     return float(F.cross_entropy(logits, torch.tensor([int(t.label) for t in takes])))
 
 

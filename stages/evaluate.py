@@ -12,6 +12,7 @@ from rich.table import Table
 
 from pipeline import backbone as bb
 from pipeline.config import ConfigError, output_problem
+from pipeline.decoder_crashes import CrashGuard, explained_worker_death, triage
 from pipeline.evaluation import evaluate_split, predict_takes
 from pipeline.skill_model import load_skill_model, read_model_spec
 from pipeline.takes import LABEL_NAMES, ProficiencyLabel, Take, load_takes, resolve_view_files
@@ -49,7 +50,14 @@ def evaluate(
     settings = {"checkpoint": str(checkpoint), "root": str(root), "split": split, "frames": spec.frames,
                 "sampling": spec.sampling, "views": list(spec.views), "backbone": spec.backbone, "precision": spec.precision,
                 "backbone_forward": bb.COMPILED_FORWARDS[spec.frozen_weights] if spec.compiled else "eager"}
-    metrics = evaluate_split(model, takes, spec.views, spec.clip_sampling, spec.precision, out, settings, device, workers)
+    guard = CrashGuard(out, triage(out))  # videos that crashed the decoder in an earlier try: absent views now
+    try:
+        metrics = evaluate_split(model, takes, spec.views, spec.clip_sampling, spec.precision, out, settings, device,
+                                 workers, guard)
+    except RuntimeError as err:
+        if explained := explained_worker_death(out, err, "the same command"):
+            raise explained from err
+        raise
     console = Console()
     console.print(f"{split}: accuracy {metrics['accuracy']:.3f} over {metrics['num_takes']} takes -> {out}")
     if metrics["takes_with_absent_views"]:

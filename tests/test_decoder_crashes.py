@@ -1,5 +1,7 @@
-"""A video that crashes the decoder process costs only its view, in this run or after a crash of the whole run."""
+"""A video that crashes the decoder process costs only its view: in extract in this run or after a crash of the whole
+run, in finetune and evaluate in the rerun after the crash that names it."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -7,6 +9,7 @@ import sys
 import decord
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from pipeline import decoder_crashes
 from pipeline.backbone import save_tiny_backbone
@@ -14,8 +17,11 @@ from pipeline.cache import FeatureCache
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, run_extraction
 from pipeline.files import write_json_atomic
+from pipeline.finetune import FinetuneConfig, run_finetune
 from pipeline.takes import VIEWS, load_takes
 from pipeline.video import ClipSampling
+from pipeline.views import FAILURES_EXIT
+from stages.cli import app
 from tests import crashing_decoder
 
 FRAMES = 4
@@ -149,3 +155,75 @@ def test_forget_drops_the_crash_records_of_the_named_takes_only(tmp_path):
                           {"take_uid": uid, "view": view, "path": "x.mp4", "frames": 4, "reason": "crashed"})
     decoder_crashes.forget(tmp_path, ["take-a"])
     assert decoder_crashes.known_crashes(tmp_path) == {("take-b", "ego"): "crashed"}
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labelled")
+    write_demo_dataset(root, takes=8, val_fraction=0.25, seed=4, frames=12)
+    return root
+
+
+def finetune_config(root, backbone, out, workers=1):
+    return FinetuneConfig(root=root, out=out, backbone=str(backbone), frames=FRAMES, hidden=16, heads=2, lora_r=2,
+                          lora_alpha=4, epochs=1, batch_size=2, grad_accum=1, holdout=0.0, workers=workers)
+
+
+def test_finetune_stops_on_a_decoder_crash_naming_the_file_and_resume_goes_on_without_it(labelled, backbone_dir,
+                                                                                         crash_on, tmp_path):
+    take = load_takes(labelled, "train")[1]
+    crash_on(take.videos[VIEWS[2]], here=True)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="exited unexpectedly") as raised:
+        run_finetune(finetune_config(labelled, backbone_dir, out))
+    message = str(raised.value)
+    assert f"take {take.take_uid}, view {VIEWS[2]}" in message and "SIGABRT" in message and "finetune --resume" in message
+    assert set(decoder_crashes.known_crashes(out)) == {(take.take_uid, VIEWS[2])}
+    events = []
+    with pytest.warns(UserWarning, match=f"take {take.take_uid}, view {VIEWS[2]}: .*crashed.*treated as absent"):
+        state = run_finetune(finetune_config(labelled, backbone_dir, out), resume=True, on_event=events.append)
+    assert state["metrics"]["num_takes"] == len(load_takes(labelled, "val"))  # never decoded again: it would abort
+    assert any("1 video file(s) recorded" in event for event in events)
+
+
+def test_evaluate_stops_on_a_decoder_crash_naming_the_file_and_the_rerun_goes_on_without_it(labelled, backbone_dir,
+                                                                                          crash_on, tmp_path):
+    run = tmp_path / "run"
+    run_finetune(finetune_config(labelled, backbone_dir, run, workers=0))
+    take = load_takes(labelled, "val")[0]
+    crash_on(take.videos[VIEWS[0]], here=True)
+    command = ["evaluate", "--checkpoint", run, "--root", labelled, "--out", tmp_path / "eval", "--workers", 1]
+    with pytest.raises(RuntimeError, match=f"(?s)take {take.take_uid}, view {VIEWS[0]}: .*SIGABRT.*the same command"):
+        CliRunner().invoke(app, [str(a) for a in command], catch_exceptions=False)
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    result = CliRunner().invoke(app, [str(a) for a in command], catch_exceptions=False)
+    assert result.exit_code == FAILURES_EXIT, result.output
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["absent_views"] for row in rows if row["take_uid"] == take.take_uid] == [[VIEWS[0]]]
+    assert not any(row["absent_views"] for row in rows if row["take_uid"] != take.take_uid)
+
+
+def test_a_stop_without_a_cut_short_decode_is_not_blamed_on_a_file(tmp_path):
+    assert decoder_crashes.explained_worker_death(tmp_path, RuntimeError("out of patience"), "rerun") is None
+
+
+def test_a_decode_cut_short_on_a_file_that_decodes_alone_is_named_but_not_recorded(dataset, tmp_path):
+    take = load_takes(dataset, "train")[0]
+    marker = {"take_uid": take.take_uid, "view": VIEWS[0], "path": str(take.videos[VIEWS[0]]), "frames": FRAMES}
+    write_json_atomic(tmp_path / decoder_crashes.MARKERS / f"{socket.gethostname()}-{dead_pid()}.json", marker)
+    explained = decoder_crashes.explained_worker_death(tmp_path, RuntimeError("worker died"), "the rerun")
+    assert f"decoding {take.videos[VIEWS[0]]}, which decodes fine alone" in str(explained)
+    assert "the rerun decodes it again" in str(explained) and not decoder_crashes.known_crashes(tmp_path)
+
+
+def test_a_finetune_killed_while_decoding_in_its_own_process_leaves_the_file_to_its_resume(labelled, backbone_dir,
+                                                                                           crash_on, tmp_path):
+    take = load_takes(labelled, "train")[3]
+    crash_on(take.videos[VIEWS[4]])  # only in triage's child: as if this run (workers 0) had died on the file
+    out = tmp_path / "run"
+    marker = {"take_uid": take.take_uid, "view": VIEWS[4], "path": str(take.videos[VIEWS[4]]), "frames": FRAMES}
+    write_json_atomic(out / decoder_crashes.MARKERS / f"{socket.gethostname()}-{dead_pid()}.json", marker)
+    with pytest.warns(UserWarning, match=f"take {take.take_uid}, view {VIEWS[4]}: .*crashed.*treated as absent"):
+        run_finetune(finetune_config(labelled, backbone_dir, out, workers=0), resume=True)
+    assert set(decoder_crashes.known_crashes(out)) == {(take.take_uid, VIEWS[4])}
+    assert not list((out / decoder_crashes.MARKERS).glob("*.json"))
