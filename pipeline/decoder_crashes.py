@@ -40,7 +40,7 @@ _CHILD = """
 import sys
 from pipeline.video import ClipSampling, VideoError, decode_clip
 try:
-    decode_clip(sys.argv[1], ClipSampling(int(sys.argv[2]), sys.argv[3]))
+    decode_clip(sys.argv[1], ClipSampling(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]) if sys.argv[4] else None))
 except VideoError:
     pass
 """
@@ -80,7 +80,7 @@ def decoding(cache_root: Path, take_uid: str, view: str, path: Path, sampling: C
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")  # no fsync: the marker only has to survive the process, not the OS
     tmp.write_text(json.dumps({"take_uid": take_uid, "view": view, "path": str(path), "frames": sampling.frames,
-                               "sampling": sampling.method}))
+                               "sampling": sampling.method, "position": sampling.position}))
     os.replace(tmp, marker)
     try:
         yield
@@ -115,8 +115,10 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
             suspect = read_json(marker)
         except FileNotFoundError:  # another rank on this host triaged it first
             continue
-        # markers written before sampling methods existed lack the key: they were uniform
-        reason = _crash_in_child(Path(suspect["path"]), ClipSampling(suspect["frames"], suspect.get("sampling", "uniform")))
+        # the frames that were being decoded: markers written before sampling methods (or finetune's moved
+        # windows) existed lack the keys, and were uniform (or centred)
+        sampling = ClipSampling(suspect["frames"], suspect.get("sampling", "uniform"), suspect.get("position"))
+        reason = _crash_in_child(Path(suspect["path"]), sampling)
         if reason:
             name = f"{suspect['take_uid']}.{suspect['view']}.json"
             write_json_atomic(Path(cache_root) / CRASHES / name, suspect | {"reason": reason})
@@ -128,7 +130,8 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
 
 def _crash_in_child(path: Path, sampling: ClipSampling) -> str | None:
     """The reason if decoding `path` kills (or hangs) a fresh process; None if it returns or raises."""
-    command = [sys.executable, "-c", _CHILD, str(path), str(sampling.frames), sampling.method]
+    position = "" if sampling.position is None else repr(sampling.position)
+    command = [sys.executable, "-c", _CHILD, str(path), str(sampling.frames), sampling.method, position]
     try:
         result = subprocess.run(command, capture_output=True, timeout=DECODE_TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -227,3 +227,15 @@ def test_a_finetune_killed_while_decoding_in_its_own_process_leaves_the_file_to_
         run_finetune(finetune_config(labelled, backbone_dir, out, workers=0), resume=True)
     assert set(decoder_crashes.known_crashes(out)) == {(take.take_uid, VIEWS[4])}
     assert not list((out / decoder_crashes.MARKERS).glob("*.json"))
+
+
+def test_triage_re_decodes_the_very_window_that_was_being_decoded(dataset, tmp_path, monkeypatch):
+    take = load_takes(dataset, "train")[0]
+    moved = ClipSampling(FRAMES, "window").moved_window(0, 3, take.take_uid)  # a finetune training clip's
+    with decoder_crashes.decoding(tmp_path, take.take_uid, VIEWS[0], take.videos[VIEWS[0]], moved):
+        left = json.loads(next((tmp_path / decoder_crashes.MARKERS).glob("*.json")).read_text())
+    write_json_atomic(tmp_path / decoder_crashes.MARKERS / f"{socket.gethostname()}-{dead_pid()}.json", left)
+    children, in_child = [], decoder_crashes._crash_in_child
+    monkeypatch.setattr(decoder_crashes, "_crash_in_child", lambda path, sampling: children.append(sampling) or
+                        in_child(path, sampling))  # the real child runs too: it must read the position
+    assert decoder_crashes.triage(tmp_path) == {} and children == [moved] and moved.position is not None
