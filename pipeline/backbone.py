@@ -270,10 +270,10 @@ def compiled_encode_clips(frozen_weights: bool = True) -> Callable[[torch.nn.Mod
 
     frozen_weights: inductor's `freezing`. The weights become constants of the graph: each Linear's weight is
     prepacked once for oneDNN with its bias (and the MLP's GELU) fused into the matmul, instead of the bias copied
-    into the output and the weight reordered on every call. Measured at x0.87-0.90 of the unfrozen compiled
-    forward's time (2026-12-05, base size, T=8 and T=16, medians of 8 interleaved rounds) and x0.82-0.94 in `make
-    bench`, for ~20 s more compile per process (inductor does not cache frozen graphs on disk). Different bf16
-    rounding, so it has its own fingerprint. The graph keeps the weights it was compiled with: only for a model
+    into the output and the weight reordered on every call. Measured at x0.82-0.94 of the unfrozen compiled
+    forward's time (2026-12-05, base size, T=8 and T=16: x0.87-0.90 in medians of 8 interleaved rounds, x0.82-0.94
+    in two `make bench` runs), for ~20 s more compile per process (inductor does not cache frozen graphs on disk).
+    Different bf16 rounding, so it has its own fingerprint. The graph keeps the weights it was compiled with: only for a model
     that no longer changes, and only without autograd (under inference_mode, as extract, evaluate and predict run it).
 
     Each call returns a function with its own compiled code (a copy of encode_clips' code object): frozen graphs

@@ -60,7 +60,7 @@ class ExtractConfig:
     # fused attention + torch.compile: 1.2-1.5x faster forwards with frozen weights (2026-12-05) after a one-off
     # compile (~30-60 s per process); bf16-rounding-level differences from the eager features: in the fingerprint
     compile: bool = False
-    # with compile: the weights frozen into the graph (bb.compiled_encode_clips), 6-13% less time per forward for ~20 s
+    # with compile: the weights frozen into the graph (bb.compiled_encode_clips), x0.82-0.94 of the time per forward for ~20 s
     # more compile per process; None: as the cache was extracted, True for a new cache; ignored without compile
     frozen_weights: bool | None = None
     # re-extract the committed shards that recorded failed views (after the files were fixed or fetched); the
