@@ -99,7 +99,8 @@ def set_num_frames(model: TimesformerModel, num_frames: int) -> None:
     if time.shape[1] != num_frames:
         # Linear, align_corners=False: each embedding is the centre of one of T0 equal time bins,
         # resampled at the centres of T bins (symmetric in time). The reference code reads position
-        # t * T0 / T instead (left-aligned, last one repeated): at most 0.375 steps away for T <= 32.
+        # t * T0 / T instead (left-aligned, last one repeated): |4/T - 1/2| steps away for T0 = 8, so at most
+        # 0.375 for 8 <= T <= 32 (and more for fewer frames: 0.5 at T=4, 1.5 at T=2).
         # A Parameter of exactly T rows also keeps HF's own fallback (nearest at every forward) from running.
         resized = F.interpolate(time.detach().transpose(1, 2), size=num_frames, mode="linear", align_corners=False)
         model.embeddings.time_embeddings = torch.nn.Parameter(
