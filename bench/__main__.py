@@ -190,6 +190,7 @@ def main() -> None:
         figures["fit_head_eager_cell_s"] = fit["fit_head_eager_cell_s"]
         figures["fit_head_plain_loop_s"] = fit["plain_fp32_loop_cell_s"]
         figures["fit_head_plain_over_compiled_median_paired"] = fit["plain_over_compiled_median_paired"]
+        figures["fit_head_target_cell_s_scaled_by_plain_loop"] = fit["target_cell_s_scaled_by_plain_loop"]
         figures["fit_head_replay_cell_s"] = fit["replay_cell_s"]  # its matmuls replayed + its AdamW pass alone
     print(json.dumps(figures, indent=2))
 
