@@ -122,6 +122,8 @@ def main() -> None:
                              "of each swung 1.02-1.26 on one host)")
     parser.add_argument("--skip-fit-head", action="store_true")
     args = parser.parse_args()
+    if args.rounds < 1 or args.extract_rounds < 1:
+        parser.error("--rounds and --extract-rounds must be >= 1")
     samples = interleaved_rounds({
         "bf16": lambda: matmul_peak_gflops(torch.bfloat16, args.device, repeats=2),
         "fp32": lambda: matmul_peak_gflops(torch.float32, args.device, repeats=2),

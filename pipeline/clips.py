@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline import decoder_crashes
 from pipeline.decoder_crashes import CrashGuard
 from pipeline.extraction import decode_take
 from pipeline.takes import Take
@@ -63,15 +64,24 @@ class ClipBatches:
         return len(self.loader)
 
     def __iter__(self):
-        for clips, present, labels, indices, notes in self.loader:
-            for line in (line for take_notes in notes for line in take_notes.splitlines()):
-                if line not in _SAID:
-                    _SAID.add(line)
-                    warnings.warn(line, UserWarning, stacklevel=1)
-            yield clips, present, labels, indices
+        batches = iter(self.loader)
+        try:
+            for clips, present, labels, indices, notes in batches:
+                for line in (line for take_notes in notes for line in take_notes.splitlines()):
+                    if line not in _SAID:
+                        _SAID.add(line)
+                        warnings.warn(line, UserWarning, stacklevel=1)
+                yield clips, present, labels, indices
+        finally:  # as extract: stop the workers now, so that triage never sees a stuck one alive
+            shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader's own (private) stop
+            if shutdown:
+                shutdown()
 
 
 def clip_loader(takes: list[Take], views, sampling: ClipSampling, batch_size: int, workers: int,
                 moved_windows: tuple[int, int] | None = None, crash_guard: CrashGuard | None = None) -> ClipBatches:
     dataset = TakeClips(takes, views, sampling, moved_windows, crash_guard)
-    return ClipBatches(DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False))
+    # under a crash guard a worker stuck in the decoder fails the wait like a dead one (extract's rule: the per-file
+    # limit for each decode of a batch), and triage names the file
+    timeout = decoder_crashes.DECODE_TIMEOUT_S * len(views) * batch_size if crash_guard and workers else 0
+    return ClipBatches(DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, timeout=timeout))

@@ -55,10 +55,20 @@ class CrashGuard:
     crashes: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
+def worker_died(err: RuntimeError) -> bool:
+    """Whether `err` is a DataLoader's news of a dead (or stuck, past its timeout) worker.
+
+    Only then may a marker left behind name the cause: after any other error, the loader's shutdown
+    kills workers mid-decode too, and their markers stay."""
+    return "DataLoader worker" in str(err) or "DataLoader timed out" in str(err)
+
+
 def explained_worker_death(root: Path, err: RuntimeError, rerun: str) -> RuntimeError | None:
-    """After `err` stopped a run that decodes under `root`'s guard: if a process died while decoding, the error
+    """After `err` stopped a run that decodes under `root`'s guard: if a decoding worker died, the error
     naming the file (recorded when it crashes the decoder alone too, so that `rerun` goes on without its
-    view); None when no decode was cut short (`err` has another cause)."""
+    view); None when `err` has another cause."""
+    if not worker_died(err):
+        return None
     before = known_crashes(root)
     cleared: list[str] = []
     new = {key: reason for key, reason in triage(root, cleared).items() if key not in before}
@@ -80,7 +90,8 @@ def decoding(cache_root: Path, take_uid: str, view: str, path: Path, sampling: C
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")  # no fsync: the marker only has to survive the process, not the OS
     tmp.write_text(json.dumps({"take_uid": take_uid, "view": view, "path": str(path), "frames": sampling.frames,
-                               "sampling": sampling.method, "position": sampling.position}))
+                               "sampling": sampling.method, "position": sampling.position,
+                               "started": _start_time(os.getpid())}))
     os.replace(tmp, marker)
     try:
         yield
@@ -105,15 +116,24 @@ def forget(cache_root: Path, take_uids: list[str]) -> None:
 def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str, str], str]:
     """Re-decode every suspect of this host in a child process, record the crashes; returns known_crashes.
 
-    Suspects that decode fine alone are appended to `cleared` when given.
+    Suspects that decode fine alone are appended to `cleared` when given. A process claims each marker
+    (renamed `<marker>.triaging-<pid>`) before decoding it, so ranks sharing a host decode it once; a claim
+    whose process died is taken over.
     """
-    for marker in sorted((Path(cache_root) / MARKERS).glob(f"{socket.gethostname()}-*.json")):
-        pid = int(marker.stem.rsplit("-", 1)[1])
-        if _alive(pid):  # a decode in progress (another worker or rank on this host)
-            continue
+    folder, host = Path(cache_root) / MARKERS, glob.escape(socket.gethostname())
+    for path in sorted(folder.glob(f"{host}-*.json")) + sorted(folder.glob(f"{host}-*.json.triaging-*")):
+        claimed = ".triaging-" in path.name
         try:
-            suspect = read_json(marker)
-        except FileNotFoundError:  # another rank on this host triaged it first
+            suspect = read_json(path)
+        except FileNotFoundError:  # claimed meanwhile by another process on this host
+            continue
+        owner = int((path.name if claimed else path.stem).rsplit("-", 1)[1])
+        if _alive(owner, None if claimed else suspect.get("started")):  # a decode or triage in progress
+            continue
+        claim = folder / f"{path.name.split('.triaging-')[0]}.triaging-{os.getpid()}"
+        try:
+            os.rename(path, claim)
+        except FileNotFoundError:
             continue
         # the frames that were being decoded: markers written before sampling methods (or finetune's moved
         # windows) existed lack the keys, and were uniform (or centred)
@@ -124,7 +144,7 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
             write_json_atomic(Path(cache_root) / CRASHES / name, suspect | {"reason": reason})
         elif cleared is not None:
             cleared.append(suspect["path"])
-        marker.unlink(missing_ok=True)
+        claim.unlink(missing_ok=True)
     return known_crashes(cache_root)
 
 
@@ -144,11 +164,26 @@ def _crash_in_child(path: Path, sampling: ClipSampling) -> str | None:
     return f"{path}: the decoder crashed on this file ({signal.Signals(-result.returncode).name})"
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, started: int | None = None) -> bool:
+    """Whether process `pid` still runs; with `started` (its start time, _start_time), that very process.
+
+    A marker bearing this process's own pid was written by an earlier process: in a container, a rerun often
+    gets the pid of the run that crashed."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        pass
+    return started is None or _start_time(pid) in (None, started)
+
+
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot, /proc/<pid>/stat field 22); None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[19])  # after the name, which may hold spaces
+    except (OSError, IndexError, ValueError):
+        return None

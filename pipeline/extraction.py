@@ -314,7 +314,7 @@ def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: Feature
             _extract_shards(config, model, cache, pending, crashes, summary, on_take, rewrite)
             break
         except RuntimeError as err:
-            if config.workers == 0:  # decoding in this process: no worker died
+            if config.workers == 0 or not decoder_crashes.worker_died(err):  # decoding in this process, or another cause
                 raise
             cleared: list[str] = []  # a DataLoader worker died: was it the decoder crashing on a file?
             found = triage(config.cache, cleared)

@@ -1,7 +1,9 @@
 """A video that crashes the decoder process costs only its view: in extract in this run or after a crash of the whole
 run, in finetune and evaluate in the rerun after the crash that names it."""
 
+import dataclasses
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -186,6 +188,16 @@ def test_finetune_stops_on_a_decoder_crash_naming_the_file_and_resume_goes_on_wi
     assert any("1 video file(s) recorded" in event for event in events)
 
 
+def test_finetune_stops_on_a_decode_stuck_past_its_limit_naming_the_file(labelled, backbone_dir, crash_on, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(decoder_crashes, "DECODE_TIMEOUT_S", 2)  # per decode: the loader waits 5 views x 2 s
+    take = load_takes(labelled, "train")[0]
+    crash_on(take.videos[VIEWS[3]], here=True, hang=True)
+    config = dataclasses.replace(finetune_config(labelled, backbone_dir, tmp_path / "run"), batch_size=1)
+    with pytest.raises(RuntimeError, match=f"(?s)DataLoader timed out.*take {take.take_uid}, view {VIEWS[3]}: .*hung"):
+        run_finetune(config)
+
+
 def test_evaluate_stops_on_a_decoder_crash_naming_the_file_and_the_rerun_goes_on_without_it(labelled, backbone_dir,
                                                                                           crash_on, tmp_path):
     run = tmp_path / "run"
@@ -203,15 +215,73 @@ def test_evaluate_stops_on_a_decoder_crash_naming_the_file_and_the_rerun_goes_on
     assert not any(row["absent_views"] for row in rows if row["take_uid"] != take.take_uid)
 
 
-def test_a_stop_without_a_cut_short_decode_is_not_blamed_on_a_file(tmp_path):
+def leave_marker(folder, take, view, pid, **fields):
+    marker = {"take_uid": take.take_uid, "view": view, "path": str(take.videos[view]), "frames": FRAMES, **fields}
+    write_json_atomic(folder / decoder_crashes.MARKERS / f"{socket.gethostname()}-{pid}.json", marker)
+
+
+def test_a_stop_without_a_dead_worker_is_not_blamed_on_a_file(dataset, crash_on, tmp_path):
     assert decoder_crashes.explained_worker_death(tmp_path, RuntimeError("out of patience"), "rerun") is None
+    take = load_takes(dataset, "train")[0]
+    crash_on(take.videos[VIEWS[0]])
+    # a worker killed by the loader's shutdown after some other error (here: out of memory in the model) leaves
+    # its marker: the error is not about that file
+    leave_marker(tmp_path, take, VIEWS[0], dead_pid())
+    assert decoder_crashes.explained_worker_death(tmp_path, RuntimeError("CUDA out of memory"), "rerun") is None
+    assert not decoder_crashes.known_crashes(tmp_path)
+
+
+def test_a_marker_of_a_reused_pid_is_a_suspect_and_a_live_decode_is_not(dataset, crash_on, tmp_path):
+    takes = load_takes(dataset, "train")
+    crash_on(*(take.videos[VIEWS[1]] for take in takes[:4]))
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(3)]
+    try:
+        started = [decoder_crashes._start_time(sleeper.pid) for sleeper in sleepers]
+        assert None not in started
+        leave_marker(tmp_path, takes[0], VIEWS[1], os.getpid())  # a crashed run's pid, given again to this process
+        leave_marker(tmp_path, takes[1], VIEWS[1], sleepers[0].pid, started=started[0] + 1)  # now another process's pid
+        leave_marker(tmp_path, takes[2], VIEWS[1], sleepers[1].pid, started=started[1])  # a decode in progress
+        leave_marker(tmp_path, takes[3], VIEWS[1], sleepers[2].pid)  # a marker from before start times were recorded
+        assert set(decoder_crashes.triage(tmp_path)) == {(takes[0].take_uid, VIEWS[1]), (takes[1].take_uid, VIEWS[1])}
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
+    assert len(list((tmp_path / decoder_crashes.MARKERS).iterdir())) == 2  # the live ones wait
+
+
+def test_triage_claims_each_marker_and_takes_over_a_dead_triages_claim(dataset, crash_on, tmp_path, monkeypatch):
+    takes = load_takes(dataset, "train")
+    crash_on(takes[0].videos[VIEWS[2]])
+    leave_marker(tmp_path, takes[0], VIEWS[2], dead_pid())
+    orphan = next((tmp_path / decoder_crashes.MARKERS).glob("*.json"))
+    orphan.rename(orphan.with_name(f"{orphan.name}.triaging-{dead_pid()}"))  # its triage was killed
+    leave_marker(tmp_path, takes[1], VIEWS[2], dead_pid())
+    busy = next((tmp_path / decoder_crashes.MARKERS).glob("*.json"))
+    busy.rename(busy.with_name(f"{busy.name}.triaging-{os.getppid()}"))  # another process is triaging it
+    assert set(decoder_crashes.triage(tmp_path)) == {(takes[0].take_uid, VIEWS[2])}
+    assert [p.name.rsplit("-", 1)[1] for p in (tmp_path / decoder_crashes.MARKERS).iterdir()] == [str(os.getppid())]
+
+    leave_marker(tmp_path, takes[2], VIEWS[2], dead_pid())
+    children = []
+    monkeypatch.setattr(decoder_crashes, "_crash_in_child", lambda path, sampling: children.append(path))
+    real_rename = os.rename
+
+    def claimed_first(source, target):  # another rank renames it away just before this one
+        real_rename(source, str(target) + "-elsewhere")
+        raise FileNotFoundError(source)
+
+    monkeypatch.setattr(decoder_crashes.os, "rename", claimed_first)
+    decoder_crashes.triage(tmp_path)
+    assert children == []
 
 
 def test_a_decode_cut_short_on_a_file_that_decodes_alone_is_named_but_not_recorded(dataset, tmp_path):
     take = load_takes(dataset, "train")[0]
     marker = {"take_uid": take.take_uid, "view": VIEWS[0], "path": str(take.videos[VIEWS[0]]), "frames": FRAMES}
     write_json_atomic(tmp_path / decoder_crashes.MARKERS / f"{socket.gethostname()}-{dead_pid()}.json", marker)
-    explained = decoder_crashes.explained_worker_death(tmp_path, RuntimeError("worker died"), "the rerun")
+    died = RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
+    explained = decoder_crashes.explained_worker_death(tmp_path, died, "the rerun")
     assert f"decoding {take.videos[VIEWS[0]]}, which decodes fine alone" in str(explained)
     assert "the rerun decodes it again" in str(explained) and not decoder_crashes.known_crashes(tmp_path)
 
@@ -239,3 +309,4 @@ def test_triage_re_decodes_the_very_window_that_was_being_decoded(dataset, tmp_p
     monkeypatch.setattr(decoder_crashes, "_crash_in_child", lambda path, sampling: children.append(sampling) or
                         in_child(path, sampling))  # the real child runs too: it must read the position
     assert decoder_crashes.triage(tmp_path) == {} and children == [moved] and moved.position is not None
+    assert left["started"] == decoder_crashes._start_time(os.getpid()) is not None  # this very process, pid reuse aside
