@@ -82,7 +82,8 @@ def load_backbone(name_or_dir: str, num_frames: int) -> TimesformerModel:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"backbone {name_or_dir!r}: not a local folder, and the Hugging Face hub (or its local cache) "
                           f"cannot provide it: {reason}. Download it where the hub is reachable (e.g. "
-                          f"`hf download {name_or_dir}`), or pass --backbone with a folder written by save_pretrained") from None
+                          f"`hf download {name_or_dir}`; offline with it downloaded, HF_HUB_OFFLINE=1 skips the hub's "
+                          f"retries), or pass --backbone with a folder written by save_pretrained") from None
     set_num_frames(model, num_frames)
     return model.eval()
 

@@ -116,6 +116,7 @@ def test_a_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "backbone 'no-such-org/no-such-timesformer': not a local folder" in result.stdout
     assert "--backbone with a folder written by save_pretrained" in result.stdout
+    assert "HF_HUB_OFFLINE=1 skips the hub's retries" in result.stdout
 
 
 # --- LoRA --------------------------------------------------------------------------------------
