@@ -11,6 +11,7 @@ cache bytes per take, extract peak RSS, and the fit-head cell time (bench.fit_he
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -108,6 +109,14 @@ print(json.dumps({"seconds": s.seconds, "clips": s.clips,
                   "peak_rss_mb": peak_resident_mb()}))
 """
 
+# not timed: reading a 1.2 GB process's smaps_rollup takes ~6 ms, which would slow the run it samples
+EXTRACT_TREE_MEMORY = """
+from bench.common import PeakTreeMemory; from pipeline.extraction import run_extraction
+with PeakTreeMemory() as tree:
+    run_extraction(c)
+print(json.dumps({"peak_tree_pss_mb": tree.peak_mb}))
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -178,6 +187,8 @@ def main() -> None:
             extracts.append(run_in_child(EXTRACT, config))
             models_s.append(run_in_child(MODEL_ONLY, config, str(clips))["seconds"])
         extracts_s = [extract["seconds"] for extract in extracts]
+        tree_pss_mb = run_in_child(EXTRACT_TREE_MEMORY, dataclasses.replace(config, cache=folder / "cache-memory"))[
+            "peak_tree_pss_mb"]
         cache_bytes = sum(p.stat().st_size for p in (folder / "cache0" / "features.zarr").rglob("*") if p.is_file())
         figures.update({
             "decode_fps": round(clips * args.frames / decode_s, 1),
@@ -190,6 +201,9 @@ def main() -> None:
             "extract_vs_decode_plus_model": round(statistics.median(e / (decode_s + m) for e, m in zip(extracts_s, models_s)), 3),
             "cache_bytes_per_take": int(cache_bytes / args.takes),
             "extract_peak_rss_mb": round(max(extract["peak_rss_mb"] for extract in extracts), 1),
+            # the extract process with its decode worker, in one more (untimed) run: sampled every 50 ms, pages
+            # shared after fork counted once (None without Linux /proc)
+            "extract_peak_tree_pss_mb": tree_pss_mb and round(tree_pss_mb, 1),
         })
     if not args.skip_fit_head:
         out = subprocess.run([sys.executable, "-m", "bench.fit_head", "--cells", "3"], capture_output=True, text=True, check=True)

@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -112,6 +113,58 @@ def host_description(cpuinfo_path: str = "/proc/cpuinfo", caches_folder: str = "
     if torch.cuda.is_available():
         host["gpu"] = torch.cuda.get_device_name()
     return host
+
+
+class PeakTreeMemory:
+    """The peak over time of this process's and its descendants' proportional set size (PSS), in MiB.
+
+    A context manager that samples /proc every `interval_s` in a thread. PSS shares each page among the
+    processes mapping it, so the sum counts a DataLoader worker's own memory but not the pages it
+    shares with its parent after fork (RSS would count those twice). `peak_mb` is None where /proc has
+    no smaps_rollup (not Linux).
+    """
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s, self.peak_mb = interval_s, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "PeakTreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            total = sum(filter(None, map(_pss_kb, _process_tree(os.getpid()))))
+            if total:
+                self.peak_mb = max(self.peak_mb or 0.0, total / 1024)
+            if self._stop.wait(self.interval_s):
+                return
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and every live descendant of it (Linux /proc; just `pid` elsewhere)."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        for task in glob.glob(f"/proc/{tree[index]}/task/*/children"):
+            try:
+                tree += [int(child) for child in open(task).read().split()]
+            except OSError:  # the task or process ended meanwhile
+                pass
+        index += 1
+    return tree
+
+
+def _pss_kb(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            return next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def count_flops(function, *args, **kwargs) -> int:

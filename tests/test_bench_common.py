@@ -1,13 +1,18 @@
 """The benchmark's shared parts: the matmul replay must replay exactly the matmuls a function runs, no more, no
 less; the host description must say what the figures were measured on."""
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.common import count_flops, host_description, replayed_matmuls
+from bench.common import PeakTreeMemory, count_flops, host_description, replayed_matmuls
 
 
 def test_replay_has_the_functions_matmul_flops_and_leaves_out_everything_else():
@@ -92,3 +97,12 @@ def test_the_host_description_leaves_out_what_it_cannot_read(tmp_path):
     assert {"cpu", "cores", "torch"} <= set(host) and "amx_bf16" not in host and "l2_cache" not in host
     (tmp_path / "cpuinfo").write_text("model name\t: No Flags CPU\n")
     assert host_description(str(tmp_path / "cpuinfo"), str(tmp_path / "missing-caches"))["amx_bf16"] is False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="PSS needs Linux /proc")
+def test_the_tree_memory_peak_counts_a_childs_own_memory():
+    with PeakTreeMemory() as alone:
+        time.sleep(0.3)
+    with PeakTreeMemory() as tree:
+        subprocess.run([sys.executable, "-c", "import time; b = b'x' * (300 * 2**20); time.sleep(0.5)"], check=True)
+    assert alone.peak_mb > 10 and tree.peak_mb - alone.peak_mb > 250  # the child's 300 MiB, beside this process
