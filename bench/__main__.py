@@ -4,8 +4,9 @@ Figures: bf16/fp32 matmul peak, backbone FLOP/s (base config, random weights, T=
 runs it, as `extract --compile` does, and its matmuls alone: the ceiling; best of
 interleaved rounds, so the peak and the backbone see the same quiet moments of a shared machine;
 their ratio both as best / best and as the median over rounds of the ratio within a round),
-decode fps, end-to-end extract clips/s and its ratio to the slower of decode-only and model-only,
-cache bytes per take, extract peak RSS, and the fit-head cell time (bench.fit_head).
+decode fps, end-to-end extract clips/s and its ratio to the slower of decode-only and model-only
+(median of paired rounds), cache bytes per take, extract peak RSS (and the peak PSS with its decode
+worker), and the fit-head cell time (bench.fit_head); first, the host they were measured on.
 """
 
 from __future__ import annotations
