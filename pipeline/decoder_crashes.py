@@ -20,6 +20,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -60,7 +61,10 @@ def worker_died(err: RuntimeError) -> bool:
 
     Only then may a marker left behind name the cause: after any other error, the loader's shutdown
     kills workers mid-decode too, and their markers stay."""
-    return "DataLoader worker" in str(err) or "DataLoader timed out" in str(err)
+    # "DataLoader worker (pid(s) N) exited unexpectedly", "DataLoader worker (pid N) is killed by signal: ...",
+    # "DataLoader timed out after N seconds"; not "Caught RuntimeError in DataLoader worker process 0": an
+    # exception the worker raised, after which the shutdown may kill the other workers mid-decode
+    return "DataLoader worker (pid" in str(err) or "DataLoader timed out" in str(err)
 
 
 def explained_worker_death(root: Path, err: RuntimeError, rerun: str) -> RuntimeError | None:
@@ -117,20 +121,27 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
     """Re-decode every suspect of this host in a child process, record the crashes; returns known_crashes.
 
     Suspects that decode fine alone are appended to `cleared` when given. A process claims each marker
-    (renamed `<marker>.triaging-<pid>`) before decoding it, so ranks sharing a host decode it once; a claim
-    whose process died is taken over.
+    (renamed `<marker>.triaging-<pid>-<start time>`) before decoding it, so ranks sharing a host decode it
+    once; a claim whose process died is taken over.
     """
-    folder, host = Path(cache_root) / MARKERS, glob.escape(socket.gethostname())
-    for path in sorted(folder.glob(f"{host}-*.json")) + sorted(folder.glob(f"{host}-*.json.triaging-*")):
-        claimed = ".triaging-" in path.name
+    folder = Path(cache_root) / MARKERS
+    # `<host>-<pid>.json`, or claimed: `….triaging-<pid>[-<start time>]`; exactly this host's (not `<host>-2-…`'s)
+    names = re.compile(rf"{re.escape(socket.gethostname())}-(\d+)\.json(?:\.triaging-(\d+)(?:-(\d+))?)?")
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not (match := names.fullmatch(path.name)):
+            continue
         try:
             suspect = read_json(path)
         except FileNotFoundError:  # claimed meanwhile by another process on this host
             continue
-        owner = int((path.name if claimed else path.stem).rsplit("-", 1)[1])
-        if _alive(owner, None if claimed else suspect.get("started")):  # a decode or triage in progress
-            continue
-        claim = folder / f"{path.name.split('.triaging-')[0]}.triaging-{os.getpid()}"
+        decoder, triager, triager_started = match.groups()
+        if triager and _alive(int(triager), int(triager_started) if triager_started else None):
+            continue  # being triaged
+        if not triager and _alive(int(decoder), suspect.get("started")):
+            continue  # a decode in progress (another worker or rank on this host)
+        marker = folder / path.name.split(".triaging-")[0]
+        started = _start_time(os.getpid())
+        claim = marker.with_name(f"{marker.name}.triaging-{os.getpid()}" + ("" if started is None else f"-{started}"))
         try:
             os.rename(path, claim)
         except FileNotFoundError:
@@ -138,7 +149,11 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
         # the frames that were being decoded: markers written before sampling methods (or finetune's moved
         # windows) existed lack the keys, and were uniform (or centred)
         sampling = ClipSampling(suspect["frames"], suspect.get("sampling", "uniform"), suspect.get("position"))
-        reason = _crash_in_child(Path(suspect["path"]), sampling)
+        try:
+            reason = _crash_in_child(Path(suspect["path"]), sampling)
+        except BaseException:  # a child that could not run, or this process stopped: the marker waits for a rerun
+            os.rename(claim, marker)
+            raise
         if reason:
             name = f"{suspect['take_uid']}.{suspect['view']}.json"
             write_json_atomic(Path(cache_root) / CRASHES / name, suspect | {"reason": reason})

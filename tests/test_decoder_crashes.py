@@ -228,7 +228,13 @@ def test_a_stop_without_a_dead_worker_is_not_blamed_on_a_file(dataset, crash_on,
     # its marker: the error is not about that file
     leave_marker(tmp_path, take, VIEWS[0], dead_pid())
     assert decoder_crashes.explained_worker_death(tmp_path, RuntimeError("CUDA out of memory"), "rerun") is None
+    # an exception raised in a worker (by a bug, say) is re-raised in the loop with these words
+    caught = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback ...")
+    assert decoder_crashes.explained_worker_death(tmp_path, caught, "rerun") is None
     assert not decoder_crashes.known_crashes(tmp_path)
+    for death in ("DataLoader worker (pid(s) 12) exited unexpectedly", "DataLoader worker (pid 12) is killed by signal: "
+                  "Aborted.", "DataLoader timed out after 10 seconds"):
+        assert decoder_crashes.worker_died(RuntimeError(death)), death
 
 
 def test_a_marker_of_a_reused_pid_is_a_suspect_and_a_live_decode_is_not(dataset, crash_on, tmp_path):
@@ -310,3 +316,36 @@ def test_triage_re_decodes_the_very_window_that_was_being_decoded(dataset, tmp_p
                         in_child(path, sampling))  # the real child runs too: it must read the position
     assert decoder_crashes.triage(tmp_path) == {} and children == [moved] and moved.position is not None
     assert left["started"] == decoder_crashes._start_time(os.getpid()) is not None  # this very process, pid reuse aside
+
+
+def test_triage_leaves_markers_of_a_host_whose_name_extends_this_ones(dataset, tmp_path, monkeypatch):
+    take = load_takes(dataset, "train")[0]
+    monkeypatch.setattr(decoder_crashes.socket, "gethostname", lambda: "node-2")
+    leave_marker(tmp_path, take, VIEWS[0], dead_pid())  # node-2-<pid>.json, a cache shared by hosts node and node-2
+    monkeypatch.setattr(decoder_crashes.socket, "gethostname", lambda: "node")
+    children = []
+    monkeypatch.setattr(decoder_crashes, "_crash_in_child", lambda path, sampling: children.append(path))
+    decoder_crashes.triage(tmp_path)
+    assert children == [] and len(list((tmp_path / decoder_crashes.MARKERS).iterdir())) == 1
+
+
+def test_a_claim_of_a_reused_pid_is_taken_over_and_a_failed_triage_gives_its_claim_back(dataset, crash_on, tmp_path,
+                                                                                         monkeypatch):
+    takes = load_takes(dataset, "train")
+    crash_on(takes[0].videos[VIEWS[3]])
+    leave_marker(tmp_path, takes[0], VIEWS[3], dead_pid())
+    marker = next((tmp_path / decoder_crashes.MARKERS).glob("*.json"))
+    parent = os.getppid()  # alive, but not the triager that claimed it: another start time
+    marker.rename(marker.with_name(f"{marker.name}.triaging-{parent}-{decoder_crashes._start_time(parent) + 1}"))
+    assert set(decoder_crashes.triage(tmp_path)) == {(takes[0].take_uid, VIEWS[3])}
+
+    leave_marker(tmp_path, takes[1], VIEWS[3], dead_pid())
+    marker = next((tmp_path / decoder_crashes.MARKERS).glob("*.json"))
+
+    def cannot_run(path, sampling):
+        raise RuntimeError("could not re-decode it in a child process")
+
+    monkeypatch.setattr(decoder_crashes, "_crash_in_child", cannot_run)
+    with pytest.raises(RuntimeError, match="could not re-decode"):
+        decoder_crashes.triage(tmp_path)
+    assert list((tmp_path / decoder_crashes.MARKERS).iterdir()) == [marker]  # there again for the next triage
