@@ -25,11 +25,12 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.files import read_json, write_json_atomic
+from pipeline.files import commit_file, read_json, write_json_atomic
 from pipeline.video import ClipSampling
 
 MARKERS, CRASHES = "decoding", "decoder_crashes"
@@ -132,7 +133,16 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
             continue
         try:
             suspect = read_json(path)
+            # the frames that were being decoded: markers written before sampling methods (or finetune's moved
+            # windows) existed lack the keys, and were uniform (or centred)
+            sampling = ClipSampling(suspect["frames"], suspect.get("sampling", "uniform"), suspect.get("position"))
+            video = Path(suspect["path"])
         except FileNotFoundError:  # claimed meanwhile by another process on this host
+            continue
+        except (ValueError, KeyError, TypeError) as err:  # written whole and renamed in: only an OS crash cuts one
+            warnings.warn(f"{path}: an unreadable decode marker ({err!r}); removed. If it named a file that crashes "
+                          "the decoder, the next crash names it again.", stacklevel=2)
+            path.unlink(missing_ok=True)
             continue
         decoder, triager, triager_started = match.groups()
         if triager and _alive(int(triager), int(triager_started) if triager_started else None):
@@ -146,13 +156,11 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
             os.rename(path, claim)
         except FileNotFoundError:
             continue
-        # the frames that were being decoded: markers written before sampling methods (or finetune's moved
-        # windows) existed lack the keys, and were uniform (or centred)
-        sampling = ClipSampling(suspect["frames"], suspect.get("sampling", "uniform"), suspect.get("position"))
         try:
-            reason = _crash_in_child(Path(suspect["path"]), sampling)
+            reason = _crash_in_child(video, sampling)
         except BaseException:  # a child that could not run, or this process stopped: the marker waits for a rerun
-            os.rename(claim, marker)
+            with contextlib.suppress(FileExistsError):  # unless a new decode took its name: then the claim waits
+                commit_file(claim, marker, create_only=True)
             raise
         if reason:
             name = f"{suspect['take_uid']}.{suspect['view']}.json"

@@ -349,3 +349,32 @@ def test_a_claim_of_a_reused_pid_is_taken_over_and_a_failed_triage_gives_its_cla
     with pytest.raises(RuntimeError, match="could not re-decode"):
         decoder_crashes.triage(tmp_path)
     assert list((tmp_path / decoder_crashes.MARKERS).iterdir()) == [marker]  # there again for the next triage
+
+
+def test_an_unreadable_marker_is_removed_with_a_warning_not_an_error(dataset, tmp_path):
+    folder = tmp_path / decoder_crashes.MARKERS
+    folder.mkdir()
+    for text in ("", '{"take_uid": "t", "vi', "{}"):  # cut by an OS crash, say
+        path = folder / f"{socket.gethostname()}-{dead_pid()}.json"
+        path.write_text(text)
+        with pytest.warns(UserWarning, match=f"{path}: an unreadable decode marker"):
+            assert decoder_crashes.triage(tmp_path) == {}
+        assert not list(folder.iterdir())
+
+
+def test_a_failed_triage_keeps_a_marker_written_meanwhile_under_the_same_name(dataset, tmp_path, monkeypatch):
+    take = load_takes(dataset, "train")[0]
+    pid = dead_pid()
+    leave_marker(tmp_path, take, VIEWS[0], pid)
+    marker = next((tmp_path / decoder_crashes.MARKERS).glob("*.json"))
+
+    def new_decode_then_stop(path, sampling):  # a new process got the dead one's pid and began a decode
+        marker.write_text(json.dumps({"take_uid": "live", "view": VIEWS[0], "path": "x.mp4", "frames": FRAMES}))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(decoder_crashes, "_crash_in_child", new_decode_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        decoder_crashes.triage(tmp_path)
+    assert json.loads(marker.read_text())["take_uid"] == "live"
+    claims = list((tmp_path / decoder_crashes.MARKERS).glob("*.triaging-*"))  # the suspect waits as a claim
+    assert len(claims) == 1 and json.loads(claims[0].read_text())["take_uid"] == take.take_uid
