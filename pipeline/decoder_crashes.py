@@ -136,7 +136,7 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
             # the frames that were being decoded: markers written before sampling methods (or finetune's moved
             # windows) existed lack the keys, and were uniform (or centred)
             sampling = ClipSampling(suspect["frames"], suspect.get("sampling", "uniform"), suspect.get("position"))
-            video = Path(suspect["path"])
+            video, record = Path(suspect["path"]), f"{suspect['take_uid']}.{suspect['view']}.json"
         except FileNotFoundError:  # claimed meanwhile by another process on this host
             continue
         except (ValueError, KeyError, TypeError) as err:  # written whole and renamed in: only an OS crash cuts one
@@ -163,8 +163,7 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
                 commit_file(claim, marker, create_only=True)
             raise
         if reason:
-            name = f"{suspect['take_uid']}.{suspect['view']}.json"
-            write_json_atomic(Path(cache_root) / CRASHES / name, suspect | {"reason": reason})
+            write_json_atomic(Path(cache_root) / CRASHES / record, suspect | {"reason": reason})
         elif cleared is not None:
             cleared.append(suspect["path"])
         claim.unlink(missing_ok=True)

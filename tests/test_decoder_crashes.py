@@ -354,7 +354,7 @@ def test_a_claim_of_a_reused_pid_is_taken_over_and_a_failed_triage_gives_its_cla
 def test_an_unreadable_marker_is_removed_with_a_warning_not_an_error(dataset, tmp_path):
     folder = tmp_path / decoder_crashes.MARKERS
     folder.mkdir()
-    for text in ("", '{"take_uid": "t", "vi', "{}"):  # cut by an OS crash, say
+    for text in ("", '{"take_uid": "t", "vi', "{}", '{"path": "x.mp4", "frames": 4}', "[]"):  # cut by an OS crash, say
         path = folder / f"{socket.gethostname()}-{dead_pid()}.json"
         path.write_text(text)
         with pytest.warns(UserWarning, match=f"{path}: an unreadable decode marker"):
