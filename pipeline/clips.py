@@ -35,8 +35,7 @@ class TakeClips(Dataset):
         with warnings.catch_warnings(record=True) as caught:  # said by the loader in the main process, see ClipBatches
             warnings.simplefilter("always")
             sampling = self.sampling.moved_window(*self.moved_windows, take.take_uid) if self.moved_windows else self.sampling
-            guard = self.crash_guard
-            decoded = decode_take(take, self.views, sampling, cache_root=guard and guard.root, crashes=guard and guard.crashes)
+            decoded = decode_take(take, self.views, sampling, crash_guard=self.crash_guard)
         # as extract does: a failed view counts as absent, said aloud
         notes = [f"take {take.take_uid}, view {view}: {reason}; treated as absent" for view, reason in decoded.failures.items()]
         notes += [str(warning.message) for warning in caught]
@@ -72,16 +71,12 @@ class ClipBatches:
                         _SAID.add(line)
                         warnings.warn(line, UserWarning, stacklevel=1)
                 yield clips, present, labels, indices
-        finally:  # as extract: stop the workers now, so that triage never sees a stuck one alive
-            shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader's own (private) stop
-            if shutdown:
-                shutdown()
+        finally:  # as extract's
+            decoder_crashes.stop_workers(batches)
 
 
 def clip_loader(takes: list[Take], views, sampling: ClipSampling, batch_size: int, workers: int,
                 moved_windows: tuple[int, int] | None = None, crash_guard: CrashGuard | None = None) -> ClipBatches:
     dataset = TakeClips(takes, views, sampling, moved_windows, crash_guard)
-    # under a crash guard a worker stuck in the decoder fails the wait like a dead one (extract's rule: the per-file
-    # limit for each decode of a batch), and triage names the file
-    timeout = decoder_crashes.DECODE_TIMEOUT_S * len(views) * batch_size if crash_guard and workers else 0
+    timeout = decoder_crashes.loader_timeout(len(views) * batch_size, workers) if crash_guard else 0  # an item: a batch
     return ClipBatches(DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, timeout=timeout))

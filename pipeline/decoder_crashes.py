@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -54,7 +54,21 @@ class CrashGuard:
     are known to crash the decoder and are not decoded again."""
 
     root: Path
-    crashes: dict[tuple[str, str], str] = field(default_factory=dict)
+    crashes: dict[tuple[str, str], str]
+
+
+def loader_timeout(decodes_per_item: int, workers: int) -> float:
+    """A DataLoader's wait for one item whose decodes are guarded: a worker stuck in the decoder then fails
+    the wait like a dead one, and triage names the file (recorded as hung by its child's own limit)."""
+    return DECODE_TIMEOUT_S * decodes_per_item if workers else 0
+
+
+def stop_workers(batches) -> None:
+    """Stop a DataLoader iterator's workers now (its own, private, join-then-terminate), not when a traceback
+    lets it go: triage must not see a worker stuck in the decoder alive."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # absent without workers
+    if shutdown:
+        shutdown()
 
 
 def worker_died(err: RuntimeError) -> bool:
@@ -81,11 +95,13 @@ def explained_worker_death(root: Path, err: RuntimeError, rerun: str) -> Runtime
         lines = "\n".join(f"take {uid}, view {view}: {reason}" for (uid, view), reason in new.items())
         return RuntimeError(f"{err}\n{lines}\nRecorded in {Path(root) / CRASHES}: {rerun} goes on with "
                             f"{'this view' if len(new) == 1 else 'these views'} absent.")
-    if cleared:
-        return RuntimeError(f"{err}\nA decoding process died while decoding {', '.join(cleared)}, which decodes fine "
-                            f"alone in a child process: the cause is outside the file (out of memory?). {rerun} "
-                            "decodes it again.")
-    return None
+    return outside_the_file(err, cleared, f"{rerun} decodes it again.") if cleared else None
+
+
+def outside_the_file(err: RuntimeError, cleared: list[str], then: str) -> RuntimeError:
+    """`err`, a worker's death while it decoded the `cleared` files, which triage found to decode fine alone."""
+    return RuntimeError(f"{err}\nA decoding process died while decoding {', '.join(cleared)}, which decodes fine alone "
+                        f"in a child process: the cause is outside the file (out of memory?). {then}")
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from pipeline import backbone as bb
 from pipeline import decoder_crashes
 from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
 from pipeline.config import ConfigError, device_problem, output_problem, save_config, with_absolute_paths
-from pipeline.decoder_crashes import decoding, triage
+from pipeline.decoder_crashes import CrashGuard, decoding, triage
 from pipeline.distributed import Ranks, barrier
 from pipeline.skill_model import read_model_spec
 from pipeline.takes import VIEWS, Take, load_takes
@@ -212,30 +212,30 @@ class ShardTakes(IterableDataset):
     """Decodes the takes of the given shards in order; worker w of W decodes takes w, w+W, ..."""
 
     def __init__(self, shards: list[tuple[int, list[Take]]], views: tuple[str, ...], sampling: ClipSampling,
-                 cache_root: Path, crashes: dict[tuple[str, str], str]):
-        self.shards, self.views, self.sampling, self.cache_root, self.crashes = shards, views, sampling, cache_root, crashes
+                 crash_guard: CrashGuard):
+        self.shards, self.views, self.sampling, self.crash_guard = shards, views, sampling, crash_guard
 
     def __iter__(self) -> Iterator[DecodedTake]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         items = [(shard, pos, take) for shard, takes in self.shards for pos, take in enumerate(takes)]
         for shard, position, take in items[worker::num_workers]:
-            yield decode_take(take, self.views, self.sampling, shard, position, self.cache_root, self.crashes)
+            yield decode_take(take, self.views, self.sampling, shard, position, self.crash_guard)
 
 
 def decode_take(take: Take, views: tuple[str, ...], sampling: ClipSampling, shard: int = 0, position: int = 0,
-                cache_root: Path | None = None, crashes: dict[tuple[str, str], str] | None = None) -> DecodedTake:
-    """Decode and preprocess every view; with `cache_root`, each decode is guarded by a crash marker
-    (pipeline.decoder_crashes) and the views in `crashes` are failed without decoding them."""
+                crash_guard: CrashGuard | None = None) -> DecodedTake:
+    """Decode and preprocess every view; with `crash_guard`, each decode is guarded by a crash marker in its
+    folder (pipeline.decoder_crashes) and the views it knows to crash the decoder are failed without decoding."""
     clips, failures, lengths = {}, {}, {}
     for view in views:
-        if crashes and (take.take_uid, view) in crashes:
-            failures[view] = crashes[(take.take_uid, view)]
+        if crash_guard and (take.take_uid, view) in crash_guard.crashes:
+            failures[view] = crash_guard.crashes[(take.take_uid, view)]
             continue
         if view not in take.videos:  # a take folder given to predict without this camera
             failures[view] = "no file for this view in the take folder"
             continue
-        guard = decoding(cache_root, take.take_uid, view, take.videos[view], sampling) if cache_root else nullcontext()
+        guard = decoding(crash_guard.root, take.take_uid, view, take.videos[view], sampling) if crash_guard else nullcontext()
         try:
             with guard:
                 sampled, lengths[view] = decode_clip(take.videos[view], sampling)
@@ -320,11 +320,8 @@ def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: Feature
             found = triage(config.cache, cleared)
             if found.keys() <= crashes.keys():
                 if cleared:
-                    raise RuntimeError(
-                        f"{err}\nThe worker died while decoding {', '.join(cleared)}, which decodes fine alone in a "
-                        "child process: the cause is outside the file (out of memory?). Committed shards are kept; "
-                        "rerun the same command to go on."
-                    ) from err
+                    raise decoder_crashes.outside_the_file(
+                        err, cleared, "Committed shards are kept; rerun the same command to go on.") from err
                 raise
             crashes = found  # record those views as failed and go on with the shards not yet committed
             done = cache.committed_shards(config.split)
@@ -349,15 +346,12 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
 
     A shard in `rewrite` (committed before) is uncommitted just before it is written, then left out of it."""
     loader = DataLoader(
-        ShardTakes(pending, config.views, config.clip_sampling, Path(config.cache), crashes),
+        ShardTakes(pending, config.views, config.clip_sampling, CrashGuard(Path(config.cache), crashes)),
         batch_size=None,
         num_workers=config.workers,
         collate_fn=_as_is,  # a module-level function: spawned or forkserver workers pickle it
         prefetch_factor=2 if config.workers else None,
-        # a worker stuck in the decoder fails the wait like a dead one: triage then re-decodes its
-        # file in a child with the per-file limit and records it as hung (the decode marker names
-        # it). An item is a whole take, decoded view after view: the wait allows the limit per view.
-        timeout=decoder_crashes.DECODE_TIMEOUT_S * len(config.views) if config.workers else 0,
+        timeout=decoder_crashes.loader_timeout(len(config.views), config.workers),  # an item: a take, view after view
     )
     takes_by_shard = dict(pending)
     encode = bb.compiled_encode_clips(config.frozen_weights) if config.compile else bb.encode_clips
@@ -382,10 +376,8 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
                 summary.computed_takes += 1
                 if on_take:
                     on_take(len(item.clips))
-    finally:  # shut the workers down now, not when the traceback goes: triage must not see them alive
-        shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader's own (private) stop: join, then
-        if shutdown:  # terminate; a worker stuck in the decoder would otherwise outlive the error
-            shutdown()
+    finally:
+        decoder_crashes.stop_workers(batches)
 
 
 def _group_by_shard(batches, sizes: dict[int, int]) -> Iterator[tuple[int, list[DecodedTake]]]:
