@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -188,6 +187,7 @@ def main() -> None:
             extracts.append(run_in_child(EXTRACT, config))
             models_s.append(run_in_child(MODEL_ONLY, config, str(clips))["seconds"])
         extracts_s = [extract["seconds"] for extract in extracts]
+        bottlenecks_s = [max(decode_s, model_s) for model_s in models_s]
         tree_pss_mb = run_in_child(EXTRACT_TREE_MEMORY, dataclasses.replace(config, cache=folder / "cache-memory"))[
             "peak_tree_pss_mb"]
         cache_bytes = sum(p.stat().st_size for p in (folder / "cache0" / "features.zarr").rglob("*") if p.is_file())
@@ -196,10 +196,9 @@ def main() -> None:
             "decode_clips_per_s": round(clips / decode_s, 2),
             "model_clips_per_s": round(clips / min(models_s), 2),
             "extract_clips_per_s": round(max(extract["clips"] / extract["seconds"] for extract in extracts), 2),
-            # end-to-end over its bottleneck: the median over rounds of the ratio within a round
-            "extract_vs_bottleneck": round(statistics.median(e / max(decode_s, m) for e, m in zip(extracts_s, models_s)), 3),
-            "extract_vs_bottleneck_rounds": [round(e / max(decode_s, m), 3) for e, m in zip(extracts_s, models_s)],
-            "extract_vs_decode_plus_model": round(statistics.median(e / (decode_s + m) for e, m in zip(extracts_s, models_s)), 3),
+            "extract_vs_bottleneck": round(median_paired_ratio(extracts_s, bottlenecks_s), 3),
+            "extract_vs_bottleneck_rounds": [round(e / b, 3) for e, b in zip(extracts_s, bottlenecks_s)],
+            "extract_vs_decode_plus_model": round(median_paired_ratio(extracts_s, [decode_s + m for m in models_s]), 3),
             "cache_bytes_per_take": int(cache_bytes / args.takes),
             "extract_peak_rss_mb": round(max(extract["peak_rss_mb"] for extract in extracts), 1),
             # the extract process with its decode worker, in one more (untimed) run: sampled every 50 ms, pages
