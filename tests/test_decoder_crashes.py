@@ -109,16 +109,19 @@ def dead_pid() -> int:
     return process.pid
 
 
+def leave_marker(folder, take, view, pid, **fields):
+    marker = {"take_uid": take.take_uid, "view": view, "path": str(take.videos[view]), "frames": FRAMES, **fields}
+    write_json_atomic(folder / decoder_crashes.MARKERS / f"{socket.gethostname()}-{pid}.json", marker)
+
+
 def test_markers_left_by_a_killed_run_are_retried_in_a_child_before_the_rerun(dataset, backbone_dir, clean, crash_on,
                                                                                tmp_path):
     takes = load_takes(dataset, "train")
-    crasher, innocent = takes[4].videos[VIEWS[0]], takes[1].videos[VIEWS[2]]
-    crash_on(crasher)  # only in triage's children: the run itself (workers=0) would decode it fine
+    crash_on(takes[4].videos[VIEWS[0]])  # only in triage's children: the run itself (workers=0) would decode it fine
     cache_dir = tmp_path / "cache"
     markers = cache_dir / decoder_crashes.MARKERS
-    for take, view, path in ((takes[4], VIEWS[0], crasher), (takes[1], VIEWS[2], innocent)):
-        marker = {"take_uid": take.take_uid, "view": view, "path": str(path), "frames": FRAMES}
-        write_json_atomic(markers / f"{socket.gethostname()}-{dead_pid()}.json", marker)
+    for take, view in ((takes[4], VIEWS[0]), (takes[1], VIEWS[2])):  # a crasher and an innocent file
+        leave_marker(cache_dir, take, view, dead_pid())
     summary = run_extraction(config(dataset, backbone_dir, cache_dir, workers=0))
     assert set(summary.failures) == {takes[4].take_uid} and "SIGABRT" in summary.failures[takes[4].take_uid][VIEWS[0]]
     assert_only_slot_missing(cache_dir, clean, 4, 0)  # the innocent file was decoded as usual
@@ -215,11 +218,6 @@ def test_evaluate_stops_on_a_decoder_crash_naming_the_file_and_the_rerun_goes_on
     assert not any(row["absent_views"] for row in rows if row["take_uid"] != take.take_uid)
 
 
-def leave_marker(folder, take, view, pid, **fields):
-    marker = {"take_uid": take.take_uid, "view": view, "path": str(take.videos[view]), "frames": FRAMES, **fields}
-    write_json_atomic(folder / decoder_crashes.MARKERS / f"{socket.gethostname()}-{pid}.json", marker)
-
-
 def test_a_stop_without_a_dead_worker_is_not_blamed_on_a_file(dataset, crash_on, tmp_path):
     assert decoder_crashes.explained_worker_death(tmp_path, RuntimeError("out of patience"), "rerun") is None
     take = load_takes(dataset, "train")[0]
@@ -284,8 +282,7 @@ def test_triage_claims_each_marker_and_takes_over_a_dead_triages_claim(dataset, 
 
 def test_a_decode_cut_short_on_a_file_that_decodes_alone_is_named_but_not_recorded(dataset, tmp_path):
     take = load_takes(dataset, "train")[0]
-    marker = {"take_uid": take.take_uid, "view": VIEWS[0], "path": str(take.videos[VIEWS[0]]), "frames": FRAMES}
-    write_json_atomic(tmp_path / decoder_crashes.MARKERS / f"{socket.gethostname()}-{dead_pid()}.json", marker)
+    leave_marker(tmp_path, take, VIEWS[0], dead_pid())
     died = RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
     explained = decoder_crashes.explained_worker_death(tmp_path, died, "the rerun")
     assert f"decoding {take.videos[VIEWS[0]]}, which decodes fine alone" in str(explained)
@@ -297,8 +294,7 @@ def test_a_finetune_killed_while_decoding_in_its_own_process_leaves_the_file_to_
     take = load_takes(labelled, "train")[3]
     crash_on(take.videos[VIEWS[4]])  # only in triage's child: as if this run (workers 0) had died on the file
     out = tmp_path / "run"
-    marker = {"take_uid": take.take_uid, "view": VIEWS[4], "path": str(take.videos[VIEWS[4]]), "frames": FRAMES}
-    write_json_atomic(out / decoder_crashes.MARKERS / f"{socket.gethostname()}-{dead_pid()}.json", marker)
+    leave_marker(out, take, VIEWS[4], dead_pid())
     with pytest.warns(UserWarning, match=f"take {take.take_uid}, view {VIEWS[4]}: .*crashed.*treated as absent"):
         run_finetune(finetune_config(labelled, backbone_dir, out, workers=0), resume=True)
     assert set(decoder_crashes.known_crashes(out)) == {(take.take_uid, VIEWS[4])}
