@@ -6,8 +6,9 @@ decoding process instead, so extract guards every decode with a marker file nami
 exception). A marker whose process is gone names a *suspect*: the file that killed it, or a file
 that was being decoded when the whole job was killed from outside. `triage` tells the two apart by
 decoding each suspect once more in a child process: if the child dies too, the file is recorded
-in `<cache>/decoder_crashes/` and never decoded again (its view is absent, with the reason, like any
-failed view); otherwise the marker is simply dropped.
+in `<cache>/decoder_crashes/` and not decoded again while it stays unchanged (its view is absent, with
+the reason, like any failed view); otherwise the marker is simply dropped. A record keeps the file's size
+and modification time: a file replaced since (fixed, fetched again) is decoded again, guarded as ever.
 
 finetune and evaluate decode under the same guard, in their run or output folder (CrashGuard). They
 do not go on in the same run: a crash stops it with the file named and recorded, and the rerun
@@ -112,7 +113,7 @@ def decoding(cache_root: Path, take_uid: str, view: str, path: Path, sampling: C
     tmp = marker.with_suffix(".tmp")  # no fsync: the marker only has to survive the process, not the OS
     tmp.write_text(json.dumps({"take_uid": take_uid, "view": view, "path": str(path), "frames": sampling.frames,
                                "sampling": sampling.method, "position": sampling.position,
-                               "started": _start_time(os.getpid())}))
+                               "started": _start_time(os.getpid()), "file": file_identity(path)}))
     os.replace(tmp, marker)
     try:
         yield
@@ -121,10 +122,24 @@ def decoding(cache_root: Path, take_uid: str, view: str, path: Path, sampling: C
 
 
 def known_crashes(cache_root: Path) -> dict[tuple[str, str], str]:
-    """(take_uid, view) -> reason, for every file recorded as crashing the decoder."""
+    """(take_uid, view) -> reason, for every file recorded as crashing the decoder that is still the file it
+    was (same size and modification time; records written before they were kept always apply)."""
     folder = Path(cache_root) / CRASHES
     records = [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-    return {(r["take_uid"], r["view"]): r["reason"] for r in records}
+    return {(r["take_uid"], r["view"]): r["reason"] for r in records if _unchanged(r)}
+
+
+def file_identity(path: Path) -> dict[str, int] | None:
+    """What tells a replaced video file from the one a crash was recorded for; None for a missing file."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _unchanged(record: dict) -> bool:
+    return "file" not in record or file_identity(Path(record["path"])) == record["file"]
 
 
 def forget(cache_root: Path, take_uids: list[str]) -> None:

@@ -238,7 +238,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
         raise ConfigError(f"{out}: holds a checkpoint already; pass --resume to continue it, or use another --out")
     if ranks.is_main:
         save_config(config, out / "config.json")
-    triage(out)  # files that crashed the decoder in an earlier try of this run are recorded, then never decoded
+    triage(out)  # files that crashed the decoder in an earlier try of this run are recorded, then not decoded again
     barrier(ranks)
     guard = CrashGuard(out, known_crashes(out))
     if guard.crashes and on_event:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import decord
 import numpy as np
@@ -162,6 +163,20 @@ def test_forget_drops_the_crash_records_of_the_named_takes_only(tmp_path):
     assert decoder_crashes.known_crashes(tmp_path) == {("take-b", "ego"): "crashed"}
 
 
+def test_a_crash_record_applies_only_while_its_file_is_unchanged(tmp_path):
+    video = tmp_path / "take.mp4"
+    video.write_bytes(b"corrupt")
+    for view, file in (("ego", decoder_crashes.file_identity(video)), ("exo1", None)):  # exo1: a record from before
+        write_json_atomic(tmp_path / decoder_crashes.CRASHES / f"take.{view}.json",
+                          {"take_uid": "take", "view": view, "path": str(video), "reason": "crashed"}
+                          | ({"file": file} if file else {}))
+    assert set(decoder_crashes.known_crashes(tmp_path)) == {("take", "ego"), ("take", "exo1")}
+    video.write_bytes(b"fetched again")
+    assert set(decoder_crashes.known_crashes(tmp_path)) == {("take", "exo1")}
+    video.unlink()  # gone: decoding it again fails as a missing file, a plainer reason than the old crash
+    assert set(decoder_crashes.known_crashes(tmp_path)) == {("take", "exo1")}
+
+
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     root = tmp_path_factory.mktemp("labelled")
@@ -216,6 +231,12 @@ def test_evaluate_stops_on_a_decoder_crash_naming_the_file_and_the_rerun_goes_on
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [row["absent_views"] for row in rows if row["take_uid"] == take.take_uid] == [[VIEWS[0]]]
     assert not any(row["absent_views"] for row in rows if row["take_uid"] != take.take_uid)
+    crash_on()  # the file is fixed: replaced by one that decodes, with a new modification time
+    os.utime(take.videos[VIEWS[0]], ns=(os.stat(take.videos[VIEWS[0]]).st_atime_ns, time.time_ns() + 10**9))
+    result = CliRunner().invoke(app, [str(a) for a in command], catch_exceptions=False)
+    assert result.exit_code == 0, result.output  # decoded again: the record was for the file it replaced
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert not any(row["absent_views"] for row in rows)
 
 
 def test_a_stop_without_a_dead_worker_is_not_blamed_on_a_file(dataset, crash_on, tmp_path):
