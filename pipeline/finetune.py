@@ -260,7 +260,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
             visible = present.any(1).float()  # takes without a decodable view carry no signal
             losses = F.cross_entropy(logits.float(), labels.to(device), reduction="none")
             loss = (losses * visible).sum() / visible.sum().clamp_min(1)
-            (loss / config.grad_accum).backward()
+            (loss / accumulated_batches(step, len(loader), config.grad_accum)).backward()
             state["train_losses"].append(loss.item())
             if (step + 1) % config.grad_accum == 0 or step + 1 == len(loader):
                 if config.max_grad_norm:  # DDP has averaged the gradients: every rank clips alike
@@ -293,6 +293,13 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     state["metrics"] = evaluate_split(model, val_takes, views, config.clip_sampling, config.precision, out, settings,
                                       config.device, config.workers, guard)
     return state
+
+
+def accumulated_batches(step: int, steps: int, grad_accum: int) -> int:
+    """How many batches the update that `step` (of `steps` in the epoch) joins averages over: `grad_accum`, fewer in
+    a short last group, so that its gradient is its batches' mean like any other update's (not scaled down)."""
+    group_start = step - step % grad_accum
+    return min(grad_accum, steps - group_start)
 
 
 def _cell_sampling(cell: Path) -> str | None:

@@ -755,3 +755,11 @@ def test_a_window_checkpoint_from_before_train_windows_resumes_on_centred_window
     assert with_added_settings(older, {**older, "train_windows": "random"})["train_windows"] == "centre"
     assert with_added_settings({**older, "sampling": "uniform"}, {"train_windows": "random"})["train_windows"] == "random"
     assert with_added_settings({**older, "train_windows": "random"}, {})["train_windows"] == "random"  # recorded: kept
+
+
+def test_a_short_last_accumulation_group_averages_over_its_own_batches():
+    # 7 batches, accumulation 3: updates after batches 0-2, 3-5 and 6 alone, each the mean of its batches' gradients
+    divisors = [finetune_module.accumulated_batches(step, 7, 3) for step in range(7)]
+    assert divisors == [3, 3, 3, 3, 3, 3, 1]
+    assert [finetune_module.accumulated_batches(step, 4, 2) for step in range(4)] == [2, 2, 2, 2]
+    assert [finetune_module.accumulated_batches(step, 5, 4) for step in range(5)] == [4, 4, 4, 4, 1]
