@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -182,10 +183,13 @@ def _unsafe_path_reason(rel: object) -> str | None:
 def resolve_view_files(take_dir: Path) -> dict[str, Path]:
     """Map the mp4 files of one take folder to views by camera name.
 
-    Ego is the Aria file (`aria01_214-1.mp4`, `aria_214-1.mp4`, `aria1_...`); `camN` / `gpN` is
-    exoN for N in 1..4, and a missing one stays missing (a partial download), except that other
-    camera files (`cam05`) fill the free slots in numeric order. Accepts the folder of mp4s itself,
-    or a take folder holding `frame_aligned_videos/downscaled/448/` or else `frame_aligned_videos/`.
+    Ego is the Aria RGB file (`aria01_214-1.mp4`, `aria_214-1.mp4`, `aria1_...`; never a SLAM `1201-*`
+    or eye `211-*` stream); `camN` / `gpN` is exoN for N in 1..4, and a missing one stays missing (a
+    partial download). Other camera files (`cam05`) fill the free slots in numeric order when the
+    folder holds four exo files (cam01-03 + cam05: exo4); with fewer, which camera is missing cannot be
+    told, so they are left out with a warning rather than seen as another camera's view. Accepts the
+    folder of mp4s itself, or a take folder holding `frame_aligned_videos/downscaled/448/` or else
+    `frame_aligned_videos/`.
     """
     take_dir = Path(take_dir)
     if not take_dir.is_dir():
@@ -195,7 +199,7 @@ def resolve_view_files(take_dir: Path) -> dict[str, Path]:
     files = sorted(p for p in folder.glob("*.mp4") if p.is_file())
     arias = [p for p in files if p.name.lower().startswith("aria")]
     # Aria's RGB stream is 214-1; a folder may also hold its SLAM (1201-*) or eye (211-*) streams
-    egos = [p for p in arias if p.stem.lower().endswith("214-1")] or arias
+    egos = [p for p in arias if p.stem.lower().endswith("214-1")] or [p for p in arias if not _ARIA_SIDE_STREAM.search(p.stem)]
     exos = sorted((p for p in files if _EXO_NAME.match(p.name.lower())), key=_exo_number)
     if len(egos) > 1:
         raise ValueError(f"{folder}: expected one ego (aria*) video, found {[p.name for p in egos]}")
@@ -211,7 +215,12 @@ def resolve_view_files(take_dir: Path) -> dict[str, Path]:
             numbered[view] = path
         else:  # cam05, or a second file for one number (cam01 and gp01)
             others.append(path)
-    numbered.update(zip([view for view in VIEWS[1:] if view not in numbered], others))  # at most four: they fit
+    if len(exos) == 4:  # a complete set: the others take the free slots (at most four files: they fit)
+        numbered.update(zip([view for view in VIEWS[1:] if view not in numbered], others))
+    elif others:
+        warnings.warn(f"{folder}: {[p.name for p in others]} left out: with only {len(exos)} exo files it cannot be "
+                      f"told which camera's slot {'it takes' if len(others) == 1 else 'they take'} (views found: "
+                      f"{sorted(numbered)}); pass a folder holding all four exo files to use it", stacklevel=2)
     return ({"ego": egos[0]} if egos else {}) | {view: numbered[view] for view in VIEWS[1:] if view in numbered}
 
 
@@ -220,3 +229,4 @@ def _exo_number(path: Path) -> int:
 
 
 _EXO_NAME = re.compile(r"^(cam|gp)(\d+)\.mp4$")
+_ARIA_SIDE_STREAM = re.compile(r"_(1201|211)-\d+$", re.IGNORECASE)  # SLAM and eye-tracking cameras: not the ego view

@@ -65,6 +65,20 @@ def test_a_take_folder_missing_a_camera_leaves_its_slot_empty(tmp_path, names, e
     assert {view: path.stem for view, path in views.items() if view != "ego"} == expected
 
 
+def test_a_partial_take_folder_leaves_out_a_camera_whose_slot_cannot_be_told(tmp_path):
+    for name in ["aria01_214-1", "cam01", "cam03", "cam05"]:  # cam02 or cam04 missing: cam05 is exo4 or exo2
+        (tmp_path / f"{name}.mp4").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"\['cam05.mp4'\] left out: with only 3 exo files"):
+        views = resolve_view_files(tmp_path)
+    assert {view: path.stem for view, path in views.items()} == {"ego": "aria01_214-1", "exo1": "cam01", "exo3": "cam03"}
+
+
+def test_aria_side_streams_are_never_the_ego_view(tmp_path):
+    for name in ["aria01_1201-1.mp4", "aria01_1201-2.mp4", "aria01_211-1.mp4", "cam01.mp4"]:  # no RGB stream
+        (tmp_path / name).write_bytes(b"")
+    assert resolve_view_files(tmp_path) == {"exo1": tmp_path / "cam01.mp4"}
+
+
 def test_take_folder_with_aria_side_streams_picks_the_rgb_one(tmp_path):
     for name in ["aria01_1201-1.mp4", "aria01_211-1.mp4", "aria01_214-1.mp4", "cam01.mp4", "cam02.mp4"]:
         (tmp_path / name).write_bytes(b"")
