@@ -17,6 +17,7 @@ at any moment loses at most the shards in flight and never exposes half-written 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -251,21 +252,49 @@ class FeatureCache:
         """`committed/planned shards committed`, for messages about an unfinished split."""
         return f"{len(self.committed_shards(split))}/{self.planned_shards(split)} shards committed"
 
-    def read(self, split: str) -> CachedSplit:
-        """Every committed take of `split`, in row order."""
+    def read(self, split: str, complete: bool = False) -> CachedSplit:
+        """Every committed take of `split`, in row order; with `complete`, every planned take or a CacheError.
+
+        Safe beside a run that rewrites committed shards (`extract --retry-failed` uncommits a shard, then rewrites
+        its data, then commits it anew): a read that overlapped such a rewrite sees a marker vanish or change, and
+        raises instead of returning a shard's old records over its new (or deleted: zero) data."""
         shards = sorted(self.committed_shards(split))
+        before = self._marker_identities(split, shards)
+        if complete and shards != list(range(self.planned_shards(split))):
+            raise CacheError(f"{self.root}: split {split} is unfinished ({self.progress(split)}); rerun the same "
+                             "`skillpipe extract` command to finish it, or wait for the run writing it to end")
         shape = (len(self.spec.views), self.spec.tokens_per_view, self.spec.hidden_size)
         if not shards:
             return CachedSplit(np.zeros((0, *shape), np.float16), [])
         array = zarr.open_array(store=self.root / STORE_NAME, path=f"{split}/tokens", mode="r")
-        markers = [(shard, self._marker(split, shard)) for shard in shards]
+        try:
+            markers = [(shard, self._marker(split, shard)) for shard in shards]
+        except FileNotFoundError:
+            raise self._changed_while_read(split) from None
         tokens = np.empty((sum(len(m["records"]) for _, m in markers), *shape), np.float16)
         records = []
         for shard, marker in markers:
             start = shard * self.spec.shard_size
             tokens[len(records) : len(records) + len(marker["records"])] = array[start : start + len(marker["records"])]
             records += [TakeRecord.from_json(r) for r in marker["records"]]
+        if self._marker_identities(split, shards) != before:
+            raise self._changed_while_read(split)
         return CachedSplit(tokens, records)
+
+    def _marker_identities(self, split: str, shards: list[int]) -> list[tuple[int, int, int] | None]:
+        """Each marker's (inode, mtime, size): a rewritten shard's marker is removed first and written anew last."""
+        identities = []
+        for shard in shards:
+            try:
+                stat = os.stat(self._marker_path(split, shard))
+                identities.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
+            except FileNotFoundError:
+                identities.append(None)
+        return identities
+
+    def _changed_while_read(self, split: str) -> CacheError:
+        return CacheError(f"{self.root}: split {split} changed while it was read: another run is rewriting committed "
+                          "shards (extract --retry-failed?); read it again once that run has ended")
 
     def read_records(self, split: str) -> list[TakeRecord]:
         return [

@@ -89,7 +89,7 @@ def _write(cache: FeatureCache, splits: list[str], path: Path) -> dict[str, int]
         h5.attrs["hidden_size"] = cache.spec.hidden_size
         h5.attrs["fingerprint"] = json.dumps(cache.spec.fingerprint, sort_keys=True)
         for split in splits:
-            data = cache.read(split)
+            data = cache.read(split, complete=True)
             group = h5.create_group(split)
             group.create_dataset("tokens", data=data.tokens, chunks=(1, *data.tokens.shape[1:]))
             group.create_dataset("present", data=data.present)

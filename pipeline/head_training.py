@@ -130,7 +130,7 @@ def load_complete_split(cache: FeatureCache, split: str) -> CachedSplit:
             f"{cache.root}: split {split} is unfinished ({cache.progress(split)}); "
             "rerun the same `skillpipe extract` command to finish it"
         )
-    data = cache.read(split)
+    data = cache.read(split, complete=True)
     if not data.records:
         raise CacheError(f"{cache.root}: the cache has no {split} takes")
     return data

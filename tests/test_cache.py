@@ -66,6 +66,38 @@ def test_uncommitted_shards_are_invisible(tmp_path):
     assert cache.committed_shards("train") == {0, 2} and not cache.is_complete("train")
 
 
+def test_a_complete_read_refuses_a_split_with_a_shard_not_committed(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    fill(cache, "train", [f"t{i}" for i in range(7)], skip=(1,))
+    assert len(cache.read("train").records) == 4
+    with pytest.raises(CacheError, match=r"split train is unfinished \(2/3 shards committed\)"):
+        cache.read("train", complete=True)
+
+
+@pytest.mark.parametrize("rewrite", ["uncommitted", "rewritten", "marker gone before its read"])
+def test_a_read_that_overlaps_a_rewrite_of_a_committed_shard_raises_rather_than_mixing(tmp_path, monkeypatch, rewrite):
+    """extract --retry-failed uncommits a shard, deletes and rewrites its data, then commits it anew: a reader that
+    read the old markers must not pair them with the new (or zero) data."""
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    uids = [f"t{i}" for i in range(6)]
+    fill(cache, "train", uids)
+    read_marker = FeatureCache._marker
+
+    def rewrite_while_reading(self, split, shard):
+        if rewrite == "marker gone before its read" and shard == 1:
+            cache.uncommit_shard(split, 1)
+        marker = read_marker(self, split, shard)
+        if shard == 1 and rewrite != "marker gone before its read":  # the old markers are read; now the retry runs
+            cache.uncommit_shard(split, 1)
+            if rewrite == "rewritten":
+                cache.write_shard(split, 1, np.ones((3, 2, 5, 8), np.float16), records(uids[3:]), {})
+        return marker
+
+    monkeypatch.setattr(FeatureCache, "_marker", rewrite_while_reading)
+    with pytest.raises(CacheError, match="split train changed while it was read.*read it again"):
+        FeatureCache.open(tmp_path).read("train")
+
+
 def test_a_different_fingerprint_is_refused_with_the_differences_named(tmp_path):
     FeatureCache.open_or_create(tmp_path, spec())
     with pytest.raises(CacheError) as info:

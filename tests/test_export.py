@@ -84,7 +84,7 @@ def test_a_failed_export_leaves_no_partial_file(tmp_path, monkeypatch, failing):
     cache = FeatureCache.open_or_create(tmp_path / "cache", spec())
     fill(cache, "val", ["v0"])
 
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(failing, fail)
@@ -103,3 +103,21 @@ def test_a_killed_exports_partial_file_is_removed_and_a_running_ones_is_kept(tmp
         leftover.write_bytes(b"partial")
     export_hdf5(FeatureCache.open(tmp_path / "cache"), tmp_path / "f.h5")
     assert not dead.exists() and running.exists() and (tmp_path / "f.h5").is_file()
+
+
+@pytest.mark.parametrize("reader", ["export", "fit-head"])
+def test_a_shard_uncommitted_after_the_finished_check_is_refused_not_read_as_a_smaller_split(tmp_path, monkeypatch,
+                                                                                            reader):
+    """extract --retry-failed uncommits a shard just after a reader found the split finished: the reader must not go on
+    with the takes that are left, as if they were the whole split."""
+    from pipeline.head_training import load_complete_split
+    cache = FeatureCache.open_or_create(tmp_path / "cache", spec())
+    fill(cache, "train", [f"t{i}" for i in range(7)])
+    cache.uncommit_shard("train", 1)
+    monkeypatch.setattr(FeatureCache, "is_complete", lambda self, split: True)  # it was, at the check
+    with pytest.raises(CacheError, match=r"split train is unfinished \(2/3 shards committed\)"):
+        if reader == "export":
+            export_hdf5(cache, tmp_path / "f.h5")
+        else:
+            load_complete_split(cache, "train")
+    assert not (tmp_path / "f.h5").exists()
