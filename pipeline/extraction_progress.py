@@ -6,6 +6,7 @@ Shared by `skillpipe extract` and `skillpipe demo`.
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.distributed import Ranks
@@ -37,10 +38,10 @@ def extract_with_progress(settings: ExtractConfig, console: Console | None = Non
     console.print(
         f"{where}{settings.split}: {summary.total_takes} takes; computed {summary.computed_takes}, "
         f"already cached {summary.skipped_takes}; {summary.clips} clips in {summary.seconds:.1f} s "
-        f"({rate:.2f} clips/s) -> {settings.cache}"
+        f"({rate:.2f} clips/s) -> {escape(str(settings.cache))}"
     )
     if summary.failures and ranks.is_main:
-        console.print(f"[yellow]{len(summary.failures)} take(s) with failed views[/] (see {settings.cache}/failures.json):")
+        console.print(f"[yellow]{len(summary.failures)} take(s) with failed views[/] (see {escape(str(settings.cache / 'failures.json'))}):")
         for uid, reasons in sorted(summary.failures.items()):
             for view, reason in reasons.items():
                 console.print(f"  {uid} {view}: {reason}", highlight=False, markup=False)

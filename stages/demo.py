@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.backbone import save_tiny_backbone
 from pipeline.demo_data import write_demo_dataset
@@ -29,7 +30,7 @@ def demo_data(
 ) -> None:
     """Write a small synthetic dataset in the exact egoexo layout (annotations + 448px mp4s)."""
     summary = write_demo_dataset(out, takes=takes, seed=seed, frames=frames)
-    Console().print(f"wrote demo dataset to {out}: {summary}")
+    Console().print(f"wrote demo dataset to {escape(str(out))}: {summary}")
 
 
 def demo(
@@ -40,17 +41,17 @@ def demo(
     console = Console()
     data, backbone_dir, cache = out / "data", out / "tiny-timesformer", out / "cache"
     if not all(annotation_path(data, split).is_file() for split in ("train", "val")):  # written last, atomically
-        console.print(f"[bold]1. demo data[/] -> {data}")
+        console.print(f"[bold]1. demo data[/] -> {escape(str(data))}")
         write_demo_dataset(data, takes=takes, seed=0, frames=12)
     if not (backbone_dir / "config.json").is_file():
-        console.print(f"[bold]2. tiny random TimeSformer[/] -> {backbone_dir} (pretrained weights cannot be downloaded everywhere)")
+        console.print(f"[bold]2. tiny random TimeSformer[/] -> {escape(str(backbone_dir))} (pretrained weights cannot be downloaded everywhere)")
         save_tiny_backbone(backbone_dir, seed=0)
     failures = 0
     for split in ("train", "val"):
-        console.print(f"[bold]3. extract {split}[/] -> {cache}")
+        console.print(f"[bold]3. extract {split}[/] -> {escape(str(cache))}")
         settings = ExtractConfig(root=data, split=split, cache=cache, backbone=str(backbone_dir), frames=DEMO_FRAMES)
         failures += len(extract_with_progress(settings, console).failures)
     if failures:
         raise typer.Exit(3)
-    console.print(f"[bold]4. fit-head grid[/] ego / exos / ego+exos -> {out / 'fit-head'} (the skill cues are split across views)")
+    console.print(f"[bold]4. fit-head grid[/] ego / exos / ego+exos -> {escape(str(out / 'fit-head'))} (the skill cues are split across views)")
     run_grid(load_config(FitHeadConfig, DEMO_FIT_HEAD, {"cache": cache, "out": out / "fit-head"}), console)

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import backbone as bb
@@ -59,7 +60,7 @@ def evaluate(
             raise explained from err
         raise
     console = Console()
-    console.print(f"{split}: accuracy {metrics['accuracy']:.3f} over {metrics['num_takes']} takes -> {out}")
+    console.print(f"{split}: accuracy {metrics['accuracy']:.3f} over {metrics['num_takes']} takes -> {escape(str(out))}")
     if metrics["takes_with_absent_views"]:
         console.print(f"[yellow]{metrics['takes_with_absent_views']} takes had views that were missing or could not be "
                       f"decoded (see the warnings above and absent_views in predictions.jsonl); "

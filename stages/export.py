@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.cache import FeatureCache
 from pipeline.config import ConfigError
@@ -23,4 +24,4 @@ def export(
     if format != "hdf5":
         raise ConfigError(f"--format {format!r} is not supported (supported: hdf5)")
     counts = export_hdf5(FeatureCache.open(cache), out, split)
-    Console().print(f"exported {counts} takes from {cache} -> {out}")
+    Console().print(f"exported {counts} takes from {escape(str(cache))} -> {escape(str(out))}")

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.config import load_config
@@ -77,7 +78,7 @@ def finetune(
     chosen = (f"best epoch {state['best_epoch']} of 0-{settings.epochs - 1} (held-out losses {losses})" if losses
               else f"no held-out takes: last epoch {state['best_epoch']} kept")
     console.print(f"{chosen}; val accuracy {state['metrics']['accuracy']:.3f} over {state['metrics']['num_takes']} takes "
-                  f"-> {settings.out}")
+                  f"-> {escape(str(settings.out))}")
     if absent := state["metrics"]["takes_with_absent_views"]:  # training's own takes were warned about as they came
         console.print(f"[yellow]{absent} val takes had views that were missing or could not be decoded "
                       "(absent_views in predictions.jsonl)")

@@ -121,3 +121,13 @@ def test_a_shard_uncommitted_after_the_finished_check_is_refused_not_read_as_a_s
         else:
             load_complete_split(cache, "train")
     assert not (tmp_path / "f.h5").exists()
+
+
+def test_the_success_message_names_paths_with_brackets_as_they_are(tmp_path):
+    folder = tmp_path / "runs [v2]"
+    cache = FeatureCache.open_or_create(folder / "cache[exp1]", spec())
+    fill(cache, "val", ["v0"])
+    result = CliRunner().invoke(app, ["export", "--cache", str(cache.root), "--out", str(folder / "feat[red].h5")])
+    assert result.exit_code == 0, result.output
+    said = "".join(result.output.split())  # the console wraps long lines
+    assert "".join(f"{cache.root}->{folder / 'feat[red].h5'}".split()) in said
