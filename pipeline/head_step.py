@@ -15,9 +15,17 @@ bf16 gradients back, then the optimizer. Here the step is one graph that inducto
 Compiling costs ~25-50 s per head shape on 2 cores the first time; inductor caches the result on
 disk (a few seconds in later runs), so this pays off for long cells and seed grids, not for one
 short cell: it is `fit-head --compile`, off by default.
+
+Each head shape (parameters, inputs, batch) gets its own copy of the step's code: torch keeps at most
+`recompile_limit` (8) graphs per code object and runs the function uncompiled past that, silently but
+for a log line, which a grid of 3 view settings x 5 fusions (15 shapes) would reach. Cells of one shape
+share theirs (seeds: compiled once).
 """
 
 from __future__ import annotations
+
+import types
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +75,7 @@ class CompiledHeadTrainer:
         self.first = {name: torch.zeros_like(p) for name, p in self.master.items()}
         self.second = {name: torch.zeros_like(p) for name, p in self.master.items()}
         self.steps = 0
-        self._step = torch.compile(self._train_step, dynamic=False) if compile else self._train_step
+        self.compile = compile
 
     def _loss(self, working: dict[str, torch.Tensor], inputs: torch.Tensor, present: torch.Tensor, labels: torch.Tensor,
               rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -94,7 +102,13 @@ class CompiledHeadTrainer:
         self.steps += 1
         scalars = [torch.tensor(value, dtype=torch.float32, device=inputs.device)
                    for value in adamw_scalars(lr, self.steps, self.betas, self.weight_decay)]
-        return self._step(inputs, present, labels, rows, weights, *scalars)
+        train_step = compiled_train_step(self._shape_key(inputs, present, labels)) if self.compile else type(self)._train_step
+        return train_step(self, inputs, present, labels, rows, weights, *scalars)
+
+    def _shape_key(self, *inputs: torch.Tensor) -> tuple:
+        """What makes this trainer's step a different graph from another's: the head, its shapes, the batch's."""
+        return (type(self.head), tuple((name, tuple(p.shape)) for name, p in self.master.items()), self.rows_per_step,
+                tuple((tuple(x.shape), x.dtype, x.device.type) for x in inputs))
 
     @torch.no_grad()
     def copy_to_head(self) -> nn.Module:
@@ -102,3 +116,15 @@ class CompiledHeadTrainer:
         for name, parameter in self.head.named_parameters():
             parameter.copy_(self.master[name])
         return self.head
+
+
+_COMPILED_STEPS: dict[tuple, Callable] = {}
+
+
+def compiled_train_step(shape_key: tuple) -> Callable:
+    """CompiledHeadTrainer._train_step compiled, from a copy of its code object of its own for each head shape."""
+    if shape_key not in _COMPILED_STEPS:
+        original = CompiledHeadTrainer._train_step
+        copy = types.FunctionType(original.__code__.replace(), original.__globals__, f"{original.__name__}_compiled")
+        _COMPILED_STEPS[shape_key] = torch.compile(copy, dynamic=False)
+    return _COMPILED_STEPS[shape_key]

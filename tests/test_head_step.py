@@ -92,6 +92,20 @@ def test_compiled_step_matches_the_same_step_run_eagerly():
     assert torch.equal(head.classifier.weight.detach(), compiled.master["classifier.weight"])
 
 
+def test_every_head_shape_compiles_past_torchs_per_function_graph_limit_and_one_shape_compiles_once():
+    """torch keeps `recompile_limit` graphs per code object, then runs the function uncompiled: a --compile grid of
+    3 view settings x 5 fusions has 15 head shapes. Here the limit is 1 and there are two shapes."""
+    from torch._dynamo.utils import counters
+    inputs, present, labels = tiny_batch()
+    graphs = []
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for rows_per_step in (6, 7, 6):  # batch sizes no other test uses: shapes not compiled yet in this process
+            before = counters["stats"]["unique_graphs"]
+            tiny_trainer(compile=True, rows_per_step=rows_per_step).step(inputs, present, labels, torch.arange(5), lr=1e-3)
+            graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert graphs == [1, 1, 0]  # the second shape compiled too; the third trainer reused the first one's graph
+
+
 def test_fit_head_compile_learns_the_split_view_signal(tmp_path):
     cache = split_view_cache(tmp_path / "cache")
     result = fit(cache.root, tmp_path / "run", "--views", "ego+exos", "--compile")
