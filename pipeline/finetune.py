@@ -39,7 +39,7 @@ from pipeline.epoch_checkpoints import (
 )
 from pipeline.files import read_json, write_bytes_atomic, write_folder_atomic
 from pipeline.fusion import FUSIONS, HeadConfig, build_head
-from pipeline.head_training import TrainingDiverged, label_prior, stratified_holdout
+from pipeline.head_training import TrainingDiverged, label_prior, stratified_holdout, warmup_steps_for
 from pipeline.metrics import mark_incomplete
 from pipeline.skill_model import SkillModel
 from pipeline.takes import load_takes, shared_takes
@@ -96,8 +96,9 @@ class FinetuneConfig:
             raise ConfigError(f"FinetuneConfig.sampling: unknown {self.sampling!r} (choose from {sorted(SAMPLING_NAMES)})")
         if self.train_windows not in ("random", "centre"):
             raise ConfigError(f"FinetuneConfig.train_windows: random or centre, got {self.train_windows!r}")
-        if self.lr < 0 or self.weight_decay < 0:  # lr 0: evaluate a warm-started head end to end, unchanged
-            raise ConfigError(f"FinetuneConfig: lr and weight_decay must be >= 0 (got {self.lr}, {self.weight_decay})")
+        if not (0 <= self.lr < math.inf and 0 <= self.weight_decay < math.inf):  # lr 0: evaluate a warm-started head
+            raise ConfigError(f"FinetuneConfig: lr and weight_decay must be >= 0 and finite (got {self.lr}, "
+                              f"{self.weight_decay})")
         if not self.max_grad_norm >= 0:
             raise ConfigError(f"FinetuneConfig.max_grad_norm: must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         for problem in (device_problem(self.device), output_problem("out", self.out)):
@@ -220,7 +221,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     updates_per_epoch = -(-len(rank_share(list(range(len(fit_takes))), ranks)) // (config.batch_size * config.grad_accum))
     schedule = get_cosine_schedule_with_warmup(
-        optimizer, int(config.warmup_ratio * updates_per_epoch * config.epochs), updates_per_epoch * config.epochs
+        optimizer, warmup_steps_for(config.warmup_ratio, updates_per_epoch * config.epochs), updates_per_epoch * config.epochs
     )
     out = Path(config.out)
     state = {"epoch": -1, "best_loss": float("inf"), "best_epoch": -1, "holdout_losses": [], "train_losses": [],

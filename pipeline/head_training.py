@@ -84,8 +84,9 @@ class FitHeadConfig:
         for name in ("epochs", "batch_size", "hidden", "heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"FitHeadConfig.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError(f"FitHeadConfig: lr must be > 0 and weight_decay >= 0 (got {self.lr}, {self.weight_decay})")
+        if not (0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf):  # NaN fails both
+            raise ConfigError(f"FitHeadConfig: lr must be > 0 and weight_decay >= 0, both finite (got {self.lr}, "
+                              f"{self.weight_decay})")
         for name, high in (("holdout", 0.5), ("warmup_ratio", 1.0), ("dropout", 1.0)):
             if not 0 <= getattr(self, name) < high:
                 raise ConfigError(f"FitHeadConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")
@@ -221,6 +222,11 @@ def keep_freed_memory() -> None:
         libc.mallopt(m_trim_threshold, (1 << 31) - 1)  # and the heap is never trimmed back
 
 
+def warmup_steps_for(ratio: float, total_steps: int) -> int:
+    """Steps of linear warmup for a `ratio` of `total_steps`, rounded up as HF Trainer's `warmup_ratio` is (tested)."""
+    return math.ceil(ratio * total_steps)
+
+
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
     """The learning-rate factor at `step`: linear warmup from 0, then half a cosine down to 0.
 
@@ -247,7 +253,7 @@ def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConf
     trainer = CompiledHeadTrainer(head, config.batch_size, config.weight_decay) if config.compile else None
     optimizer = None if trainer else torch.optim.AdamW(  # the compiled trainer applies AdamW itself
         head.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    warmup_steps, step = round(config.warmup_ratio * steps), 0
+    warmup_steps, step = warmup_steps_for(config.warmup_ratio, steps), 0
     order = torch.Generator().manual_seed(seed)  # data order, independent of the device's generator
     best = {"loss": float("inf"), "epoch": config.epochs - 1, "state": None}
     train_losses, holdout_losses = [], []

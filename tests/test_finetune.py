@@ -444,6 +444,7 @@ def test_init_head_warm_starts_from_a_fit_head_cell(world, fitted_cell, tmp_path
     ("warmup_ratio", 3.0, "FinetuneConfig.warmup_ratio: must be in [0, 1.0)"),
     ("lora_dropout", -0.1, "FinetuneConfig.lora_dropout"),
     ("lr", -1.0, "lr and weight_decay must be >= 0"),
+    ("lr", float("nan"), "lr and weight_decay must be >= 0 and finite"),
     ("hidden", 0, "FinetuneConfig.hidden: must be >= 1"),
     ("workers", -1, "FinetuneConfig.workers: must be >= 0"),
     ("max_grad_norm", -1.0, "FinetuneConfig.max_grad_norm: must be >= 0"),

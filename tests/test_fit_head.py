@@ -206,6 +206,8 @@ def test_a_view_no_train_take_has_is_a_clear_error(tmp_path):
     (["--holdout", "0.5"], "FitHeadConfig.holdout: must be in [0, 0.5)"),
     (["--seed", "1", "--seed", "1"], "FitHeadConfig.seeds: repeated values"),
     (["--submission", "."], "FitHeadConfig.submission . is a folder; it must be a file name"),
+    (["--lr", "nan"], "FitHeadConfig: lr must be > 0 and weight_decay >= 0, both finite"),
+    (["--weight-decay", "inf"], "FitHeadConfig: lr must be > 0 and weight_decay >= 0, both finite"),
 ])
 def test_bad_settings_are_clear_errors(grid, tmp_path, flags, message):
     result = fit(grid / "cache", tmp_path / "run", *flags)

@@ -64,6 +64,15 @@ def test_cosine_with_warmup_equals_transformers_schedule(warmup, total):
     assert [cosine_with_warmup(step, warmup, total) for step in range(total + 2)] == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("total", [7, 12, 25, 81, 120])
+def test_warmup_steps_round_up_as_hf_trainers_warmup_ratio(total):
+    from transformers import TrainingArguments
+
+    from pipeline.head_training import warmup_steps_for
+    hf = TrainingArguments(output_dir="unused", warmup_steps=0.1, report_to=[])  # a float < 1: a ratio, as warmup_ratio
+    assert warmup_steps_for(0.1, total) == hf.get_warmup_steps(total)
+
+
 def test_a_padded_short_batch_gives_the_update_of_the_batch_alone():
     inputs, present, labels = tiny_batch()
     padded, alone = tiny_trainer(compile=False, rows_per_step=8), tiny_trainer(compile=False, rows_per_step=5)
