@@ -75,17 +75,30 @@ def load_backbone(name_or_dir: str, num_frames: int) -> TimesformerModel:
     hf_logging.disable_progress_bar()  # one bar per load would drown the stage's own progress
     # fp32 master weights whatever the checkpoint's dtype: autocast gives bf16 speed, LoRA needs fp32.
     try:
-        model = TimesformerModel.from_pretrained(name_or_dir, dtype=torch.float32)
-    except OSError as err:  # offline, firewalled, or a misspelt hub id
+        model, loading = TimesformerModel.from_pretrained(name_or_dir, dtype=torch.float32, output_loading_info=True)
+    except (RuntimeError, ValueError) as err:  # weights of other sizes than config.json says, a malformed config.json
+        raise ConfigError(f"backbone {name_or_dir!r}: not a loadable TimeSformer: {_first_line(err)}") from None
+    except OSError as err:  # offline, firewalled, or a misspelt hub id; a folder without weights
+        reason = _first_line(err)
         if path:
-            raise
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"backbone {name_or_dir!r}: not a loadable TimeSformer folder: {reason}") from None
         raise ConfigError(f"backbone {name_or_dir!r}: not a local folder, and the Hugging Face hub (or its local cache) "
                           f"cannot provide it: {reason}. Download it where the hub is reachable (e.g. "
                           f"`hf download {name_or_dir}`; offline with it downloaded, HF_HUB_OFFLINE=1 skips the hub's "
                           f"retries), or pass --backbone with a folder written by save_pretrained") from None
+    # transformers only logs weights the checkpoint lacks, and initialises them at random: features from those
+    # would pass for the model's (another architecture's checkpoint, a config.json describing more layers)
+    unfilled = sorted(loading["missing_keys"]) + sorted(str(key) for key in loading["mismatched_keys"])
+    if unfilled:
+        raise ConfigError(f"backbone {name_or_dir!r}: {len(unfilled)} of the TimeSformer's {len(model.state_dict())} "
+                          f"weights are not in its checkpoint (e.g. {unfilled[:3]}) and would be random: is it a "
+                          "TimeSformer checkpoint matching its config.json?")
     set_num_frames(model, num_frames)
     return model.eval()
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def set_num_frames(model: TimesformerModel, num_frames: int) -> None:

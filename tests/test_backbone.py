@@ -107,6 +107,30 @@ def test_a_local_folder_without_config_is_named(tmp_path):
             load_backbone(str(path), 8)
 
 
+@pytest.mark.parametrize("broken, message", [
+    ("no weights", "not a loadable TimeSformer folder: .*model.safetensors"),
+    ("more layers in config.json", r"weights are not in its checkpoint \(e\.g\. \['encoder\.layer\.2\..*would be random"),
+    ("other sizes in config.json", "not a loadable TimeSformer: "),
+])
+def test_a_folder_whose_weights_do_not_make_its_model_is_a_clear_error_not_random_weights(tmp_path, broken, message):
+    import json
+    import shutil
+
+    folder = backbone.save_tiny_backbone(tmp_path / "tiny")
+    config = json.loads((folder / "config.json").read_text())
+    if broken == "no weights":
+        for weights in folder.glob("*.safetensors"):
+            weights.unlink()
+    elif broken == "more layers in config.json":  # transformers would initialise the missing layer at random
+        config["num_hidden_layers"] += 1
+    else:
+        config["intermediate_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(backbone.ConfigError, match=message):
+        load_backbone(str(folder), 8)
+    shutil.rmtree(folder)
+
+
 def test_a_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path):
     """Offline (or a misspelt id): one error naming the backbone and the way out, not transformers' traceback."""
     code = ("from pipeline.backbone import load_backbone\nfrom pipeline.config import ConfigError\n"
