@@ -184,6 +184,23 @@ def weights_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+# config.json settings that change the features without changing any weight's shape (weights_hash sees shapes)
+ARCHITECTURE_FIELDS = ("num_attention_heads", "hidden_act", "layer_norm_eps", "attention_type", "qkv_bias",
+                       "hidden_size", "num_hidden_layers", "intermediate_size", "image_size", "patch_size", "num_channels")
+
+
+def architecture(model: torch.nn.Module) -> dict:
+    """The backbone's architecture settings (ARCHITECTURE_FIELDS of its config; a peft model's are its base's)."""
+    return {name: getattr(model.config, name, None) for name in ARCHITECTURE_FIELDS}
+
+
+def architecture_changes(recorded: dict | None, model: torch.nn.Module) -> str:
+    """How `model`'s architecture differs from a `recorded` one ('' when alike, or when none was recorded)."""
+    now = architecture(model)
+    return ", ".join(f"{name}: {recorded.get(name)!r} then, {now[name]!r} now" for name in ARCHITECTURE_FIELDS
+                     if recorded and recorded.get(name) != now[name])
+
+
 def adapter_hash(adapter_dir: Path) -> str:
     """sha256 over the adapter folder's files (sorted relative names + bytes)."""
     folder = resolve_adapter_dir(adapter_dir)

@@ -340,8 +340,15 @@ def _differences(old: CacheSpec, new: CacheSpec) -> list[str]:
     return spec_differences(asdict(old), asdict(new))
 
 
+# fingerprint keys that caches written before them lack: such a cache is not compared on them (it cannot be)
+ADDED_FINGERPRINT_KEYS = ("backbone_architecture",)
+
+
 def spec_differences(old: dict, new: dict, old_name: str = "cache has", new_name: str = "this run has") -> list[str]:
     """Human-readable differences between two cache specs (or their fingerprints, under `fingerprint.` keys)."""
+    unrecorded = [key for key in ADDED_FINGERPRINT_KEYS if key not in old.get("fingerprint", {})]
+    if "fingerprint" in new:
+        new = {**new, "fingerprint": {k: v for k, v in new["fingerprint"].items() if k not in unrecorded}}
     old_flat, new_flat = _flatten(old), _flatten(new)
     changed = [key for key in sorted(set(old_flat) | set(new_flat))
                if key not in DESCRIPTIVE_KEYS and _normalise(old_flat.get(key)) != _normalise(new_flat.get(key))]

@@ -114,11 +114,12 @@ def code_version() -> str:
         return "unknown"
 
 
-def fingerprint(config: ExtractConfig, weights_sha256: str) -> dict:
+def fingerprint(config: ExtractConfig, weights_sha256: str, architecture: dict | None = None) -> dict:
     """Everything that changes the numbers in the cache. Device and batch size are left out."""
     return {
         "backbone": config.backbone,
         "weights_sha256": weights_sha256,
+        **({"backbone_architecture": architecture} if architecture is not None else {}),
         "adapter_sha256": bb.adapter_hash(config.adapter) if config.adapter else None,
         "frames": config.frames,
         "views": list(config.views),
@@ -133,7 +134,7 @@ def build_cache_spec(config: ExtractConfig, model: torch.nn.Module, weights_sha2
     model_config = model.config
     num_patches = (model_config.image_size // model_config.patch_size) ** 2
     return CacheSpec(
-        fingerprint=fingerprint(config, weights_sha256),
+        fingerprint=fingerprint(config, weights_sha256, bb.architecture(model)),
         views=tuple(config.views),
         frames=config.frames,
         num_patches=num_patches,
@@ -187,6 +188,9 @@ def _check_adapter_base(config: ExtractConfig, model: torch.nn.Module, weights_s
     if ours != trained.weights_sha256:
         raise ConfigError(f"--adapter {config.adapter} was trained on the backbone {trained.backbone}; {config.backbone} holds "
                           "other weights, so the adapter would not mean what it learnt. Leave --backbone out to use the run's.")
+    if changed := bb.architecture_changes(trained.backbone_architecture, model):
+        raise ConfigError(f"--adapter {config.adapter} was trained on the backbone {trained.backbone}; {config.backbone} has "
+                          f"the same weights but another architecture ({changed}). Leave --backbone out to use the run's.")
 
 
 def load_extraction_model(config: ExtractConfig) -> tuple[torch.nn.Module, str]:

@@ -92,6 +92,7 @@ class ModelSpec:
     adapter_sha256: str | None = None  # bb.adapter_hash of its adapter (None: none, or not recorded)
     sampling: str = "uniform"  # how its clips were sampled (pipeline.video.ClipSampling); older artifacts: uniform
     frozen_weights: bool = False  # compiled with the weights frozen into the graph (bb.compiled_encode_clips)
+    backbone_architecture: dict | None = None  # bb.architecture of that backbone (None: not recorded)
 
     @property
     def clip_sampling(self) -> ClipSampling:
@@ -116,7 +117,8 @@ def read_model_spec(checkpoint: Path) -> ModelSpec:
                          int(settings["frames"]), tuple(info["views"]), settings["precision"], True,
                          bool(settings.get("compile", False)), fingerprint.get("weights_sha256"), fingerprint.get("adapter_sha256"),
                          settings.get("sampling", "uniform"),
-                         frozen_weights=fingerprint.get("backbone_forward") == bb.COMPILED_FORWARDS[True])
+                         frozen_weights=fingerprint.get("backbone_forward") == bb.COMPILED_FORWARDS[True],
+                         backbone_architecture=fingerprint.get("backbone_architecture"))
     if (checkpoint / "config.json").is_file() and info:  # a finetune run
         settings = read_json(checkpoint / "config.json")
         tuned = checkpoint / ("backbone" if settings.get("tune") == "full" else "adapter")
@@ -128,7 +130,7 @@ def read_model_spec(checkpoint: Path) -> ModelSpec:
                              sampling=sampling)
         return ModelSpec(settings["backbone"], tuned, int(settings["frames"]), tuple(info["views"]), settings["precision"],
                          False, weights_sha256=info.get("weights_sha256"), adapter_sha256=info.get("adapter_sha256"),
-                         sampling=sampling)
+                         sampling=sampling, backbone_architecture=info.get("backbone_architecture"))
     raise FileNotFoundError(f"{checkpoint}: not a finetune run or fit-head cell (expected head.json, plus config.json or a cache)")
 
 
@@ -140,6 +142,9 @@ def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel,
     backbone = bb.load_backbone(spec.backbone, spec.frames)
     if spec.weights_sha256 and bb.weights_hash(backbone) != spec.weights_sha256:
         raise ConfigError(f"{checkpoint}: the backbone {spec.backbone} no longer holds the weights it was trained with")
+    if changed := bb.architecture_changes(spec.backbone_architecture, backbone):
+        raise ConfigError(f"{checkpoint}: the backbone {spec.backbone} has the weights it was trained with, but not the "
+                          f"architecture ({changed})")
     if spec.adapter_sha256 and bb.adapter_hash(spec.adapter) != spec.adapter_sha256:
         raise ConfigError(f"{checkpoint}: the adapter {spec.adapter} changed since it was trained")
     if spec.adapter:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,21 @@ def test_a_different_fingerprint_is_refused_with_exit_2(dataset, backbone_dir, t
     assert "refusing to mix" in result.output and "fingerprint.frames: cache has 4, this run has 8" in result.output
     # listed once, and the weights hash (which follows T) is not named as if the backbone had changed
     assert "weights_sha256" not in result.output and "\n  - frames:" not in result.output
+
+
+def test_a_backbone_with_the_same_weights_and_another_architecture_is_refused_but_an_older_cache_is_not(
+        dataset, backbone_dir, tmp_path):
+    relu = shutil.copytree(backbone_dir, tmp_path / "relu")  # hidden_act changes the features, not a weight
+    (relu / "config.json").write_text(json.dumps({**json.loads((relu / "config.json").read_text()), "hidden_act": "relu"}))
+    assert run_cli(*extract_args(dataset, tmp_path / "cache", backbone_dir, "--views", "ego")).exit_code == 0
+    result = CliRunner().invoke(app, extract_args(dataset, tmp_path / "cache", relu, "--views", "ego"))
+    assert result.exit_code == 2
+    assert 'fingerprint.backbone_architecture.hidden_act: cache has "gelu", this run has "relu"' in result.output
+    spec = json.loads((tmp_path / "cache" / "cache.json").read_text())  # a cache from before the architecture was kept
+    del spec["fingerprint"]["backbone_architecture"]
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps(spec))
+    again = run_cli(*extract_args(dataset, tmp_path / "cache", backbone_dir, "--views", "ego"))
+    assert again.exit_code == 0 and "computed 0" in again.output
 
 
 def test_invalid_annotations_exit_2_before_any_compute(dataset, backbone_dir, tmp_path):

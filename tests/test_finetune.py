@@ -272,6 +272,20 @@ def test_evaluate_refuses_a_model_whose_cache_backbone_or_adapter_changed(world,
     result = evaluate(other_weights)
     assert result.exit_code == 2 and "no longer holds the weights it was trained with" in result.output
 
+    relu = shutil.copytree(world / "tiny", tmp_path / "tiny-relu")  # the same weights, another activation
+    (relu / "config.json").write_text(json.dumps({**json.loads((relu / "config.json").read_text()), "hidden_act": "relu"}))
+    rearchitected = cell_on(tmp_path / "rearchitected")
+    for extract_config in (tmp_path / "rearchitected").glob("extract-*.json"):
+        extract_config.write_text(json.dumps({**json.loads(extract_config.read_text()), "backbone": str(relu)}))
+    result = evaluate(rearchitected)
+    assert result.exit_code == 2 and "has the weights it was trained with, but not the architecture" in result.output
+    assert "hidden_act: 'gelu' then, 'relu' now" in " ".join(result.output.split())
+    relu_run = shutil.copytree(world / "run", tmp_path / "relu-run")  # a LoRA run, its base folder re-configured
+    settings = json.loads((relu_run / "config.json").read_text())
+    (relu_run / "config.json").write_text(json.dumps({**settings, "backbone": str(relu)}))
+    result = evaluate(relu_run)
+    assert result.exit_code == 2 and "but not the architecture" in result.output
+
     run = shutil.copytree(world / "run", tmp_path / "run")
     (run / "adapter" / "adapter_config.json").write_text((run / "adapter" / "adapter_config.json").read_text() + " ")
     result = evaluate(run)
@@ -330,6 +344,10 @@ def test_extract_with_a_runs_adapter_uses_the_runs_backbone_and_refuses_other_we
     same_weights = tmp_path / "copy-of-tiny"
     shutil.copytree(world / "tiny", same_weights)  # another folder, the same weights: accepted, at another T too
     assert cli(*args, "--cache", tmp_path / "copy", "--backbone", same_weights, "--frames", FRAMES * 2).exit_code == 0
+    relu = shutil.copytree(world / "tiny", tmp_path / "tiny-relu")  # the same weights, another activation: refused
+    (relu / "config.json").write_text(json.dumps({**json.loads((relu / "config.json").read_text()), "hidden_act": "relu"}))
+    refused = CliRunner().invoke(app, [str(a) for a in [*args, "--cache", tmp_path / "relu", "--backbone", relu]])
+    assert refused.exit_code == 2 and "the same weights but another architecture (hidden_act:" in refused.output
 
 
 def test_evaluate_runs_the_backbone_with_the_runs_adapter(world):
