@@ -329,6 +329,11 @@ def compiled_encode_clips(frozen_weights: bool = True) -> Callable[[torch.nn.Mod
     return encode
 
 
+def clips_per_forward(batch_size: int | None, device: str) -> int:
+    """Clips per backbone forward in extract: `batch_size`, else 1 on a CPU (fastest per clip there), 16 on CUDA."""
+    return batch_size or (1 if device == "cpu" else 16)
+
+
 def check_frames(model: torch.nn.Module, pixel_values: torch.Tensor) -> None:
     if pixel_values.shape[1] != model.config.num_frames:
         raise ValueError(

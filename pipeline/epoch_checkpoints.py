@@ -109,11 +109,12 @@ def has_epoch_checkpoint(out: Path) -> bool:
 
 
 def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict, ranks: Ranks,
-                          device: torch.device) -> dict:
+                          device: torch.device, weights_sha256: str | None = None) -> dict:
     """Restore weights, optimizer, scheduler and this rank's generators; returns the saved state.
 
     Raises ConfigError when the checkpoint belongs to another run: other settings (beyond
-    RESUMABLE_CHANGES), another world size, or other weights.
+    RESUMABLE_CHANGES), another world size, other trainable weights, or a backbone whose weights
+    (`weights_sha256`, before training) are not the ones the run started from (recorded since 2026-12-05).
     """
     state = read_json(folder / "state.json")
     saved = state.get("config", config)  # checkpoints before 2026-11-29 did not record it
@@ -122,6 +123,9 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {config.get(key)!r}" for key in changed)
         raise ConfigError(f"{folder}: written with other settings ({details}); resume with the same ones, or use another --out")
+    if weights_sha256 and state.get("weights_sha256", weights_sha256) != weights_sha256:
+        raise ConfigError(f"{folder}: the run was trained on other backbone weights than {config.get('backbone')} holds "
+                          "now; resume with the backbone it started from, or use another --out")
     if state["world_size"] != ranks.world_size:
         raise ConfigError(f"{folder}: checkpoint written by {state['world_size']} process(es); resume with the same world size")
     missing, unexpected = model.load_state_dict(load_safetensors((folder / "trainable.safetensors").read_bytes()), strict=False)

@@ -94,7 +94,7 @@ class ExtractConfig:
 
     @property
     def clips_per_forward(self) -> int:
-        return self.batch_size or (1 if self.device == "cpu" else 16)
+        return bb.clips_per_forward(self.batch_size, self.device)
 
 
 @dataclass

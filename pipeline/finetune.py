@@ -225,11 +225,12 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     )
     out = Path(config.out)
     state = {"epoch": -1, "best_loss": float("inf"), "best_epoch": -1, "holdout_losses": [], "train_losses": [],
-             "world_size": ranks.world_size, "config": config_to_dict(config)}
+             "world_size": ranks.world_size, "config": config_to_dict(config), "weights_sha256": weights_sha256}
     if resume:
         checkpoint = find_epoch_checkpoint(out)
         if checkpoint:
-            state = load_epoch_checkpoint(checkpoint, model, optimizer, schedule, state["config"], ranks, device)
+            state = load_epoch_checkpoint(checkpoint, model, optimizer, schedule, state["config"], ranks, device,
+                                          weights_sha256)
             if ranks.is_main:
                 restore_best_weights(out, checkpoint, state)
         if on_event:

@@ -28,7 +28,7 @@ class SkillModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: nn.Module, head_config: HeadConfig, round_like_cache: bool = False,
                  compiled: bool = False, frozen_weights: bool = False, head_precision: str | None = None,
-                 label_prior: list[float] | None = None):
+                 label_prior: list[float] | None = None, clips_per_forward: int | None = None):
         super().__init__()
         self.backbone, self.head, self.head_config = backbone, head, head_config
         # the head's own precision (a fit-head cell may differ from its cache's); None: the caller's autocast
@@ -40,6 +40,9 @@ class SkillModel(nn.Module):
         # inference like `extract --compile` (the caller switched the backbone to fused attention):
         # the same compiled graph, fed one clip at a time as extract does on the CPU
         self.compiled_encode = bb.compiled_encode_clips(frozen_weights) if compiled else None
+        # a fit-head cell: the present clips in forwards of extract's size, since bf16 matmuls round differently with
+        # the number of rows (a base-size backbone's tokens moved by up to 0.02 when 2 takes' clips went together)
+        self.clips_per_forward = clips_per_forward or (1 if compiled else None)
 
     def tokens(self, clips: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Backbone tokens of the present clips only: (B, V, 1 + T, D); absent slots stay zero."""
@@ -47,10 +50,11 @@ class SkillModel(nn.Module):
         encode = present.clone()
         if not encode.any():  # no view of the batch decoded: still run one blank clip, weighted 0 below, so
             encode[0, 0] = True  # that every DDP rank's backbone takes part in each step's gradient all-reduce
-        if self.compiled_encode:
-            encoded = torch.cat([self.compiled_encode(self.backbone, clip[None]) for clip in clips[encode]])
-        else:
-            encoded = bb.encode_clips(self.backbone, clips[encode])  # (P, 1 + T, D) fp32
+        encode_clips = self.compiled_encode or bb.encode_clips
+        chosen = clips[encode]  # (P, T, 3, H, W)
+        step = self.clips_per_forward or len(chosen)
+        encoded = torch.cat([encode_clips(self.backbone, chosen[start : start + step])
+                             for start in range(0, len(chosen), step)])  # (P, 1 + T, D) fp32
         if self.round_like_cache:
             encoded = encoded.half().float()
         out = encoded.new_zeros(batch, views, 1 + frames, encoded.shape[-1])
@@ -92,6 +96,7 @@ class ModelSpec:
     adapter_sha256: str | None = None  # bb.adapter_hash of its adapter (None: none, or not recorded)
     sampling: str = "uniform"  # how its clips were sampled (pipeline.video.ClipSampling); older artifacts: uniform
     frozen_weights: bool = False  # compiled with the weights frozen into the graph (bb.compiled_encode_clips)
+    clips_per_forward: int | None = None  # a fit-head cell: its cache's clips per backbone forward (None: any)
     backbone_architecture: dict | None = None  # bb.architecture of that backbone (None: not recorded)
 
     @property
@@ -118,7 +123,8 @@ def read_model_spec(checkpoint: Path) -> ModelSpec:
                          bool(settings.get("compile", False)), fingerprint.get("weights_sha256"), fingerprint.get("adapter_sha256"),
                          settings.get("sampling", "uniform"),
                          frozen_weights=fingerprint.get("backbone_forward") == bb.COMPILED_FORWARDS[True],
-                         backbone_architecture=fingerprint.get("backbone_architecture"))
+                         backbone_architecture=fingerprint.get("backbone_architecture"),
+                         clips_per_forward=bb.clips_per_forward(settings.get("batch_size"), settings.get("device", "cpu")))
     if (checkpoint / "config.json").is_file() and info:  # a finetune run
         settings = read_json(checkpoint / "config.json")
         tuned = checkpoint / ("backbone" if settings.get("tune") == "full" else "adapter")
@@ -153,5 +159,5 @@ def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel,
     head, info = load_head(checkpoint)
     model = SkillModel(backbone, head, HeadConfig(**info["head"]), round_like_cache=spec.from_cache,
                        compiled=spec.compiled, frozen_weights=spec.frozen_weights, head_precision=info.get("precision"),
-                       label_prior=info.get("label_prior"))
+                       label_prior=info.get("label_prior"), clips_per_forward=spec.clips_per_forward)
     return model.to(device).eval(), spec

@@ -360,6 +360,22 @@ def test_evaluate_runs_the_backbone_with_the_runs_adapter(world):
     assert (tokens - base_tokens).abs().max() > 1e-3
 
 
+def test_a_fit_head_cell_is_evaluated_in_backbone_forwards_of_its_caches_size(world, fitted_cell, monkeypatch):
+    """bf16 matmuls round differently with the number of rows: a base-size backbone's tokens moved by up to 0.02 (and
+    cells' probabilities by 2e-3) when evaluate ran 2 takes' clips in one forward where extract had run one clip."""
+    model, spec = load_skill_model(fitted_cell)
+    assert spec.clips_per_forward == 1  # the cache was extracted on the CPU without --batch-size
+    run, _ = load_skill_model(world / "run")
+    assert run.clips_per_forward is None  # a finetune run: trained on batches, any batching will do
+    sizes = []
+    encode = bb.encode_clips
+    monkeypatch.setattr(bb, "encode_clips", lambda backbone, clips: sizes.append(len(clips)) or encode(backbone, clips))
+    clips, present, _, _, _ = TakeClips(load_takes(world / "data", "val")[:1], VIEWS, ClipSampling(FRAMES))[0]
+    with torch.inference_mode():
+        model.tokens(clips[None].expand(2, *clips.shape), present[None].expand(2, *present.shape))
+    assert sizes == [1] * int(present.sum()) * 2
+
+
 def test_rank_shares_are_disjoint_and_equal_sized():
     from pipeline.distributed import Ranks
     from pipeline.finetune import rank_share
@@ -510,6 +526,16 @@ def test_resume_refuses_other_settings_and_leaves_the_run_alone(world, tmp_path)
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 2 and "lr: 0.003 -> 0.5" in result.output
     assert (run / "config.json").read_text() == before
+
+
+def test_resume_refuses_a_backbone_folder_that_now_holds_other_weights(world, tmp_path):
+    run = shutil.copytree(world / "run", tmp_path / "run")
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["weights_sha256"] == bb.weights_hash(bb.load_backbone(str(world / "tiny"), FRAMES))
+    # as if the folder had held other weights when the run started (the same as it holding others now)
+    (run / "checkpoint" / "state.json").write_text(json.dumps({**state, "weights_sha256": "0" * 64}))
+    result = CliRunner().invoke(app, [str(a) for a in finetune_args(world / "data", world / "tiny", run, "--resume")])
+    assert result.exit_code == 2 and "trained on other backbone weights than" in " ".join(result.output.split())
 
 
 def test_a_second_run_into_a_run_folder_being_written_stops_at_once(world, tmp_path):
