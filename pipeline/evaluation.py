@@ -43,6 +43,6 @@ def evaluate_split(model, takes: list[Take], views, sampling: ClipSampling, prec
                    device: str = "cpu", workers: int = 0, crash_guard: CrashGuard | None = None) -> dict:
     probabilities, present = predict_takes(model, takes, views, sampling, precision, device, workers=workers,
                                            crash_guard=crash_guard)
-    labels = np.array([int(t.label) for t in takes])
+    labels = np.array([int(t.label) for t in takes], dtype=np.int64)
     return write_evaluation(out, [t.take_uid for t in takes], labels, probabilities, [t.scenario for t in takes],
                             present, tuple(views), settings, f"{Path(out).name}")

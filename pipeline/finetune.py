@@ -196,6 +196,9 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                   on_event: Callable[[str], None] | None) -> dict:
     config = with_absolute_paths(config, backbone=bb.resolved_backbone(config.backbone))  # evaluate reads them back
     train_takes, val_takes = load_takes(config.root, "train"), load_takes(config.root, "val")
+    if not train_takes or not val_takes:
+        raise ConfigError(f"{config.root}: the {'train' if not train_takes else 'val'} annotations list no takes; "
+                          "finetune trains on train and reports on val")
     if shared := shared_takes(train_takes, val_takes):
         raise ConfigError(f"{config.root}: {len(shared)} take(s) in both the train and val annotations, e.g. "
                           f"{shared[:3]}; val would score training data")

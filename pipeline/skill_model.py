@@ -97,6 +97,12 @@ class ModelSpec:
     sampling: str = "uniform"  # how its clips were sampled (pipeline.video.ClipSampling); older artifacts: uniform
     frozen_weights: bool = False  # compiled with the weights frozen into the graph (bb.compiled_encode_clips)
     clips_per_forward: int | None = None  # a fit-head cell: its cache's clips per backbone forward (None: any)
+    cache: Path | None = None  # a fit-head cell's cache
+
+    @property
+    def input_folders(self) -> list[Path]:
+        """The folders the model is read from and checked against (files written there would change its hashes)."""
+        return [folder for folder in (self.adapter, bb.local_backbone_dir(self.backbone), self.cache) if folder]
     backbone_architecture: dict | None = None  # bb.architecture of that backbone (None: not recorded)
 
     @property
@@ -124,7 +130,8 @@ def read_model_spec(checkpoint: Path) -> ModelSpec:
                          settings.get("sampling", "uniform"),
                          frozen_weights=fingerprint.get("backbone_forward") == bb.COMPILED_FORWARDS[True],
                          backbone_architecture=fingerprint.get("backbone_architecture"),
-                         clips_per_forward=bb.clips_per_forward(settings.get("batch_size"), settings.get("device", "cpu")))
+                         clips_per_forward=bb.clips_per_forward(settings.get("batch_size"), settings.get("device", "cpu")),
+                         cache=cache.root)
     if (checkpoint / "config.json").is_file() and info:  # a finetune run
         settings = read_json(checkpoint / "config.json")
         tuned = checkpoint / ("backbone" if settings.get("tune") == "full" else "adapter")

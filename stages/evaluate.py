@@ -20,9 +20,14 @@ from pipeline.takes import LABEL_NAMES, ProficiencyLabel, Take, load_takes, reso
 from pipeline.views import FAILURES_EXIT, absent_views, parse_view_setting
 
 
-def _check_conflicts(checkpoint: Path, frames: int | None, views: str | None) -> None:
-    """The checkpoint's own config decides frames and views; a different value is an error."""
+def _check_options(checkpoint: Path, out: Path, frames: int | None, views: str | None) -> None:
+    """The checkpoint's own config decides frames and views; a different value is an error. --out must not be
+    among the model's inputs, whose hashes its files would change for good."""
     spec = read_model_spec(checkpoint)
+    for folder in spec.input_folders:
+        if out.resolve().is_relative_to(Path(folder).resolve()):
+            raise ConfigError(f"--out {out} is inside {folder}, which {checkpoint} is read from: files written there "
+                              f"would change what it was trained with; write to another folder, e.g. {checkpoint / 'eval'}")
     if frames is not None and frames != spec.frames:
         raise ConfigError(f"--frames {frames} conflicts with {checkpoint}, trained with {spec.frames} frames")
     if views is not None and parse_view_setting(views) != spec.views:
@@ -45,9 +50,11 @@ def evaluate(
     if out.resolve() == checkpoint.resolve():  # its metrics.json and predictions.jsonl are the run's own results
         raise ConfigError(f"--out {out} is the checkpoint folder itself: evaluating there would overwrite the run's own "
                           f"metrics; write to another folder, e.g. {checkpoint / 'eval'}")
-    _check_conflicts(checkpoint, frames, views)
+    _check_options(checkpoint, out, frames, views)
     model, spec = load_skill_model(checkpoint, device)
     takes = load_takes(root, split)
+    if not takes:
+        raise ConfigError(f"{root}: the {split} annotations list no takes; nothing to evaluate")
     settings = {"checkpoint": str(checkpoint), "root": str(root), "split": split, "frames": spec.frames,
                 "sampling": spec.sampling, "views": list(spec.views), "backbone": spec.backbone, "precision": spec.precision,
                 "backbone_forward": bb.COMPILED_FORWARDS[spec.frozen_weights] if spec.compiled else "eager"}

@@ -93,6 +93,29 @@ def test_evaluate_reproduces_the_run_and_rejects_conflicting_settings(world, tmp
     assert (world / "run" / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("inside", ["run adapter", "cell cache"])
+def test_evaluate_refuses_an_out_folder_among_the_models_inputs(world, fitted_cell, tmp_path, inside):
+    """Results written into a run's adapter/ would change its hash for good: every later evaluate would refuse it."""
+    checkpoint, folder = (world / "run", world / "run" / "adapter") if inside == "run adapter" else (
+        fitted_cell, world / "cache-fp32")
+    files = sorted(folder.rglob("*"))
+    result = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(checkpoint), "--root", str(world / "data"),
+                                      "--out", str(folder / "eval")])
+    assert result.exit_code == 2 and "which" in result.output and "is read from" in " ".join(result.output.split())
+    assert sorted(folder.rglob("*")) == files
+
+
+def test_evaluate_and_finetune_refuse_a_split_without_takes(world, tmp_path):
+    data = shutil.copytree(world / "data", tmp_path / "data")
+    (data / "annotations" / "proficiency_demonstrator_val.json").write_text(json.dumps({"annotations": []}))
+    result = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(world / "run"), "--root", str(data),
+                                      "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 2 and "the val annotations list no takes" in result.output
+    result = CliRunner().invoke(app, [str(a) for a in finetune_args(data, world / "tiny", tmp_path / "run")])
+    assert result.exit_code == 2 and "the val annotations list no takes" in result.output
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
 def test_predict_on_a_take_folder(world, tmp_path):
     take = load_takes(world / "data", "val")[0]
     folder = take.videos["ego"].parent  # .../frame_aligned_videos/downscaled/448
