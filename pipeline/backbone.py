@@ -203,7 +203,12 @@ def architecture_changes(recorded: dict | None, model: torch.nn.Module) -> str:
 
 def adapter_hash(adapter_dir: Path) -> str:
     """sha256 over the adapter folder's files (sorted relative names + bytes)."""
-    folder = resolve_adapter_dir(adapter_dir)
+    return folder_hash(resolve_adapter_dir(adapter_dir))
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over a folder's files (sorted relative names + bytes)."""
+    folder = Path(folder)
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         data = path.read_bytes()

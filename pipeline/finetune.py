@@ -331,7 +331,8 @@ def _save_final(out: Path, model: SkillModel, config: FinetuneConfig, views, sta
     write_folder_atomic(tuned, model.backbone.save_pretrained)
     # LoRA runs load the base weights named in config.json: evaluate checks they are still these
     trained_with = {"weights_sha256": weights_sha256, "adapter_sha256": bb.adapter_hash(tuned),
-                    "backbone_architecture": bb.architecture(model.backbone)} if config.tune == "lora" else {}
+                    "backbone_architecture": bb.architecture(model.backbone)} if config.tune == "lora" else {
+        "backbone_folder_sha256": bb.folder_hash(tuned)}  # full: the trained backbone is the run's own folder
     save_head(out, model.head, model.head_config, views, run="finetune", best_epoch=state["best_epoch"],
               holdout_losses=state["holdout_losses"], precision=config.precision,
               label_prior=label_prior, **trained_with)

@@ -98,6 +98,7 @@ class ModelSpec:
     frozen_weights: bool = False  # compiled with the weights frozen into the graph (bb.compiled_encode_clips)
     clips_per_forward: int | None = None  # a fit-head cell: its cache's clips per backbone forward (None: any)
     cache: Path | None = None  # a fit-head cell's cache
+    backbone_folder_sha256: str | None = None  # a full finetune run: bb.folder_hash of its backbone/ (None: not recorded)
 
     @property
     def input_folders(self) -> list[Path]:
@@ -140,7 +141,7 @@ def read_model_spec(checkpoint: Path) -> ModelSpec:
         sampling = settings.get("sampling", "uniform")
         if tuned.name == "backbone":
             return ModelSpec(str(tuned), None, int(settings["frames"]), tuple(info["views"]), settings["precision"], False,
-                             sampling=sampling)
+                             sampling=sampling, backbone_folder_sha256=info.get("backbone_folder_sha256"))
         return ModelSpec(settings["backbone"], tuned, int(settings["frames"]), tuple(info["views"]), settings["precision"],
                          False, weights_sha256=info.get("weights_sha256"), adapter_sha256=info.get("adapter_sha256"),
                          sampling=sampling, backbone_architecture=info.get("backbone_architecture"))
@@ -152,6 +153,8 @@ def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel,
     if problem := device_problem(device):
         raise ConfigError(f"--{problem}")
     spec = read_model_spec(checkpoint)
+    if spec.backbone_folder_sha256 and bb.folder_hash(Path(spec.backbone)) != spec.backbone_folder_sha256:
+        raise ConfigError(f"{checkpoint}: the backbone {spec.backbone} changed since it was trained")
     backbone = bb.load_backbone(spec.backbone, spec.frames)
     if spec.weights_sha256 and bb.weights_hash(backbone) != spec.weights_sha256:
         raise ConfigError(f"{checkpoint}: the backbone {spec.backbone} no longer holds the weights it was trained with")

@@ -24,6 +24,7 @@ from pipeline import evaluation
 from pipeline import finetune as finetune_module
 from pipeline.cache import FeatureCache
 from pipeline.checkpoints import load_head
+from pipeline.config import ConfigError
 from pipeline.demo_data import write_demo_dataset
 from pipeline.fusion import HeadConfig, build_head, head_inputs
 from pipeline.head_training import stratified_holdout
@@ -468,6 +469,10 @@ def test_full_finetune_saves_a_backbone_that_extract_loads(world, tmp_path):
     assert result.exit_code == 0, result.output
     tuned = FeatureCache.open(tmp_path / "cache").spec.fingerprint["weights_sha256"]
     assert tuned != bb.weights_hash(bb.load_backbone(str(world / "tiny"), FRAMES))
+    load_skill_model(tmp_path / "full")  # its own backbone/, as trained
+    shutil.copy(world / "tiny" / "model.safetensors", saved / "model.safetensors")  # backbone/ overwritten since
+    with pytest.raises(ConfigError, match="the backbone .*backbone changed since it was trained"):
+        load_skill_model(tmp_path / "full")
 
 
 def test_init_head_warm_starts_from_a_fit_head_cell(world, fitted_cell, tmp_path):
