@@ -36,6 +36,9 @@ from pipeline.takes import VIEWS, load_takes
 from pipeline.video import ClipSampling
 
 
+GOP_FRAMES = 250  # libx264's default keyframe interval, which the demo writer keeps
+
+
 def backbone_gflops(frames: int, device: str, compiled: bool = False, matmuls_only: bool = False,
                     frozen_weights: bool = True, prepacked: bool = False) -> Callable[[], float]:
     """A measurement of the base-size TimeSformer forward's FLOP/s as extract runs it (bf16 autocast, weights cast
@@ -99,6 +102,8 @@ pixels = torch.randn(c.clips_per_forward, c.frames, 3, 224, 224, device=c.device
 with torch.inference_mode(), autocast_context(torch.device(c.device), enabled=c.precision == "bf16"):
     for _ in range(-(-clips // c.clips_per_forward)):
         encode_clips(model, pixels)
+if c.device.startswith("cuda"):
+    torch.cuda.synchronize()  # the last forwards' kernels may still be queued
 print(json.dumps({"seconds": time.perf_counter() - started}))
 """
 
@@ -177,7 +182,9 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        write_demo_dataset(folder / "data", takes=args.takes, val_fraction=0.0, frames=4 * args.frames)
+        # as long as a take whose sampled frames lie in different GOPs (x264's default: 250 frames, ~8 s), as in the
+        # minutes-long real takes: every sampled frame costs a seek and a partial GOP decode
+        write_demo_dataset(folder / "data", takes=args.takes, val_fraction=0.0, frames=GOP_FRAMES * args.frames)
         backbone = save_base_backbone(folder / "base", 8)
         decode_s, clips = decode_only_s(folder / "data", args.frames)
         extracts, models_s = [], []

@@ -106,3 +106,16 @@ def test_the_tree_memory_peak_counts_a_childs_own_memory():
     with PeakTreeMemory() as tree:
         subprocess.run([sys.executable, "-c", "import time; b = b'x' * (300 * 2**20); time.sleep(0.5)"], check=True)
     assert alone.peak_mb > 10 and tree.peak_mb - alone.peak_mb > 250  # the child's 300 MiB, beside this process
+
+
+def test_fused_attention_counts_the_flops_of_the_attention_it_replaces():
+    """torch's counter has SDPA formulas for CUDA kernels only: on a CPU it counted fused attention as free."""
+    from pipeline.backbone import encode_clips, tiny_config, use_fused_attention
+    from transformers import TimesformerModel
+
+    model = TimesformerModel(tiny_config(num_frames=4)).eval()
+    clips = torch.randn(1, 4, 3, 224, 224)
+    with torch.inference_mode():
+        eager = count_flops(encode_clips, model, clips)
+        fused = count_flops(encode_clips, use_fused_attention(model), clips)
+    assert fused == eager > 0
