@@ -10,6 +10,7 @@ Models", arXiv 2106.09685 (2021), ICLR 2022. Weights: Hugging Face
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import types
 import warnings
@@ -74,8 +75,14 @@ def load_backbone(name_or_dir: str, num_frames: int) -> TimesformerModel:
         name_or_dir = str(path)
     hf_logging.disable_progress_bar()  # one bar per load would drown the stage's own progress
     # fp32 master weights whatever the checkpoint's dtype: autocast gives bf16 speed, LoRA needs fp32.
+    load = functools.partial(TimesformerModel.from_pretrained, name_or_dir, dtype=torch.float32, output_loading_info=True)
     try:
-        model, loading = TimesformerModel.from_pretrained(name_or_dir, dtype=torch.float32, output_loading_info=True)
+        try:  # the hub's local cache first: offline (a cluster's compute nodes), huggingface_hub's retries took ~25 s
+            model, loading = load(local_files_only=True)
+        except OSError:
+            if path:
+                raise
+            model, loading = load()  # not downloaded yet
     except (RuntimeError, ValueError) as err:  # weights of other sizes than config.json says, a malformed config.json
         raise ConfigError(f"backbone {name_or_dir!r}: not a loadable TimeSformer: {_first_line(err)}") from None
     except OSError as err:  # offline, firewalled, or a misspelt hub id; a folder without weights
@@ -84,8 +91,8 @@ def load_backbone(name_or_dir: str, num_frames: int) -> TimesformerModel:
             raise ConfigError(f"backbone {name_or_dir!r}: not a loadable TimeSformer folder: {reason}") from None
         raise ConfigError(f"backbone {name_or_dir!r}: not a local folder, and the Hugging Face hub (or its local cache) "
                           f"cannot provide it: {reason}. Download it where the hub is reachable (e.g. "
-                          f"`hf download {name_or_dir}`; offline with it downloaded, HF_HUB_OFFLINE=1 skips the hub's "
-                          f"retries), or pass --backbone with a folder written by save_pretrained") from None
+                          f"`hf download {name_or_dir}`: a downloaded model loads from the cache without the hub), or "
+                          f"pass --backbone with a folder written by save_pretrained") from None
     # transformers only logs weights the checkpoint lacks, and initialises them at random: features from those
     # would pass for the model's (another architecture's checkpoint, a config.json describing more layers)
     unfilled = sorted(loading["missing_keys"]) + sorted(str(key) for key in loading["mismatched_keys"])

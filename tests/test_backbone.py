@@ -140,7 +140,22 @@ def test_a_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "backbone 'no-such-org/no-such-timesformer': not a local folder" in result.stdout
     assert "--backbone with a folder written by save_pretrained" in result.stdout
-    assert "HF_HUB_OFFLINE=1 skips the hub's retries" in result.stdout
+    assert "a downloaded model loads from the cache without the hub" in result.stdout
+
+
+def test_a_hub_id_already_in_the_hub_cache_loads_without_asking_the_hub(tmp_path):
+    """Offline (a cluster's compute nodes), huggingface_hub retried its requests for ~25 s before using the cache."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--some-org--tiny-timesformer"
+    backbone.save_tiny_backbone(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    code = "from pipeline.backbone import load_backbone\nload_backbone('some-org/tiny-timesformer', 8)\nprint('loaded')\n"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # a hub that refuses
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and "loaded" in result.stdout, result.stderr[-2000:]
+    assert "127.0.0.1" not in result.stderr and "Retrying" not in result.stderr  # the hub was never asked
 
 
 # --- LoRA --------------------------------------------------------------------------------------
