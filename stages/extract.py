@@ -63,4 +63,6 @@ def extract(
     ranks = init_distributed(settings.device)  # torchrun: each rank extracts its own shards
     settings = dataclasses.replace(settings, device=local_device(settings.device))
     summary = extract_with_progress(settings, ranks=ranks)
-    raise typer.Exit(FAILURES_EXIT if summary.failures else 0)
+    # under torchrun rank 0 reports the split's failed views (every rank's, from the committed markers) and exits 3,
+    # the others 0: torchrun stops every rank at the first non-zero exit, which cut rank 0's summary off
+    raise typer.Exit(FAILURES_EXIT if summary.failures and ranks.is_main else 0)

@@ -268,6 +268,45 @@ def test_torchrun_two_ranks_write_disjoint_shards_equal_to_one_process(dataset, 
     np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
+SLOW_FAILURES_SUMMARY = """
+import time
+from pipeline.cache import FeatureCache
+from stages.cli import main
+
+write = FeatureCache.write_failures_summary
+
+
+def slow_write(self):
+    time.sleep(3)
+    return write(self)
+
+
+FeatureCache.write_failures_summary = slow_write
+main()
+"""
+
+
+def test_torchrun_with_a_failed_view_on_rank_1_reports_it_from_rank_0_and_exits_1(dataset, backbone_dir, tmp_path):
+    """Every rank used to exit 3, and torchrun stops all ranks at the first: rank 0 could be cut off before it wrote
+    failures.json or printed the failed views."""
+    data = shutil.copytree(dataset, tmp_path / "data")
+    take = load_takes(data, "train")[1]  # shard 1 (one take per shard): rank 1's
+    take.videos["exo2"].write_bytes(take.videos["exo2"].read_bytes()[:300])  # truncated
+    slow_summary = tmp_path / "slow_summary.py"  # rank 0 still writing failures.json when rank 1 is done
+    slow_summary.write_text(SLOW_FAILURES_SUMMARY)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launched = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", str(slow_summary),
+         *map(str, extract_args(data, tmp_path / "cache", backbone_dir, shard_size=1))],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    assert launched.returncode == 1, launched.stderr[-3000:]  # torchrun's own code for a failed rank
+    assert re.search(r"rank\s*:\s*0\b.*\n\s*exitcode\s*:\s*3", launched.stderr) and "-15" not in launched.stderr
+    assert f"{take.take_uid} exo2: " in launched.stdout  # rank 0 printed the list
+    failures = json.loads((tmp_path / "cache" / "failures.json").read_text())
+    assert set(failures) == {take.take_uid} and set(failures[take.take_uid]) == {"exo2"}
+
+
 def test_compiled_extract_matches_eager_and_has_its_own_fingerprint(dataset, backbone_dir, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert run_cli(*extract_args(dataset, eager, backbone_dir)).exit_code == 0
