@@ -8,6 +8,7 @@ Layout of a cache folder:
     shards/<split>/NNNNN.json   commit marker of shard NNNNN: its takes' index records + failures
     failures.json               every failed view so far, take_uid -> view -> reason
     locks/<split>.lock          held by the ranks of the extract run writing the split (pipeline.writer_lock)
+    locks/failures.lock         held while failures.json is rebuilt (runs of several splits may end together)
 
 A shard holds `shard_size` consecutive rows and is written whole by one writer, then committed by
 atomically writing its marker. Readers and resumed runs trust only committed shards, so a crash
@@ -16,6 +17,8 @@ at any moment loses at most the shards in flight and never exposes half-written 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -218,9 +221,20 @@ class FeatureCache:
         fsync_path(marker.parent)
 
     def write_failures_summary(self) -> dict:
-        """Rewrite failures.json from every committed marker; returns take_uid -> view -> reason."""
-        failures = self.read_failures()
-        write_json_atomic(self.root / "failures.json", failures)
+        """Rewrite failures.json from every committed marker; returns take_uid -> view -> reason.
+
+        Runs extracting other splits of the cache may end at the same moment: one at a time (a lock held for the
+        read and the write), so that the last to write has read every other's commits."""
+        lock = self.root / "locks" / "failures.lock"
+        lock.parent.mkdir(exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            with contextlib.suppress(OSError):  # a filesystem without flock: as before
+                fcntl.flock(fd, fcntl.LOCK_EX)  # waits: a summary takes milliseconds
+            failures = self.read_failures()
+            write_json_atomic(self.root / "failures.json", failures)
+        finally:
+            os.close(fd)  # releases the lock
         return failures
 
     def read_failures(self) -> dict:

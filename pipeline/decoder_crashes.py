@@ -125,8 +125,15 @@ def known_crashes(cache_root: Path) -> dict[tuple[str, str], str]:
     """(take_uid, view) -> reason, for every file recorded as crashing the decoder that is still the file it
     was (same size and modification time; records written before they were kept always apply)."""
     folder = Path(cache_root) / CRASHES
-    records = [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-    return {(r["take_uid"], r["view"]): r["reason"] for r in records if _unchanged(r)}
+    records = [_read_record(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return {(r["take_uid"], r["view"]): r["reason"] for r in records if r and _unchanged(r)}
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return read_json(path)
+    except FileNotFoundError:  # forgotten meanwhile by another rank's --retry-failed
+        return None
 
 
 def file_identity(path: Path) -> dict[str, int] | None:

@@ -1,3 +1,4 @@
+import json
 from dataclasses import asdict
 
 import numpy as np
@@ -138,6 +139,34 @@ def test_failures_summary_collects_every_split(tmp_path):
         cache.write_shard(split, 0, np.zeros((1, 2, 5, 8)), records([f"{split}0"], (True, False)), {f"{split}0": {"exo1": "x"}})
     assert cache.write_failures_summary() == {"train0": {"exo1": "x"}, "val0": {"exo1": "x"}}
     assert cache.read("val").present.tolist() == [[True, False]]
+
+
+def test_two_runs_ending_together_leave_a_failures_summary_with_both_splits(tmp_path, monkeypatch):
+    """Run A (train) reads the markers; run B (val) commits a failure and rebuilds the summary; A writes last. A's
+    stale read must not win: B waits for A's write, then reads everything."""
+    import threading
+    import time
+
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    for split in ("train", "val"):
+        cache.plan_split(split, [f"{split}0"])
+    cache.write_shard("train", 0, np.zeros((1, 2, 5, 8)), records(["train0"], (True, False)), {"train0": {"exo1": "x"}})
+    read = FeatureCache.read_failures
+    runs = []
+
+    def read_then_the_other_run_ends(self):
+        seen = read(self)
+        if not runs:  # run A, between its read and its write
+            cache.write_shard("val", 0, np.zeros((1, 2, 5, 8)), records(["val0"], (True, False)), {"val0": {"exo1": "y"}})
+            runs.append(threading.Thread(target=FeatureCache.open(tmp_path).write_failures_summary))
+            runs[0].start()
+            time.sleep(0.5)  # B runs now, unless it waits for A
+        return seen
+
+    monkeypatch.setattr(FeatureCache, "read_failures", read_then_the_other_run_ends)
+    cache.write_failures_summary()
+    runs[0].join()
+    assert json.loads((tmp_path / "failures.json").read_text()) == {"train0": {"exo1": "x"}, "val0": {"exo1": "y"}}
 
 
 def test_a_torn_uncommitted_shard_is_rewritten(tmp_path):

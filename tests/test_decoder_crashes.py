@@ -163,6 +163,21 @@ def test_forget_drops_the_crash_records_of_the_named_takes_only(tmp_path):
     assert decoder_crashes.known_crashes(tmp_path) == {("take-b", "ego"): "crashed"}
 
 
+def test_a_crash_record_forgotten_by_another_rank_while_being_read_is_skipped(tmp_path, monkeypatch):
+    for uid in ("take-a", "take-b"):
+        write_json_atomic(tmp_path / decoder_crashes.CRASHES / f"{uid}.ego.json",
+                          {"take_uid": uid, "view": "ego", "path": "x.mp4", "frames": 4, "reason": "crashed"})
+    read = decoder_crashes.read_json
+
+    def forgotten_first(path):  # another rank's --retry-failed unlinks it between the listing and the read
+        if path.name.startswith("take-a"):
+            path.unlink()
+        return read(path)
+
+    monkeypatch.setattr(decoder_crashes, "read_json", forgotten_first)
+    assert decoder_crashes.known_crashes(tmp_path) == {("take-b", "ego"): "crashed"}
+
+
 def test_a_crash_record_applies_only_while_its_file_is_unchanged(tmp_path):
     video = tmp_path / "take.mp4"
     video.write_bytes(b"corrupt")
