@@ -79,6 +79,21 @@ def barrier(ranks: Ranks) -> None:
         dist.barrier()
 
 
+def barrier_sharing_main_error(ranks: Ranks, error: Exception | None, kinds: tuple[type[Exception], ...]) -> None:
+    """A barrier at which rank 0's `error` (one of the user-facing `kinds`) is raised on every rank, then each rank's own.
+
+    The ranks waiting for rank 0's set-up (a refused lock, another cache's fingerprint) stop with its message, instead
+    of a collective's "connection closed" traceback once it has exited."""
+    if ranks.world_size > 1:
+        shared = [None if error is None or not ranks.is_main else (type(error).__name__, str(error))]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is not None and not ranks.is_main:
+            name, message = shared[0]
+            raise next(kind for kind in kinds if kind.__name__ == name)(f"(rank 0) {message}")
+    if error is not None:
+        raise error
+
+
 def local_device(device: str) -> str:
     """`cuda` under torchrun means this rank's own GPU; `cuda:N` there would put every rank on one GPU."""
     if device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1:

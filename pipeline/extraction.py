@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import backbone as bb
 from pipeline import decoder_crashes
-from pipeline.cache import CacheSpec, FeatureCache, TakeRecord
+from pipeline.cache import CacheError, CacheSpec, FeatureCache, TakeRecord
 from pipeline.config import ConfigError, device_problem, output_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import CrashGuard, decoding, triage
-from pipeline.distributed import Ranks, barrier
+from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error
 from pipeline.skill_model import read_model_spec
 from pipeline.takes import VIEWS, Take, load_takes
 from pipeline.video import SAMPLING_NAMES, ClipSampling, VideoError, decode_clip, preprocess
@@ -275,18 +275,22 @@ def run_extraction(
     # that loading makes, which must not leave a folder behind
     lock_first = ranks.is_main and Path(config.cache).is_dir()
     with ExitStack() as held:  # the split's writer lock (pipeline.writer_lock), for the whole run
-        if lock_first:
-            held.enter_context(first_writer(lock, subject))
-        model, weights_sha256 = load_extraction_model(config)
-        spec = build_cache_spec(config, model, weights_sha256)
-        if ranks.is_main:
-            if not lock_first:
+        setup_error = None
+        try:
+            if lock_first:
                 held.enter_context(first_writer(lock, subject))
-            cache = FeatureCache.open_or_create(config.cache, spec)
-            cache.remove_leftovers(config.split)  # of a killed run; the other ranks wait at the barrier below
-            cache.plan_split(config.split, [take.take_uid for take in takes])
-            save_config(config, Path(config.cache) / f"extract-{config.split}.json")
-        barrier(ranks)
+            model, weights_sha256 = load_extraction_model(config)
+            spec = build_cache_spec(config, model, weights_sha256)
+            if ranks.is_main:
+                if not lock_first:
+                    held.enter_context(first_writer(lock, subject))
+                cache = FeatureCache.open_or_create(config.cache, spec)
+                cache.remove_leftovers(config.split)  # of a killed run; the other ranks wait at the barrier below
+                cache.plan_split(config.split, [take.take_uid for take in takes])
+                save_config(config, Path(config.cache) / f"extract-{config.split}.json")
+        except (ConfigError, CacheError) as err:
+            setup_error = err
+        barrier_sharing_main_error(ranks, setup_error, (ConfigError, CacheError))
         if not ranks.is_main:
             held.enter_context(joining_writer(lock, subject))
         return _extract_split(config, model, FeatureCache.open_or_create(config.cache, spec), takes, on_take, on_start, ranks)

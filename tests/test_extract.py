@@ -307,6 +307,22 @@ def test_torchrun_with_a_failed_view_on_rank_1_reports_it_from_rank_0_and_exits_
     assert set(failures) == {take.take_uid} and set(failures[take.take_uid]) == {"exo2"}
 
 
+def test_a_torchrun_refused_by_rank_0_stops_every_rank_with_its_message(dataset, backbone_dir, tmp_path):
+    """The other ranks used to wait for rank 0 at a barrier, then die in gloo ('Connection closed by peer')."""
+    (tmp_path / "cache").mkdir()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with writer_lock.first_writer(writer_lock.split_lock_path(tmp_path / "cache", "train"), "that split"):  # another run
+        launched = subprocess.run(
+            [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "stages.cli",
+             *map(str, extract_args(dataset, tmp_path / "cache", backbone_dir))],
+            capture_output=True, text=True, timeout=300,
+        )
+    said = " ".join((launched.stdout + launched.stderr).split())
+    assert launched.returncode == 1 and "Connection closed" not in said, said[-3000:]
+    assert said.count("is being written by another run") == 2 and "(rank 0) split 'train'" in said  # both ranks, exit 2
+    assert len(re.findall(r"exitcode : 2", said)) >= 1
+
+
 def test_compiled_extract_matches_eager_and_has_its_own_fingerprint(dataset, backbone_dir, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert run_cli(*extract_args(dataset, eager, backbone_dir)).exit_code == 0
