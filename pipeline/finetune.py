@@ -13,7 +13,7 @@ part of train; val is only used for the final evaluation.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -27,9 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
 from pipeline import backbone as bb
+from pipeline.cache import CacheError
 from pipeline.checkpoints import load_head, save_head
 from pipeline.config import ConfigError, config_to_dict, device_problem, output_problem, save_config, with_absolute_paths
-from pipeline.distributed import Ranks, barrier
+from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error
 from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
 from pipeline.decoder_crashes import CRASHES, CrashGuard, explained_worker_death, known_crashes, triage
@@ -180,7 +181,14 @@ def run_finetune(
     stops the run with the file named and recorded, and `--resume` goes on with its view absent.
     """
     out, new_folder = Path(config.out), not Path(config.out).exists()
-    with first_writer(out / RUN_LOCK, f"the run folder {out}") if ranks.is_main else nullcontext():
+    with ExitStack() as held:
+        refused = None
+        if ranks.is_main:
+            try:
+                held.enter_context(first_writer(out / RUN_LOCK, f"the run folder {out}"))
+            except CacheError as err:
+                refused = err
+        barrier_sharing_main_error(ranks, refused, (CacheError,))  # the other ranks stop with its message
         try:
             return _run_finetune(config, resume, on_step, ranks, on_event)
         except BaseException as err:

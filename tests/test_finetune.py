@@ -577,6 +577,18 @@ def test_a_second_run_into_a_run_folder_being_written_stops_at_once(world, tmp_p
     assert {path: path.stat().st_mtime_ns for path in files} == files  # nothing touched
 
 
+def test_a_torchrun_into_a_run_folder_being_written_stops_every_rank_with_the_message(world, tmp_path):
+    run = shutil.copytree(world / "run", tmp_path / "run")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with first_writer(run / "run.lock", "that folder"):  # the run still training there
+        launched = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "stages.cli",
+                                   *map(str, finetune_args(world / "data", world / "tiny", run, "--resume"))],
+                                  capture_output=True, text=True, timeout=300)
+    said = " ".join((launched.stdout + launched.stderr).split())
+    assert launched.returncode == 1 and "Connection closed" not in said, said[-3000:]
+    assert said.count("is being written by another run") == 2 and "(rank 0) the run folder" in said
+
+
 def test_a_resumed_finished_run_is_not_complete_until_its_new_evaluation(world, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(world / "run", run)
