@@ -131,6 +131,20 @@ def test_a_folder_whose_weights_do_not_make_its_model_is_a_clear_error_not_rando
     shutil.rmtree(folder)
 
 
+def test_a_video_classification_checkpoint_loads_as_the_k600_one_does(tmp_path):
+    """facebook/timesformer-base-finetuned-k600 is a TimesformerForVideoClassification: its classifier comes back as
+    unexpected keys (allowed) and every backbone weight is filled from `timesformer.*`."""
+    from transformers import TimesformerForVideoClassification
+
+    config = backbone.tiny_config(num_frames=8)
+    config.num_labels = 600
+    classifier = TimesformerForVideoClassification(config)
+    classifier.save_pretrained(tmp_path / "k600-like")
+    loaded = load_backbone(str(tmp_path / "k600-like"), 8)
+    saved = classifier.timesformer.state_dict()
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in loaded.state_dict().items())
+
+
 def test_a_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path):
     """Offline (or a misspelt id): one error naming the backbone and the way out, not transformers' traceback."""
     code = ("from pipeline.backbone import load_backbone\nfrom pipeline.config import ConfigError\n"
