@@ -111,7 +111,8 @@ def decoding(cache_root: Path, take_uid: str, view: str, path: Path, sampling: C
     marker = Path(cache_root) / MARKERS / f"{socket.gethostname()}-{os.getpid()}.json"
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")  # no fsync: the marker only has to survive the process, not the OS
-    tmp.write_text(json.dumps({"take_uid": take_uid, "view": view, "path": str(path), "frames": sampling.frames,
+    # absolute: the record it may become is checked against the file from whatever folder a later run starts in
+    tmp.write_text(json.dumps({"take_uid": take_uid, "view": view, "path": os.path.abspath(path), "frames": sampling.frames,
                                "sampling": sampling.method, "position": sampling.position,
                                "started": _start_time(os.getpid()), "file": file_identity(path)}))
     os.replace(tmp, marker)

@@ -208,19 +208,22 @@ def resolve_view_files(take_dir: Path) -> dict[str, Path]:
     if len(exos) > 4:
         raise ValueError(f"{folder}: more than four exo videos: {[p.name for p in exos]}; the model takes four, "
                          "so pass a folder holding only the four it should see")
-    numbered, others = {}, []
+    numbered, others, doubles = {}, [], []
     for path in exos:  # in numeric order
         view = f"exo{_exo_number(path)}"
         if view in VIEWS and view not in numbered:
             numbered[view] = path
         else:  # cam05, or a second file for one number (cam01 and gp01)
-            others.append(path)
-    if len(exos) == 4:  # a complete set: the others take the free slots (at most four files: they fit)
+            (doubles if view in VIEWS else others).append(path)
+    if doubles:
+        warnings.warn(f"{folder}: {[p.name for p in doubles]} left out: a second file for a camera number already "
+                      f"taken ({sorted(numbered)}); pass a folder holding one file per camera", stacklevel=2)
+    if len(exos) == 4 and not doubles:  # cam01-03 + cam05: cam05 takes the free slot
         numbered.update(zip([view for view in VIEWS[1:] if view not in numbered], others))
     elif others:
-        warnings.warn(f"{folder}: {[p.name for p in others]} left out: with only {len(exos)} exo files it cannot be "
-                      f"told which camera's slot {'it takes' if len(others) == 1 else 'they take'} (views found: "
-                      f"{sorted(numbered)}); pass a folder holding all four exo files to use it", stacklevel=2)
+        warnings.warn(f"{folder}: {[p.name for p in others]} left out: with only {len(numbered)} other exo files it "
+                      f"cannot be told which camera's slot {'it takes' if len(others) == 1 else 'they take'} (views "
+                      f"found: {sorted(numbered)}); pass a folder holding all four exo files to use it", stacklevel=2)
     return ({"ego": egos[0]} if egos else {}) | {view: numbered[view] for view in VIEWS[1:] if view in numbered}
 
 

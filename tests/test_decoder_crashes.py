@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import decord
 import numpy as np
@@ -161,6 +162,18 @@ def test_forget_drops_the_crash_records_of_the_named_takes_only(tmp_path):
                           {"take_uid": uid, "view": view, "path": "x.mp4", "frames": 4, "reason": "crashed"})
     decoder_crashes.forget(tmp_path, ["take-a"])
     assert decoder_crashes.known_crashes(tmp_path) == {("take-b", "ego"): "crashed"}
+
+
+def test_a_crash_record_made_from_a_relative_path_applies_from_any_folder(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "v.mp4").write_bytes(b"corrupt")
+    monkeypatch.chdir(tmp_path)
+    with decoder_crashes.decoding(tmp_path / "out", "take", "exo1", Path("data/v.mp4"), ClipSampling(FRAMES)):
+        (marker,) = (tmp_path / "out" / decoder_crashes.MARKERS).glob("*.json")
+        record = json.loads(marker.read_text()) | {"reason": "crashed"}  # as triage records it
+    write_json_atomic(tmp_path / "out" / decoder_crashes.CRASHES / "take.exo1.json", record)
+    monkeypatch.chdir(tmp_path / "data")  # evaluate run again from elsewhere, --root given relative to there
+    assert decoder_crashes.known_crashes(tmp_path / "out") == {("take", "exo1"): "crashed"}
 
 
 def test_a_crash_record_forgotten_by_another_rank_while_being_read_is_skipped(tmp_path, monkeypatch):

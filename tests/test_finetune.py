@@ -704,8 +704,9 @@ def test_a_checkpoint_from_before_per_rank_rng_states_still_resumes(tmp_path):
     (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"epoch": 0, "world_size": 1}))
     torch.rand(5)  # moves the generator on
     state = load_epoch_checkpoint(tmp_path / "checkpoint", model, optimizer, schedule, {"lr": 1.0}, Ranks(),
-                                  torch.device("cpu"))
+                                  torch.device("cpu"), weights_sha256="ab" * 32)
     assert state["epoch"] == 0 and torch.equal(torch.get_rng_state(), rng)
+    assert state["weights_sha256"] == "ab" * 32  # unrecorded then: kept from now on, so later resumes check it
 
 
 def test_a_take_without_any_decodable_view_gets_the_prior_and_no_gradient(world, tmp_path):

@@ -68,9 +68,18 @@ def test_a_take_folder_missing_a_camera_leaves_its_slot_empty(tmp_path, names, e
 def test_a_partial_take_folder_leaves_out_a_camera_whose_slot_cannot_be_told(tmp_path):
     for name in ["aria01_214-1", "cam01", "cam03", "cam05"]:  # cam02 or cam04 missing: cam05 is exo4 or exo2
         (tmp_path / f"{name}.mp4").write_bytes(b"")
-    with pytest.warns(UserWarning, match=r"\['cam05.mp4'\] left out: with only 3 exo files"):
+    with pytest.warns(UserWarning, match=r"\['cam05.mp4'\] left out: with only 2 other exo files"):
         views = resolve_view_files(tmp_path)
     assert {view: path.stem for view, path in views.items()} == {"ego": "aria01_214-1", "exo1": "cam01", "exo3": "cam03"}
+
+
+def test_a_second_file_for_one_camera_number_is_left_out_not_put_in_a_free_slot(tmp_path):
+    for name in ["aria01_214-1", "cam01", "gp01", "cam02", "cam03"]:  # cam04 missing; gp01 is camera 1 again
+        (tmp_path / f"{name}.mp4").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"\['gp01.mp4'\] left out: a second file for a camera number"):
+        views = resolve_view_files(tmp_path)
+    assert {view: path.stem for view, path in views.items() if view != "ego"} == {"exo1": "cam01", "exo2": "cam02",
+                                                                                "exo3": "cam03"}
 
 
 def test_aria_side_streams_are_never_the_ego_view(tmp_path):
