@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -207,7 +208,8 @@ class FeatureCache:
         shard_file.unlink(missing_ok=True)
         array[start : start + expected[0]] = tokens.astype(np.float16)
         _flush_up_to(self.root, shard_file)  # a committed marker must never point at data still in the page cache
-        marker = {"records": [asdict(r) for r in records], "failures": failures}
+        # `commit`: every commit's own, so a reader can tell a rewrite from the marker it read (FeatureCache.read)
+        marker = {"records": [asdict(r) for r in records], "failures": failures, "commit": uuid.uuid4().hex}
         write_json_atomic(self._marker_path(split, shard), marker)
 
     def shard_failures(self, split: str, shard: int) -> dict:
@@ -273,7 +275,6 @@ class FeatureCache:
         its data, then commits it anew): a read that overlapped such a rewrite sees a marker vanish or change, and
         raises instead of returning a shard's old records over its new (or deleted: zero) data."""
         shards = sorted(self.committed_shards(split))
-        before = self._marker_identities(split, shards)
         if complete and shards != list(range(self.planned_shards(split))):
             raise CacheError(f"{self.root}: split {split} is unfinished ({self.progress(split)}); rerun the same "
                              "`skillpipe extract` command to finish it, or wait for the run writing it to end")
@@ -291,20 +292,13 @@ class FeatureCache:
             start = shard * self.spec.shard_size
             tokens[len(records) : len(records) + len(marker["records"])] = array[start : start + len(marker["records"])]
             records += [TakeRecord.from_json(r) for r in marker["records"]]
-        if self._marker_identities(split, shards) != before:
+        try:  # a rewrite removes a shard's marker first and commits a new one (its own `commit`) last
+            unchanged = all(self._marker(split, shard) == marker for shard, marker in markers)
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:
             raise self._changed_while_read(split)
         return CachedSplit(tokens, records)
-
-    def _marker_identities(self, split: str, shards: list[int]) -> list[tuple[int, int, int] | None]:
-        """Each marker's (inode, mtime, size): a rewritten shard's marker is removed first and written anew last."""
-        identities = []
-        for shard in shards:
-            try:
-                stat = os.stat(self._marker_path(split, shard))
-                identities.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
-            except FileNotFoundError:
-                identities.append(None)
-        return identities
 
     def _changed_while_read(self, split: str) -> CacheError:
         return CacheError(f"{self.root}: split {split} changed while it was read: another run is rewriting committed "
