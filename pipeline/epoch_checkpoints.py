@@ -123,11 +123,11 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {config.get(key)!r}" for key in changed)
         raise ConfigError(f"{folder}: written with other settings ({details}); resume with the same ones, or use another --out")
-    if weights_sha256 and state.get("weights_sha256", weights_sha256) != weights_sha256:
-        raise ConfigError(f"{folder}: the run was trained on other backbone weights than {config.get('backbone')} holds "
-                          "now; resume with the backbone it started from, or use another --out")
-    if weights_sha256:  # a checkpoint from before the hash gains it: the run's later checkpoints are checked again
-        state["weights_sha256"] = weights_sha256
+    if weights_sha256:
+        if state.get("weights_sha256", weights_sha256) != weights_sha256:
+            raise ConfigError(f"{folder}: the run was trained on other backbone weights than {config.get('backbone')} "
+                              "holds now; resume with the backbone it started from, or use another --out")
+        state["weights_sha256"] = weights_sha256  # a checkpoint from before the hash gains it: later resumes check it
     if state["world_size"] != ranks.world_size:
         raise ConfigError(f"{folder}: checkpoint written by {state['world_size']} process(es); resume with the same world size")
     missing, unexpected = model.load_state_dict(load_safetensors((folder / "trainable.safetensors").read_bytes()), strict=False)

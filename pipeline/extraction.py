@@ -114,12 +114,12 @@ def code_version() -> str:
         return "unknown"
 
 
-def fingerprint(config: ExtractConfig, weights_sha256: str, architecture: dict | None = None) -> dict:
+def fingerprint(config: ExtractConfig, weights_sha256: str, architecture: dict) -> dict:
     """Everything that changes the numbers in the cache. Device and batch size are left out."""
     return {
         "backbone": config.backbone,
         "weights_sha256": weights_sha256,
-        **({"backbone_architecture": architecture} if architecture is not None else {}),
+        "backbone_architecture": architecture,
         "adapter_sha256": bb.adapter_hash(config.adapter) if config.adapter else None,
         "frames": config.frames,
         "views": list(config.views),

@@ -337,10 +337,11 @@ def _save_final(out: Path, model: SkillModel, config: FinetuneConfig, views, sta
     mark_incomplete(out)  # a resumed finished run's: until the new evaluation, the folder is not complete
     tuned = out / ("adapter" if config.tune == "lora" else "backbone")
     write_folder_atomic(tuned, model.backbone.save_pretrained)
-    # LoRA runs load the base weights named in config.json: evaluate checks they are still these
-    trained_with = {"weights_sha256": weights_sha256, "adapter_sha256": bb.adapter_hash(tuned),
-                    "backbone_architecture": bb.architecture(model.backbone)} if config.tune == "lora" else {
-        "backbone_folder_sha256": bb.folder_hash(tuned)}  # full: the trained backbone is the run's own folder
+    if config.tune == "lora":  # it loads the base weights named in config.json: evaluate checks they are still these
+        trained_with = {"weights_sha256": weights_sha256, "adapter_sha256": bb.adapter_hash(tuned),
+                        "backbone_architecture": bb.architecture(model.backbone)}
+    else:  # full: the trained backbone is the run's own folder
+        trained_with = {"backbone_folder_sha256": bb.folder_hash(tuned)}
     save_head(out, model.head, model.head_config, views, run="finetune", best_epoch=state["best_epoch"],
               holdout_losses=state["holdout_losses"], precision=config.precision,
               label_prior=label_prior, **trained_with)

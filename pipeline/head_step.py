@@ -75,7 +75,7 @@ class CompiledHeadTrainer:
         self.first = {name: torch.zeros_like(p) for name, p in self.master.items()}
         self.second = {name: torch.zeros_like(p) for name, p in self.master.items()}
         self.steps = 0
-        self.compile = compile
+        self._step = None if compile else type(self)._train_step  # compiled at the first step, for its shapes
 
     def _loss(self, working: dict[str, torch.Tensor], inputs: torch.Tensor, present: torch.Tensor, labels: torch.Tensor,
               rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -102,8 +102,9 @@ class CompiledHeadTrainer:
         self.steps += 1
         scalars = [torch.tensor(value, dtype=torch.float32, device=inputs.device)
                    for value in adamw_scalars(lr, self.steps, self.betas, self.weight_decay)]
-        train_step = compiled_train_step(self._shape_key(inputs, present, labels)) if self.compile else type(self)._train_step
-        return train_step(self, inputs, present, labels, rows, weights, *scalars)
+        if self._step is None:
+            self._step = compiled_train_step(self._shape_key(inputs, present, labels))
+        return self._step(self, inputs, present, labels, rows, weights, *scalars)
 
     def _shape_key(self, *inputs: torch.Tensor) -> tuple:
         """What makes this trainer's step a different graph from another's: the head, its shapes, the batch's."""

@@ -99,12 +99,12 @@ class ModelSpec:
     clips_per_forward: int | None = None  # a fit-head cell: its cache's clips per backbone forward (None: any)
     cache: Path | None = None  # a fit-head cell's cache
     backbone_folder_sha256: str | None = None  # a full finetune run: bb.folder_hash of its backbone/ (None: not recorded)
+    backbone_architecture: dict | None = None  # bb.architecture of that backbone (None: not recorded)
 
     @property
     def input_folders(self) -> list[Path]:
         """The folders the model is read from and checked against (files written there would change its hashes)."""
         return [folder for folder in (self.adapter, bb.local_backbone_dir(self.backbone), self.cache) if folder]
-    backbone_architecture: dict | None = None  # bb.architecture of that backbone (None: not recorded)
 
     @property
     def clip_sampling(self) -> ClipSampling:
