@@ -157,17 +157,26 @@ def with_cache_defaults(config: ExtractConfig) -> ExtractConfig:
 
 def adapter_run(adapter: Path) -> Path | None:
     """The finetune run that wrote the adapter at `adapter` (the run folder or its adapter/), if any."""
-    folder = bb.resolve_adapter_dir(adapter)
+    return _finetune_run_holding(bb.resolve_adapter_dir(adapter), "adapter")
+
+
+def full_tune_run(backbone: str | None) -> Path | None:
+    """The `--tune full` finetune run whose backbone/ folder `backbone` is, if any."""
+    folder = bb.local_backbone_dir(backbone) if backbone else None
+    return _finetune_run_holding(folder, "backbone") if folder else None
+
+
+def _finetune_run_holding(folder: Path, name: str) -> Path | None:
     run = folder.parent
-    is_run = folder.name == "adapter" and (run / "head.json").is_file() and (run / "config.json").is_file()
+    is_run = folder.name == name and (run / "head.json").is_file() and (run / "config.json").is_file()
     return run if is_run else None
 
 
 def with_run_defaults(config: ExtractConfig) -> ExtractConfig:
-    """Fill in a backbone, frame count and sampling left unset: those the --adapter's finetune run trained with,
-    else the default checkpoint, 16 frames and uniform sampling (load_extraction_model checks that a backbone given
-    with a run's adapter has its weights)."""
-    run = adapter_run(config.adapter) if config.adapter else None
+    """Fill in a backbone, frame count and sampling left unset: those the finetune run trained with (the run of the
+    --adapter, or of a --backbone that is a full-tune run's backbone/), else the default checkpoint, 16 frames and
+    uniform sampling (load_extraction_model checks that a backbone given with a run's adapter has its weights)."""
+    run = adapter_run(config.adapter) if config.adapter else full_tune_run(config.backbone)
     trained = read_model_spec(run) if run else None
     return dataclasses.replace(
         config,

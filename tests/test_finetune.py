@@ -459,14 +459,16 @@ main()
 
 
 def test_full_finetune_saves_a_backbone_that_extract_loads(world, tmp_path):
-    args = finetune_args(world / "data", world / "tiny", tmp_path / "full", "--tune", "full")
+    args = finetune_args(world / "data", world / "tiny", tmp_path / "full", "--tune", "full", "--sampling", "window")
     args[args.index("--epochs") + 1] = "1"
     assert cli(*args).exit_code == 0
     saved = tmp_path / "full" / "backbone"
     assert (saved / "config.json").is_file() and not (tmp_path / "full" / "adapter").exists()
     result = cli("extract", "--root", world / "data", "--split", "val", "--cache", tmp_path / "cache", "--backbone", saved,
-                 "--frames", FRAMES, "--workers", "0")
+                 "--workers", "0")  # no --frames: the run's, as with a run's --adapter
     assert result.exit_code == 0, result.output
+    spec = FeatureCache.open(tmp_path / "cache").spec
+    assert spec.frames == FRAMES and spec.fingerprint["preprocessing"]["sampling"] == SAMPLING_NAMES["window"]
     tuned = FeatureCache.open(tmp_path / "cache").spec.fingerprint["weights_sha256"]
     assert tuned != bb.weights_hash(bb.load_backbone(str(world / "tiny"), FRAMES))
     load_skill_model(tmp_path / "full")  # its own backbone/, as trained
