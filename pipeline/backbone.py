@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from pipeline.config import ConfigError
 from pipeline.files import write_folder_atomic
+from pipeline.video import PREPROCESSING
 
 DEFAULT_BACKBONE = "facebook/timesformer-base-finetuned-k600"
 
@@ -100,8 +102,34 @@ def load_backbone(name_or_dir: str, num_frames: int) -> TimesformerModel:
         raise ConfigError(f"backbone {name_or_dir!r}: {len(unfilled)} of the TimeSformer's {len(model.state_dict())} "
                           f"weights are not in its checkpoint (e.g. {unfilled[:3]}) and would be random: is it a "
                           "TimeSformer checkpoint matching its config.json?")
+    check_preprocessing(model, name_or_dir, path)
     set_num_frames(model, num_frames)
     return model.eval()
+
+
+def check_preprocessing(model: TimesformerModel, name: str, folder: Path | None) -> None:
+    """Refuse a backbone that expects other input than skillpipe's preprocessing gives (224 px, mean 0.45, std 0.225).
+
+    Another image size runs without error (HF resizes the position embeddings on every forward) but gives other
+    features, pooled with the wrong patch count; another normalisation is only known from a folder's
+    preprocessor_config.json (`hf download` writes it; a hub id's is not fetched)."""
+    if model.config.image_size != PREPROCESSING.size:
+        raise ConfigError(f"backbone {name!r}: its config.json says image_size {model.config.image_size}, but skillpipe "
+                          f"feeds {PREPROCESSING.size} px frames (the base k600 checkpoint's size); another size is not supported")
+    file = folder / "preprocessor_config.json" if folder else None
+    if not file or not file.is_file():
+        return
+    try:
+        settings = json.loads(file.read_text())
+        expected = {"image_mean": PREPROCESSING.mean, "image_std": PREPROCESSING.std}
+        given = {key: settings[key] if isinstance(settings[key], list) else [settings[key]]
+                 for key in expected if key in settings}
+        differing = {key: values for key, values in given.items() if any(abs(float(x) - expected[key]) > 1e-6 for x in values)}
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{file}: not a readable preprocessor config: {err}") from None
+    if differing:
+        raise ConfigError(f"{file}: the backbone was trained on frames normalised with {differing}; skillpipe normalises "
+                          f"with mean {PREPROCESSING.mean} and std {PREPROCESSING.std}, so its features would be off")
 
 
 def _first_line(err: Exception) -> str:

@@ -131,6 +131,33 @@ def test_a_folder_whose_weights_do_not_make_its_model_is_a_clear_error_not_rando
     shutil.rmtree(folder)
 
 
+def test_a_backbone_for_other_frames_than_skillpipe_feeds_is_refused(tmp_path):
+    """A 448 px checkpoint (timesformer-hr) would run on 224 px clips without error: HF resizes its position embeddings
+    on every forward, and the cache would pool its 196 patches as 784."""
+    with pytest.raises(backbone.ConfigError, match="image_size 448, but skillpipe feeds 224 px"):
+        load_backbone(str(backbone.save_tiny_backbone(tmp_path / "hr", image_size=448)), 8)
+
+
+@pytest.mark.parametrize("mean, std, refused", [
+    ([0.45, 0.45, 0.45], [0.225, 0.225, 0.225], False),  # the k600 checkpoint's preprocessor_config.json
+    ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], True),  # ImageNet's
+    (0.45, 0.5, True),
+])
+def test_a_folders_preprocessor_config_must_normalise_as_skillpipe_does(tmp_path, mean, std, refused):
+    import json
+
+    folder = backbone.save_tiny_backbone(tmp_path / "tiny")
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+    if refused:
+        with pytest.raises(backbone.ConfigError, match="preprocessor_config.json: the backbone was trained on frames"):
+            load_backbone(str(folder), 8)
+    else:
+        load_backbone(str(folder), 8)
+    (folder / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(backbone.ConfigError, match="not a readable preprocessor config"):
+        load_backbone(str(folder), 8)
+
+
 def test_a_video_classification_checkpoint_loads_as_the_k600_one_does(tmp_path):
     """facebook/timesformer-base-finetuned-k600 is a TimesformerForVideoClassification: its classifier comes back as
     unexpected keys (allowed) and every backbone weight is filled from `timesformer.*`."""
