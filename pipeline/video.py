@@ -126,9 +126,22 @@ def decode_clip(path: Path, sampling: ClipSampling) -> tuple[np.ndarray, int]:
     return frames, num_frames
 
 
+FLOAT_FRAMES_BYTES = 256 * 2**20  # frames converted to float at once: a 4K frame is ~100 MB as float32
+
+
 def preprocess(frames: np.ndarray, spec: Preprocessing = PREPROCESSING) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (T, 3, size, size) float32, normalised."""
-    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    """(T, H, W, 3) uint8 -> (T, 3, size, size) float32, normalised.
+
+    Frames are resized a few at a time (FLOAT_FRAMES_BYTES): full-resolution files (predict on a take folder without
+    448 px copies) would otherwise hold every frame in float32 at once, ~3 GB for 32 frames of 4K. Each frame is
+    resized on its own, so the result does not depend on the grouping."""
+    per_frame = 4 * int(np.prod(frames.shape[1:]))
+    group = max(1, FLOAT_FRAMES_BYTES // max(per_frame, 1))
+    return torch.cat([_resize_and_normalise(frames[start : start + group], spec) for start in range(0, len(frames), group)])
+
+
+def _resize_and_normalise(frames: np.ndarray, spec: Preprocessing) -> torch.Tensor:
+    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (t, 3, H, W)
     height, width = clip.shape[-2:]
     scale = spec.size / min(height, width)
     resized = (max(spec.size, int(height * scale)), max(spec.size, int(width * scale)))

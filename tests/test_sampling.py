@@ -90,3 +90,16 @@ def test_preprocessing_matches_the_checkpoint_image_processor(height, width):
     assert ours.shape == expected.shape == (2, 3, 224, 224)
     # the PIL path rounds to uint8 after resizing: one grey level is 1 / 255 / 0.225 = 0.0174
     assert (ours - expected).abs().max() < 0.02
+
+
+def test_large_frames_are_preprocessed_a_few_at_a_time_with_the_same_result(monkeypatch):
+    import pipeline.video as video
+
+    frames = smooth_frames(448, 796, count=7)
+    whole = preprocess(frames)
+    groups = []
+    resize = video._resize_and_normalise
+    monkeypatch.setattr(video, "_resize_and_normalise", lambda chunk, spec: groups.append(len(chunk)) or resize(chunk, spec))
+    monkeypatch.setattr(video, "FLOAT_FRAMES_BYTES", 3 * 4 * 448 * 796 * 3)  # three frames' float32 at a time
+    assert torch.equal(preprocess(frames), whole)
+    assert groups == [3, 3, 1]
