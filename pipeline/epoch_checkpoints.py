@@ -27,7 +27,7 @@ BEST_WEIGHTS = "best.safetensors"  # the best epoch's trainable weights, beside 
 # what may change between a run and its resumption: where things are, and how they are computed
 RESUMABLE_CHANGES = frozenset({"root", "out", "device", "workers"})
 # settings added after checkpoints were first written, with the value that older runs trained with
-ADDED_SETTINGS = {"max_grad_norm": 0.0, "sampling": "uniform"}
+ADDED_SETTINGS = {"max_grad_norm": 0.0, "sampling": "uniform", "decay_norms_and_biases": True}
 
 
 def with_added_settings(saved: dict, config: dict) -> dict:
@@ -54,7 +54,8 @@ def rng_states(ranks: Ranks, device: torch.device) -> list[dict[str, torch.Tenso
     return gathered
 
 
-def save_epoch_checkpoint(out: Path, model, optimizer, schedule, state: dict, rngs: list[dict]) -> None:
+def save_epoch_checkpoint(out: Path, model, optimizer, schedule, state: dict, rngs: list[dict],
+                          scaler: torch.amp.GradScaler | None = None) -> None:
     """Write the checkpoint beside the old one, then swap: a crash leaves one complete checkpoint."""
     folder, staging = Path(out) / CHECKPOINT, Path(out) / STAGING
     _finish_interrupted_swap(Path(out))
@@ -62,7 +63,9 @@ def save_epoch_checkpoint(out: Path, model, optimizer, schedule, state: dict, rn
     staging.mkdir(parents=True)
     write_bytes_atomic(staging / "trainable.safetensors", save_safetensors(trainable_state(model)))
     buffer = io.BytesIO()  # through write_bytes_atomic: fsynced before state.json marks the folder complete
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rngs}, buffer)
+    scaling = scaler.state_dict() if scaler else {}  # {} unless fp16 autocast scales the loss
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rngs, "grad_scaler": scaling},
+               buffer)
     write_bytes_atomic(staging / "optimizer.pt", buffer.getvalue())
     write_json_atomic(staging / "state.json", state)  # written last: marks the folder complete
     replace_folder(staging, folder)  # the old one waits as checkpoint.old (RETIRED) between the renames
@@ -109,7 +112,8 @@ def has_epoch_checkpoint(out: Path) -> bool:
 
 
 def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict, ranks: Ranks,
-                          device: torch.device, weights_sha256: str | None = None) -> dict:
+                          device: torch.device, weights_sha256: str | None = None,
+                          scaler: torch.amp.GradScaler | None = None) -> dict:
     """Restore weights, optimizer, scheduler and this rank's generators; returns the saved state.
 
     Raises ConfigError when the checkpoint belongs to another run: other settings (beyond
@@ -136,6 +140,8 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
     saved = torch.load(folder / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
+    if scaler and saved.get("grad_scaler"):  # fp16 runs: the loss scale it had reached
+        scaler.load_state_dict(saved["grad_scaler"])
     # checkpoints before 2026-11-29 hold one CPU state (rank 0's), which every rank restored
     own = {"cpu": saved["rng"]} if isinstance(saved["rng"], torch.Tensor) else saved["rng"][ranks.rank]
     torch.set_rng_state(own["cpu"])

@@ -25,6 +25,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
+from transformers.trainer_pt_utils import get_parameter_names
 
 from pipeline import backbone as bb
 from pipeline.cache import CacheError
@@ -75,6 +76,9 @@ class FinetuneConfig:
     batch_size: int = 4
     grad_accum: int = 4
     weight_decay: float = 0.01
+    # AdamW's decay on biases and LayerNorm weights too: HF Trainer (the reference's) leaves them out, and so does
+    # skillpipe since 2026-12-05; runs before that decayed every weight
+    decay_norms_and_biases: bool = False
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0  # clip the gradient's norm before each update (HF Trainer's default, used by the reference); 0: off
     holdout: float = 0.1
@@ -229,7 +233,9 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     prior = label_prior(np.array([int(t.label) for t in fit_takes])).tolist()
     model.set_label_prior(prior)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(decay_groups(model, config.weight_decay, config.decay_norms_and_biases), lr=config.lr)
+    # fp16 autocast (GPUs without bf16) needs loss scaling, or small gradients underflow to zero; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "bf16" and bb.autocast_dtype(device) == torch.float16)
     updates_per_epoch = -(-len(rank_share(list(range(len(fit_takes))), ranks)) // (config.batch_size * config.grad_accum))
     schedule = get_cosine_schedule_with_warmup(
         optimizer, warmup_steps_for(config.warmup_ratio, updates_per_epoch * config.epochs), updates_per_epoch * config.epochs
@@ -241,7 +247,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
         checkpoint = find_epoch_checkpoint(out)
         if checkpoint:
             state = load_epoch_checkpoint(checkpoint, model, optimizer, schedule, state["config"], ranks, device,
-                                          weights_sha256)
+                                          weights_sha256, scaler)
             if ranks.is_main:
                 restore_best_weights(out, checkpoint, state)
         if on_event:
@@ -273,12 +279,14 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
             visible = present.any(1).float()  # takes without a decodable view carry no signal
             losses = F.cross_entropy(logits.float(), labels.to(device), reduction="none")
             loss = (losses * visible).sum() / visible.sum().clamp_min(1)
-            (loss / accumulated_batches(step, len(loader), config.grad_accum)).backward()
+            scaler.scale(loss / accumulated_batches(step, len(loader), config.grad_accum)).backward()
             state["train_losses"].append(loss.item())
             if (step + 1) % config.grad_accum == 0 or step + 1 == len(loader):
                 if config.max_grad_norm:  # DDP has averaged the gradients: every rank clips alike
+                    scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+                scaler.update()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             if on_step:
@@ -293,7 +301,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                 state["best_loss"], state["best_epoch"] = holdout_loss, epoch
         rngs = rng_states(ranks, device)  # every rank's: each resumes its own dropout and data seeds
         if ranks.is_main:
-            save_epoch_checkpoint(out, model, optimizer, schedule, state, rngs)
+            save_epoch_checkpoint(out, model, optimizer, schedule, state, rngs, scaler)
             if state["best_epoch"] == epoch:  # after the checkpoint, which a resume restores it from (restore_best_weights)
                 write_bytes_atomic(out / BEST_WEIGHTS, save_safetensors(trainable_state(model)))
         barrier(ranks)
@@ -306,6 +314,17 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     state["metrics"] = evaluate_split(model, val_takes, views, config.clip_sampling, config.precision, out, settings,
                                       config.device, config.workers, guard)
     return state
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float, decay_norms_and_biases: bool) -> list[dict]:
+    """AdamW parameter groups: weight decay on the trainable weights but biases and LayerNorm weights, as HF Trainer
+    (`Trainer.get_decay_parameter_names`) does; on every one with `decay_norms_and_biases` (skillpipe before 2026-12-05)."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    exempt_patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]  # HF Trainer's
+    decayed = set(trainable) if decay_norms_and_biases else set(get_parameter_names(model, [torch.nn.LayerNorm], exempt_patterns))
+    groups = [{"params": [p for name, p in trainable.items() if name in decayed], "weight_decay": weight_decay},
+              {"params": [p for name, p in trainable.items() if name not in decayed], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]  # decaying every weight: one group, as runs before had
 
 
 def accumulated_batches(step: int, steps: int, grad_accum: int) -> int:

@@ -40,6 +40,8 @@ def finetune(
     batch_size: Optional[int] = typer.Option(None, help="Takes per micro-batch (default 4)."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default 4)."),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 0.01)."),
+    decay_norms_and_biases: Optional[bool] = typer.Option(None, help="Weight decay on biases and LayerNorm weights too "
+                                                          "(default off, as HF Trainer; runs before 2026-12-05 had it on)."),
     warmup_ratio: Optional[float] = typer.Option(None, help="Warmup share of the cosine schedule (default 0.1)."),
     max_grad_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm before each update (default 1.0, "
                                                   "as HF Trainer; 0: no clipping)."),

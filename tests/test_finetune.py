@@ -827,7 +827,10 @@ def test_a_checkpoint_from_before_max_grad_norm_and_sampling_resumes_only_as_it_
                           [{"cpu": torch.get_rng_state()}])
     load = functools.partial(load_epoch_checkpoint, tmp_path / "checkpoint", model, optimizer, schedule,
                              ranks=Ranks(), device=torch.device("cpu"))
-    now = {**older, "max_grad_norm": 0.0, "sampling": "uniform", "train_windows": "random"}  # as recorded today
+    now = {**older, "max_grad_norm": 0.0, "sampling": "uniform", "train_windows": "random",
+           "decay_norms_and_biases": True}  # as recorded today
+    with pytest.raises(ConfigError, match=r"decay_norms_and_biases: True -> False"):  # it decayed every weight
+        load(config={**now, "decay_norms_and_biases": False})
     with pytest.raises(ConfigError, match=r"max_grad_norm: 0.0 -> 1.0"):  # says what the run trained with
         load(config={**now, "max_grad_norm": 1.0})
     with pytest.raises(ConfigError, match=r"sampling: 'uniform' -> 'window'"):  # it trained on uniform clips
@@ -843,6 +846,64 @@ def test_a_window_checkpoint_from_before_train_windows_resumes_on_centred_window
     assert with_added_settings(older, {**older, "train_windows": "random"})["train_windows"] == "centre"
     assert with_added_settings({**older, "sampling": "uniform"}, {"train_windows": "random"})["train_windows"] == "random"
     assert with_added_settings({**older, "train_windows": "random"}, {})["train_windows"] == "random"  # recorded: kept
+
+
+@pytest.mark.parametrize("tune", ["lora", "full"])
+def test_weight_decay_leaves_out_biases_and_layernorm_weights_as_hf_trainer_does(world, tune):
+    from transformers import Trainer, TrainingArguments
+
+    from pipeline.finetune import FinetuneConfig, build_model, decay_groups
+
+    config = FinetuneConfig(root=world / "data", out=world / "unused", backbone=str(world / "tiny"), frames=FRAMES,
+                            hidden=32, heads=4, lora_r=4, tune=tune)
+    model, _, _ = build_model(config)
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed, exempt = ({names[id(p)] for p in group["params"]} for group in decay_groups(model, 0.01, False))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    hf_rule = Trainer.get_decay_parameter_names(Trainer.__new__(Trainer), model)  # HF Trainer's own rule
+    assert decayed == trainable & set(hf_rule) and exempt == trainable - set(hf_rule) and decayed and exempt
+    assert "head.norm.weight" in exempt and "head.projector.down.1.weight" in exempt  # LayerNorms
+    assert "head.classifier.bias" in exempt and "head.projector.calibration.std" in decayed  # not a norm, as in HF
+    assert any("lora_A" in name for name in decayed) if tune == "lora" else any("qkv.weight" in name for name in decayed)
+    everything = decay_groups(model, 0.01, True)  # runs before 2026-12-05: one group, every weight decayed
+    assert len(everything) == 1 and len(everything[0]["params"]) == len(trainable)
+
+
+def test_fp16_autocast_scales_the_loss_and_the_checkpoint_keeps_the_scale(world, tmp_path, monkeypatch):
+    """On GPUs without bf16 autocast runs in fp16, whose small gradients underflow unless the loss is scaled: the run
+    scales it (GradScaler) and its checkpoint keeps the scale. Simulated on the CPU, where fp16 autocast also runs."""
+    steps = []
+    monkeypatch.setattr(bb, "autocast_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, optimizer: steps.append(self.get_scale()) or
+                        optimizer.step())
+    args = finetune_args(world / "data", world / "tiny", tmp_path / "fp16")
+    args[args.index("--epochs") + 1] = "1"
+    assert cli(*args).exit_code == 0
+    assert steps and all(scale == 2.0**16 for scale in steps)  # GradScaler's initial scale, applied at every update
+    saved = torch.load(tmp_path / "fp16" / "checkpoint" / "optimizer.pt", weights_only=True)["grad_scaler"]
+    assert saved["scale"] == 2.0**16 and saved["_growth_tracker"] == len(steps)
+    assert not torch.load(world / "run" / "checkpoint" / "optimizer.pt", weights_only=True)["grad_scaler"]  # bf16: none
+
+
+def test_a_resumed_fp16_run_continues_from_its_loss_scale(tmp_path):
+    from transformers import get_cosine_schedule_with_warmup
+
+    from pipeline.distributed import Ranks
+    from pipeline.epoch_checkpoints import load_epoch_checkpoint, save_epoch_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = get_cosine_schedule_with_warmup(optimizer, 1, 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(torch.ones(()))
+    scaler.update(2.0**7)  # as after overflows lowered it
+    config = {"max_grad_norm": 1.0, "sampling": "uniform", "train_windows": "random", "decay_norms_and_biases": False}
+    save_epoch_checkpoint(tmp_path, model, optimizer, schedule, {"epoch": 0, "world_size": 1, "config": config},
+                          [{"cpu": torch.get_rng_state()}], scaler)
+    resumed = torch.amp.GradScaler("cpu")
+    load_epoch_checkpoint(tmp_path / "checkpoint", model, optimizer, schedule, config, Ranks(), torch.device("cpu"),
+                          scaler=resumed)
+    assert resumed.get_scale() == 2.0**7
 
 
 def test_a_short_last_accumulation_group_averages_over_its_own_batches():
