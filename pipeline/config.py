@@ -95,7 +95,8 @@ def build_config(cls: type[Config], values: dict[str, Any], sources: dict[str, s
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(fields)}")
+        where = sorted({sources.get(key, "values given") for key in unknown})
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown} in {', '.join(where)}; known fields: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     coerced = {}
     for key, value in values.items():
@@ -109,7 +110,8 @@ def build_config(cls: type[Config], values: dict[str, Any], sources: dict[str, s
         if name not in coerced and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ConfigError(f"{cls.__name__}: required field(s) not set: {missing}")
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in missing)
+        raise ConfigError(f"{cls.__name__}: required field(s) not set: {missing} (give {flags} or set them in --config)")
     try:
         return cls(**coerced)
     except ConfigError:

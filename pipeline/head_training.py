@@ -61,7 +61,7 @@ class FitHeadConfig:
     device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:1, ..."})
     compile: bool = field(
         default=False,
-        metadata={"help": "one torch.compile graph per step (bf16 weights, fp32 AdamW masters): 1.4-1.5x faster cells "
+        metadata={"help": "one torch.compile graph per step (bf16 weights, fp32 AdamW masters): 1.3-1.5x faster cells "
                           "after a one-off compile of ~25-50 s per head shape (~5-7 s from inductor's disk cache); "
                           "pays off for long cells and grids"},
     )

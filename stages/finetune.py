@@ -19,7 +19,7 @@ from pipeline.finetune import FinetuneConfig, run_finetune
 def finetune(
     root: Optional[Path] = typer.Option(None, help="egoexo download root."),
     out: Optional[Path] = typer.Option(None, help="Run folder: adapter/, head, config.json, metrics."),
-    backbone: Optional[str] = typer.Option(None, help="TimeSformer hub id or local folder."),
+    backbone: Optional[str] = typer.Option(None, help="TimeSformer hub id or local folder (default facebook/timesformer-base-finetuned-k600)."),
     frames: Optional[int] = typer.Option(None, help="Frames T per view (default 16)."),
     sampling: Optional[str] = typer.Option(None, help="uniform (default, over the whole take) or window (the reference's "
                                            "4T-frame window at stride 4; centred for held-out and val clips, see "
@@ -45,11 +45,11 @@ def finetune(
     warmup_ratio: Optional[float] = typer.Option(None, help="Warmup share of the cosine schedule (default 0.1)."),
     max_grad_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm before each update (default 1.0, "
                                                   "as HF Trainer; 0: no clipping)."),
-    holdout: Optional[float] = typer.Option(None, help="Stratified share of train held out to pick the best epoch."),
+    holdout: Optional[float] = typer.Option(None, help="Stratified share of train held out to pick the best epoch (default 0.1)."),
     seed: Optional[int] = typer.Option(None, help="Random seed (default 0)."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, help="Recompute activations in backward (default on)."),
     precision: Optional[str] = typer.Option(None, help="bf16 (autocast, default) or fp32."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (under torchrun: cuda, each rank its own GPU)."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes (default 1)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last epoch checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON config (see configs/); flags override it."),

@@ -16,7 +16,7 @@ from pipeline.head_training import FitHeadConfig, field_help
 def fit_head(
     cache: Optional[Path] = typer.Option(None, help=field_help("cache")),
     out: Optional[Path] = typer.Option(None, help=field_help("out")),
-    views: Optional[List[str]] = typer.Option(None, help="View setting: ego, exos, ego+exos, ego+exo2, ... Repeat for a grid."),
+    views: Optional[List[str]] = typer.Option(None, help="View setting: ego, exos, ego+exos, ego+exo2 (+ joins views) ... Repeat, or separate with commas, for a grid."),
     fusion: Optional[List[str]] = typer.Option(None, help=f"Fusion variant: {', '.join(FUSIONS)}. Repeat for a grid."),
     seed: Optional[List[int]] = typer.Option(None, help="Seed (initialisation, dropout, data order). Repeat for a grid."),
     epochs: Optional[int] = typer.Option(None, help=field_help("epochs")),

@@ -46,8 +46,8 @@ def test_a_saved_config_is_a_config_file_for_its_own_stage_only(tmp_path):
     ({"root": "r", "split": "test"}, "'test' is not one of"),
     ({"root": "r", "views": "ego,cam9"}, "views must be distinct names"),
     ({"root": "r", "views": "ego+cam9"}, "view setting 'ego+cam9': unknown view 'cam9'"),
-    ({"root": "r", "frame": 3}, "unknown field(s) ['frame']"),
-    ({"frames": 3}, "required field(s) not set: ['root']"),
+    ({"root": "r", "frame": 3}, "unknown field(s) ['frame'] in command line"),
+    ({"frames": 3}, "required field(s) not set: ['root'] (give --root or set them in --config)"),
 ])
 def test_bad_values_name_the_field(values, message):
     with pytest.raises(ConfigError) as info:
@@ -100,3 +100,9 @@ def test_a_config_file_is_read_as_utf8_and_bad_bytes_are_a_clear_error(tmp_path)
     bad.write_bytes("root: /data/Müller\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="bad.yaml: cannot parse"):
         read_config_file(bad)
+
+
+def test_an_unknown_field_in_a_config_file_names_the_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("root: r\nlrr: 0.1\n")
+    with pytest.raises(ConfigError, match=f"unknown field\\(s\\) \\['lrr'\\] in config file {tmp_path / 'bad.yaml'}"):
+        load_config(ExtractConfig, tmp_path / "bad.yaml", {})
