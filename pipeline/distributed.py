@@ -79,6 +79,15 @@ def barrier(ranks: Ranks) -> None:
         dist.barrier()
 
 
+def summed_over_ranks(ranks: Ranks, value: float, device: torch.device) -> float:
+    """`value` summed over every rank (itself in one process); `device`: this rank's (nccl reduces CUDA tensors only)."""
+    if ranks.world_size == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item())
+
+
 def barrier_sharing_main_error(ranks: Ranks, error: Exception | None, kinds: tuple[type[Exception], ...]) -> None:
     """A barrier at which rank 0's `error` (one of the user-facing `kinds`) is raised on every rank, then each rank's own.
 

@@ -31,7 +31,7 @@ from pipeline import backbone as bb
 from pipeline.cache import CacheError
 from pipeline.checkpoints import load_head, save_head
 from pipeline.config import ConfigError, config_to_dict, device_problem, output_problem, save_config, with_absolute_paths
-from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error
+from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error, summed_over_ranks
 from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
 from pipeline.decoder_crashes import CRASHES, CrashGuard, explained_worker_death, known_crashes, triage
@@ -272,6 +272,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
         loader = clip_loader([fit_takes[i] for i in share], views, config.clip_sampling, config.batch_size, config.workers,
                              moved, guard)
         model.train()
+        visible_takes = 0
         for step, (clips, present, labels, _) in enumerate(loader):
             present = present.to(device)
             with autocast():
@@ -279,6 +280,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
             visible = present.any(1).float()  # takes without a decodable view carry no signal
             losses = F.cross_entropy(logits.float(), labels.to(device), reduction="none")
             loss = (losses * visible).sum() / visible.sum().clamp_min(1)
+            visible_takes += int(visible.sum().item())
             scaler.scale(loss / accumulated_batches(step, len(loader), config.grad_accum)).backward()
             state["train_losses"].append(loss.item())
             if (step + 1) % config.grad_accum == 0 or step + 1 == len(loader):
@@ -291,6 +293,10 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                 optimizer.zero_grad(set_to_none=True)
             if on_step:
                 on_step({"epoch": epoch, "step": step, "steps": len(loader), "loss": loss.item(), "lr": schedule.get_last_lr()[0]})
+        if not summed_over_ranks(ranks, visible_takes, device):
+            raise ConfigError(f"{out}: none of the {len(fit_takes)} training takes had a decodable view of {config.views} "
+                              f"in epoch {epoch} (every view failed to decode, or is shorter than --frames {config.frames}: "
+                              "see the warnings above); nothing can be learnt")
         state["epoch"] = epoch
         if ranks.is_main:
             holdout_loss = _holdout_loss(model, holdout_takes, views, config, device, guard)

@@ -906,6 +906,15 @@ def test_a_resumed_fp16_run_continues_from_its_loss_scale(tmp_path):
     assert resumed.get_scale() == 2.0**7
 
 
+def test_a_run_whose_training_takes_have_no_decodable_view_stops_instead_of_learning_nothing(world, tmp_path):
+    args = finetune_args(world / "data", world / "tiny", tmp_path / "none")
+    args[args.index("--frames") + 1] = "16"  # the demo videos have 8 frames: every view is too short
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert "none of the 8 training takes had a decodable view of ego+exos in epoch 0" in " ".join(result.output.split())
+    assert not (tmp_path / "none" / "checkpoint").exists()
+
+
 def test_a_short_last_accumulation_group_averages_over_its_own_batches():
     # 7 batches, accumulation 3: updates after batches 0-2, 3-5 and 6 alone, each the mean of its batches' gradients
     divisors = [finetune_module.accumulated_batches(step, 7, 3) for step in range(7)]
