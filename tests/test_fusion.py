@@ -144,6 +144,11 @@ def test_a_head_saved_and_loaded_round_trips_and_a_mismatched_pair_is_refused(tm
     with pytest.raises(ConfigError, match="head.safetensors is not the one head.json describes"):
         load_head(tmp_path / "a")  # new weights beside the old description: a save caught between its two writes
     description = json.loads((tmp_path / "a" / "head.json").read_text())
-    del description["head_sha256"]  # heads saved before the hash was recorded still load
+    assert description["label_order"] == ["Novice", "Early Expert", "Intermediate Expert", "Late Expert"]
+    del description["head_sha256"], description["label_order"]  # heads saved before these were recorded still load
     (tmp_path / "a" / "head.json").write_text(json.dumps(description))
     load_head(tmp_path / "a")
+    reordered = {**description, "label_order": ["Late Expert", "Intermediate Expert", "Early Expert", "Novice"]}
+    (tmp_path / "a" / "head.json").write_text(json.dumps(reordered))
+    with pytest.raises(ConfigError, match="logits are in the label order .'Late Expert'"):
+        load_head(tmp_path / "a")
