@@ -121,8 +121,10 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
     (`weights_sha256`, before training) are not the ones the run started from (recorded since 2026-12-05).
     """
     state = read_json(folder / "state.json")
-    saved = state.get("config", config)  # checkpoints before 2026-11-29 did not record it
-    saved = with_added_settings(saved, config) if "config" in state else saved
+    if "config" in state:
+        saved = with_added_settings(state["config"], config)
+    else:  # checkpoints before 2026-11-29 did not record their settings; they did decay every weight
+        saved = {**config, "decay_norms_and_biases": ADDED_SETTINGS["decay_norms_and_biases"]}
     changed = sorted(key for key in set(config) | set(saved) if key not in RESUMABLE_CHANGES and config.get(key) != saved.get(key))
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {config.get(key)!r}" for key in changed)
@@ -138,7 +140,11 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
     if unexpected:
         raise ConfigError(f"{folder}: checkpoint does not match this model (unexpected {unexpected[:3]}...)")
     saved = torch.load(folder / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except ValueError as err:  # another parameter grouping: a run of another skillpipe version or settings
+        raise ConfigError(f"{folder}: its optimizer state does not fit this run ({err}); resume with the settings and "
+                          "skillpipe version that wrote it, or use another --out") from None
     schedule.load_state_dict(saved["schedule"])
     if scaler and saved.get("grad_scaler"):  # fp16 runs: the loss scale it had reached
         scaler.load_state_dict(saved["grad_scaler"])

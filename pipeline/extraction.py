@@ -47,8 +47,9 @@ class ExtractConfig:
     split: Literal["train", "val"] = "train"
     cache: Path = Path("cache/features")  # feature cache folder (one zarr store)
     backbone: str | None = None  # hub id or local folder of a TimeSformer; None: the --adapter run's, else the k600 one
-    frames: int | None = None  # T frames sampled per view; None: the --adapter run's, else DEFAULT_FRAMES
-    # over the whole take, or the reference's 4T-frame window (centred); None: the --adapter run's, else uniform
+    # T frames sampled per view; None: the finetune run's (--adapter, or a full-tune run's --backbone), else DEFAULT_FRAMES
+    frames: int | None = None
+    # over the whole take, or the reference's 4T-frame window (centred); None: the finetune run's, else uniform
     sampling: Literal["uniform", "window"] | None = None
     views: tuple[str, ...] = VIEWS
     adapter: Path | None = None  # peft LoRA adapter folder (or a finetune run holding adapter/)

@@ -287,9 +287,11 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                 if config.max_grad_norm:  # DDP has averaged the gradients: every rank clips alike
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-                scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # skipped when fp16 gradients overflowed; update() then lowers the scale
                 scaler.update()
-                schedule.step()
+                if scaler.get_scale() >= scale:  # as HF Trainer: a skipped update does not use up a scheduled step
+                    schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             if on_step:
                 on_step({"epoch": epoch, "step": step, "steps": len(loader), "loss": loss.item(), "lr": schedule.get_last_lr()[0]})

@@ -20,11 +20,12 @@ def extract(
     split: Optional[str] = typer.Option(None, help="Annotation split to extract: train (default) or val; fit-head needs both in one cache."),
     cache: Optional[Path] = typer.Option(None, help="Feature cache folder (default cache/features)."),
     backbone: Optional[str] = typer.Option(None, help="TimeSformer hub id or local folder (default facebook/timesformer-base-finetuned-k600)."),
-    frames: Optional[int] = typer.Option(None, help="Frames T sampled per view (default: the --adapter run's, else 16)."),
+    frames: Optional[int] = typer.Option(None, help="Frames T sampled per view (default: the finetune run's, from "
+                                         "--adapter RUN or --backbone RUN/backbone; else 16)."),
     sampling: Optional[str] = typer.Option(
         None, help="uniform: T frames spread over the whole take; window: the reference's clip, T frames at stride 4 "
                    "from the 4T-frame window at the take's centre (~2 s at 30 fps; the reference draws it at random). "
-                   "Default: the --adapter run's, else uniform.",
+                   "Default: the finetune run's (--adapter RUN or --backbone RUN/backbone), else uniform.",
     ),
     views: Optional[str] = typer.Option(None, help="Comma-separated views to extract (default ego,exo1,exo2,exo3,exo4)."),
     adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (or a finetune run holding adapter/)."),

@@ -75,6 +75,47 @@ def test_finetune_trains_and_writes_a_complete_run(world):
     torch.load(run / "checkpoint" / "optimizer.pt", weights_only=True)
 
 
+def test_finetune_fits_on_train_less_holdout_keeps_the_best_holdout_epoch_and_scores_val_alone(world, tmp_path,
+                                                                                                  monkeypatch):
+    from safetensors.torch import load_file
+
+    from pipeline.takes import LABEL_NAMES
+
+    fitted, held, scored = [], [], []
+    loader = finetune_module.clip_loader
+    monkeypatch.setattr(finetune_module, "clip_loader", lambda takes, *args: fitted.append([t.take_uid for t in takes])
+                        or loader(takes, *args))
+    losses = iter([1.0, 0.5, 0.9])  # the held-out loss per epoch: epoch 1 is the best
+    monkeypatch.setattr(finetune_module, "_holdout_loss", lambda model, takes, *args: held.append({t.take_uid for t in takes})
+                        or next(losses))
+    evaluate = finetune_module.evaluate_split
+    monkeypatch.setattr(finetune_module, "evaluate_split", lambda model, takes, *args: scored.append(takes)
+                        or evaluate(model, takes, *args))
+    run = tmp_path / "run"
+    assert cli(*finetune_args(world / "data", world / "tiny", run)).exit_code == 0
+    train, val = load_takes(world / "data", "train"), load_takes(world / "data", "val")
+    in_holdout = stratified_holdout(np.array([int(t.label) for t in train]), 0.2)
+    assert held == [{t.take_uid for t, h in zip(train, in_holdout) if h}] * 3
+    assert len(fitted) == 3 and all(sorted(epoch) == sorted(t.take_uid for t, h in zip(train, in_holdout) if not h)
+                                    for epoch in fitted)
+    assert fitted[0] != fitted[1] != fitted[2]  # each epoch its own order
+    assert [[t.take_uid for t in takes] for takes in scored] == [[t.take_uid for t in val]]  # val: once, at the end
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["best_epoch"] == json.loads((run / "head.json").read_text())["best_epoch"] == 1
+    best, last = load_file(run / "best.safetensors"), load_file(run / "checkpoint" / "trainable.safetensors")
+    head = load_file(run / "head.safetensors")
+    assert all(torch.equal(head[name], best[f"head.{name}"]) for name in head)  # the run keeps epoch 1's head
+    assert not all(torch.equal(head[name], last[f"head.{name}"]) for name in head)
+    labels = {t.take_uid: LABEL_NAMES[int(t.label)] for t in val}
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(r["take_uid"] for r in rows) == sorted(labels) and all(r["label"] == labels[r["take_uid"]] for r in rows)
+    fit_labels = [int(t.label) for t, h in zip(train, in_holdout) if not h]
+    np.testing.assert_allclose(json.loads((run / "head.json").read_text())["label_prior"],
+                               np.bincount(fit_labels, minlength=4) / len(fit_labels))
+    groups = torch.load(run / "checkpoint" / "optimizer.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [group["weight_decay"] for group in groups] == [0.01, 0.0]
+
+
 def test_evaluate_reproduces_the_run_and_rejects_conflicting_settings(world, tmp_path):
     result = cli("evaluate", "--checkpoint", world / "run", "--root", world / "data", "--out", tmp_path / "eval")
     assert result.exit_code == 0, result.output
@@ -705,8 +746,16 @@ def test_a_checkpoint_from_before_per_rank_rng_states_still_resumes(tmp_path):
                tmp_path / "checkpoint" / "optimizer.pt")  # the layout written until 2026-11-29
     (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"epoch": 0, "world_size": 1}))
     torch.rand(5)  # moves the generator on
-    state = load_epoch_checkpoint(tmp_path / "checkpoint", model, optimizer, schedule, {"lr": 1.0}, Ranks(),
-                                  torch.device("cpu"), weights_sha256="ab" * 32)
+    load = functools.partial(load_epoch_checkpoint, tmp_path / "checkpoint", model, ranks=Ranks(), device=torch.device("cpu"))
+    # such runs decayed every weight (one optimizer group): today's default asks for the setting they trained with
+    with pytest.raises(ConfigError, match="decay_norms_and_biases: True -> False"):
+        load(optimizer=optimizer, schedule=schedule, config={"lr": 1.0, "decay_norms_and_biases": False})
+    two_groups = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}])
+    with pytest.raises(ConfigError, match="its optimizer state does not fit this run"):  # not a ValueError traceback
+        load(optimizer=two_groups, schedule=get_cosine_schedule_with_warmup(two_groups, 1, 10),
+             config={"lr": 1.0, "decay_norms_and_biases": True})
+    state = load(optimizer=optimizer, schedule=schedule, config={"lr": 1.0, "decay_norms_and_biases": True},
+                 weights_sha256="ab" * 32)
     assert state["epoch"] == 0 and torch.equal(torch.get_rng_state(), rng)
     assert state["weights_sha256"] == "ab" * 32  # unrecorded then: kept from now on, so later resumes check it
 
@@ -883,6 +932,22 @@ def test_fp16_autocast_scales_the_loss_and_the_checkpoint_keeps_the_scale(world,
     saved = torch.load(tmp_path / "fp16" / "checkpoint" / "optimizer.pt", weights_only=True)["grad_scaler"]
     assert saved["scale"] == 2.0**16 and saved["_growth_tracker"] == len(steps)
     assert not torch.load(world / "run" / "checkpoint" / "optimizer.pt", weights_only=True)["grad_scaler"]  # bf16: none
+
+
+def test_fp16_updates_skipped_for_overflow_do_not_use_up_scheduled_steps(world, tmp_path, monkeypatch):
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(bb, "autocast_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(scaler, init_scale=2.0**40))  # every update overflows
+    args = finetune_args(world / "data", world / "tiny", tmp_path / "fp16")
+    args[args.index("--epochs") + 1] = "1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch warns of a scheduler stepped before its optimizer
+        warnings.filterwarnings("ignore", message=".*(treated as absent|CUDA|cuda).*")
+        assert cli(*args).exit_code == 0
+    saved = torch.load(tmp_path / "fp16" / "checkpoint" / "optimizer.pt", weights_only=True)
+    updates = len(json.loads((tmp_path / "fp16" / "checkpoint" / "state.json").read_text())["train_losses"])
+    assert saved["grad_scaler"]["scale"] == 2.0 ** (40 - updates)  # halved at each skipped update
+    assert saved["optimizer"]["state"] == {} and saved["schedule"]["last_epoch"] == 0  # no update, no scheduled step
 
 
 def test_a_resumed_fp16_run_continues_from_its_loss_scale(tmp_path):
