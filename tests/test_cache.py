@@ -22,13 +22,13 @@ def records(uids, present=(True, True)):
     return [TakeRecord(u, f"name_{u}", "train", i % 4, "Dance", present) for i, u in enumerate(uids)]
 
 
-def fill(cache, split, uids, skip=()):
+def fill(cache, split, uids, skip=(), present=(True, True)):
     rng = np.random.default_rng(0)
     written = {}
     for shard, shard_uids in enumerate(cache.plan_split(split, uids)):
         tokens = rng.standard_normal((len(shard_uids), 2, 5, 8)).astype(np.float16)
         if shard not in skip:
-            cache.write_shard(split, shard, tokens, records(shard_uids), {})
+            cache.write_shard(split, shard, tokens, records(shard_uids, present), {})
             written.update(zip(shard_uids, tokens))
     return written
 
@@ -43,7 +43,8 @@ def test_round_trip_of_committed_shards_in_row_order(tmp_path):
     np.testing.assert_array_equal(loaded.tokens, np.stack([written[u] for u in uids]))
     assert loaded.labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert FeatureCache.open(tmp_path).is_complete("train")
-    assert zarr.open_array(store=tmp_path / STORE_NAME, path="train/tokens").chunks == (1, 2, 5, 8)  # one take per chunk
+    stored = zarr.open_array(store=tmp_path / STORE_NAME, path="train/tokens")
+    assert stored.chunks == (1, 2, 5, 8) and stored.dtype == np.float16  # one take per chunk, half the bytes of float32
 
 
 def test_a_cache_with_the_earlier_one_chunk_per_view_layout_still_reads_and_resumes(tmp_path):

@@ -16,7 +16,7 @@ from tests.test_cache import fill, spec
 
 def test_hdf5_export_round_trips_every_value(tmp_path):
     cache = FeatureCache.open_or_create(tmp_path / "cache", spec())
-    fill(cache, "train", [f"t{i}" for i in range(7)])
+    fill(cache, "train", [f"t{i}" for i in range(7)], present=(True, False))  # not symmetric: a view swap would show
     fill(cache, "val", ["v0", "v1"])
     result = CliRunner().invoke(app, ["export", "--cache", str(tmp_path / "cache"), "--format", "hdf5", "--out", str(tmp_path / "f.h5")])
     assert result.exit_code == 0, result.output
@@ -25,7 +25,8 @@ def test_hdf5_export_round_trips_every_value(tmp_path):
         for split in ("train", "val"):
             want = cache.read(split)
             group = h5[split]
-            assert group["tokens"].chunks == (1, 2, 5, 8)
+            assert group["tokens"].chunks == (1, 2, 5, 8) and group["tokens"].dtype == np.float16  # as stored
+            assert group["present"][:].tolist() == [list(r.present) for r in want.records]
             np.testing.assert_array_equal(group["tokens"][:], want.tokens)
             np.testing.assert_array_equal(group["present"][:], want.present)
             np.testing.assert_array_equal(group["label"][:], want.labels)

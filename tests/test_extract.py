@@ -65,6 +65,9 @@ def test_extract_writes_every_take_and_view_and_a_rerun_does_no_work(dataset, ba
     cache = FeatureCache.open(cache_dir)
     split = cache.read("train")
     assert [r.take_uid for r in split.records] == [t.take_uid for t in takes]
+    assert [(r.label, r.scenario, r.take_name) for r in split.records] == [(int(t.label), t.scenario, t.take_name)
+                                                                          for t in takes]
+    assert len({r.label for r in split.records}) > 1
     assert split.tokens.shape == (len(takes), len(VIEWS), 1 + FRAMES, cache.spec.hidden_size)
     assert split.present.all() and json.loads((cache_dir / "failures.json").read_text()) == {}
     saved = json.loads((cache_dir / "extract-train.json").read_text())

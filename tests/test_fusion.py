@@ -21,6 +21,8 @@ def test_pooled_feature_is_the_mean_over_all_backbone_tokens():
     torch.testing.assert_close(reference_view_feature(cached, 196), hidden.mean(1))
     config = HeadConfig(fusion="crossview", **CONFIG)
     torch.testing.assert_close(head_inputs(cached[:, None], config)[:, 0], hidden.mean(1))
+    temporal = HeadConfig(fusion="temporal", **CONFIG)  # the per-frame patch means, frame by frame, without CLS
+    assert torch.equal(head_inputs(cached[:, None], temporal)[:, 0], patches.mean(1))
 
 
 def test_pooled_attention_equals_multihead_attention_then_masked_mean():
