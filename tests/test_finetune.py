@@ -986,3 +986,20 @@ def test_a_short_last_accumulation_group_averages_over_its_own_batches():
     assert divisors == [3, 3, 3, 3, 3, 3, 1]
     assert [finetune_module.accumulated_batches(step, 4, 2) for step in range(4)] == [2, 2, 2, 2]
     assert [finetune_module.accumulated_batches(step, 5, 4) for step in range(5)] == [4, 4, 4, 4, 1]
+
+
+def test_a_run_with_gradient_accumulation_updates_once_per_group_and_averages_its_batches(world, tmp_path, monkeypatch):
+    divisors, updates = [], []
+    accumulated = finetune_module.accumulated_batches
+    monkeypatch.setattr(finetune_module, "accumulated_batches",
+                        lambda *args: divisors.append(args) or accumulated(*args))
+    handle = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: updates.append(len(divisors)))
+    try:
+        args = finetune_args(world / "data", world / "tiny", tmp_path / "run")
+        args[args.index("--epochs") + 1], args[args.index("--grad-accum") + 1] = "1", "3"
+        assert cli(*args).exit_code == 0
+    finally:
+        handle.remove()
+    batches = len(divisors)  # 8 fitted takes in batches of 4: one short group of 2, averaged over 2, not 3
+    assert divisors == [(step, batches, 3) for step in range(batches)] and batches == 2
+    assert updates == [batches]  # one update, after the epoch's last batch

@@ -104,3 +104,15 @@ def test_the_majority_baseline_predicts_trains_most_frequent_label():
     train = np.array([3, 3, 3, 0, 1])
     val = np.array([0, 0, 3, 1])
     assert head_grid._majority_baseline(train, val) == 0.25  # train's label 3, not val's 0
+
+
+def test_the_holdout_draws_a_share_of_each_label_at_random_rows():
+    labels = np.repeat(np.arange(4), [40, 20, 20, 20])
+    held = stratified_holdout(labels, 0.25)
+    assert np.bincount(labels[held], minlength=4).tolist() == [10, 5, 5, 5]
+    assert np.array_equal(held, stratified_holdout(labels, 0.25))  # a fixed seed: the same rows every run
+    assert not np.array_equal(held, stratified_holdout(labels, 0.25, seed=1))
+    first_rows = np.zeros_like(held)
+    for label, count in enumerate([10, 5, 5, 5]):
+        first_rows[np.flatnonzero(labels == label)[:count]] = True
+    assert not np.array_equal(held, first_rows)
