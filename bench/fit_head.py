@@ -114,7 +114,7 @@ def adamw_pass(head_config: HeadConfig) -> Callable[[], float]:
     update = torch.compile(adamw_update)
 
     def run() -> None:
-        update(state.master, state.working, grads, state.first, state.second, *scalars, state.betas, state.eps)
+        update(state.master, state.working, grads, state.first, state.second, *scalars, state.betas, state.eps, state.decayed)
 
     run()  # compiles
     return lambda: timed_seconds(run)

@@ -25,7 +25,6 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
-from transformers.trainer_pt_utils import get_parameter_names
 
 from pipeline import backbone as bb
 from pipeline.cache import CacheError
@@ -47,6 +46,7 @@ from pipeline.skill_model import SkillModel
 from pipeline.takes import load_takes, shared_takes
 from pipeline.video import SAMPLING_NAMES, ClipSampling
 from pipeline.views import parse_view_setting
+from pipeline.weight_decay import decay_groups
 from pipeline.writer_lock import first_writer
 
 
@@ -322,17 +322,6 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     state["metrics"] = evaluate_split(model, val_takes, views, config.clip_sampling, config.precision, out, settings,
                                       config.device, config.workers, guard)
     return state
-
-
-def decay_groups(model: torch.nn.Module, weight_decay: float, decay_norms_and_biases: bool) -> list[dict]:
-    """AdamW parameter groups: weight decay on the trainable weights but biases and LayerNorm weights, as HF Trainer
-    (`Trainer.get_decay_parameter_names`) does; on every one with `decay_norms_and_biases` (skillpipe before 2026-12-05)."""
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    exempt_patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]  # HF Trainer's
-    decayed = set(trainable) if decay_norms_and_biases else set(get_parameter_names(model, [torch.nn.LayerNorm], exempt_patterns))
-    groups = [{"params": [p for name, p in trainable.items() if name in decayed], "weight_decay": weight_decay},
-              {"params": [p for name, p in trainable.items() if name not in decayed], "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]  # decaying every weight: one group, as runs before had
 
 
 def accumulated_batches(step: int, steps: int, grad_accum: int) -> int:

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
+from pipeline.weight_decay import decayed_parameter_names
+
 
 def adamw_scalars(lr: float, step: int, betas: tuple[float, float], weight_decay: float) -> tuple[float, float, float]:
     """Step `step`'s (weight decay factor, step size, sqrt of the second bias correction), as in torch.optim.AdamW.
@@ -44,12 +46,15 @@ def adamw_scalars(lr: float, step: int, betas: tuple[float, float], weight_decay
 
 def adamw_update(master: dict[str, torch.Tensor], working: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
                  first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], decay: torch.Tensor,
-                 step_size: torch.Tensor, second_correction: torch.Tensor, betas: tuple[float, float], eps: float) -> None:
-    """torch.optim.AdamW's update on fp32 masters and moments (in place), then the bf16 working copy."""
+                 step_size: torch.Tensor, second_correction: torch.Tensor, betas: tuple[float, float], eps: float,
+                 decayed: frozenset[str]) -> None:
+    """torch.optim.AdamW's update on fp32 masters and moments (in place), then the bf16 working copy; weight decay
+    on the `decayed` parameters only (pipeline.weight_decay)."""
     beta1, beta2 = betas
     for name, weight in master.items():
         grad = grads[name].float()
-        weight.mul_(decay)
+        if name in decayed:
+            weight.mul_(decay)
         first[name].lerp_(grad, 1 - beta1)
         second[name].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         weight.sub_(step_size * first[name] / (second[name].sqrt() / second_correction + eps))
@@ -63,13 +68,15 @@ class CompiledHeadTrainer:
         head: the fusion head; its current parameters are the starting point.
         rows_per_step: the batch size; smaller batches are padded to it.
         weight_decay, betas, eps: AdamW's settings.
+        decay_norms_and_biases: decay biases and LayerNorm weights too (pipeline.weight_decay).
         compile: False runs the same step eagerly (tests compare it with torch.optim.AdamW).
     """
 
     def __init__(self, head: nn.Module, rows_per_step: int, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, compile: bool = True):
+                 eps: float = 1e-8, compile: bool = True, decay_norms_and_biases: bool = False):
         self.head, self.rows_per_step = head, rows_per_step
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.decayed = frozenset(decayed_parameter_names(head, decay_norms_and_biases))
         self.master = {name: p.detach().float().clone() for name, p in head.named_parameters()}
         self.working = {name: p.to(torch.bfloat16) for name, p in self.master.items()}
         self.first = {name: torch.zeros_like(p) for name, p in self.master.items()}
@@ -86,7 +93,7 @@ class CompiledHeadTrainer:
     def _train_step(self, inputs, present, labels, rows, weights, decay, step_size, second_correction):
         grads, loss = grad_and_value(self._loss)(self.working, inputs, present, labels, rows, weights)
         adamw_update(self.master, self.working, grads, self.first, self.second, decay, step_size, second_correction,
-                     self.betas, self.eps)
+                     self.betas, self.eps, self.decayed)
         return loss
 
     def step(self, inputs: torch.Tensor, present: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,

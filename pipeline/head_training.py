@@ -31,6 +31,7 @@ from pipeline.config import ConfigError, device_problem, output_problem
 from pipeline.fusion import FUSIONS, NUM_CLASSES, HeadConfig, build_head, head_inputs
 from pipeline.head_step import CompiledHeadTrainer
 from pipeline.views import parse_view_setting
+from pipeline.weight_decay import decay_groups
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class FitHeadConfig:
     heads: int = field(default=16, metadata={"help": "attention heads; must divide the feature size"})
     dropout: float = field(default=0.1, metadata={"help": "dropout in attention and projector (reference: 0.1)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (reference: 0.01)"})
+    decay_norms_and_biases: bool = field(
+        default=False, metadata={"help": "decay biases and LayerNorm weights too (HF Trainer, as the reference, does not; "
+                                         "skillpipe did until 2026-12-05)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps warming up the cosine schedule (ref.: 0.1)"})
     holdout: float = field(
         default=0.1, metadata={"help": "stratified share of train held out to pick the best epoch; 0 keeps the last epoch"}
@@ -245,9 +249,10 @@ def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConf
     held = stratified_holdout(labels[rows], config.holdout)
     fit_rows, holdout_rows = torch.from_numpy(rows[~held]), torch.from_numpy(rows[held]).to(device)
     steps = -(-len(fit_rows) // config.batch_size) * config.epochs
-    trainer = CompiledHeadTrainer(head, config.batch_size, config.weight_decay) if config.compile else None
+    trainer = CompiledHeadTrainer(head, config.batch_size, config.weight_decay,
+                                  decay_norms_and_biases=config.decay_norms_and_biases) if config.compile else None
     optimizer = None if trainer else torch.optim.AdamW(  # the compiled trainer applies AdamW itself
-        head.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+        decay_groups(head, config.weight_decay, config.decay_norms_and_biases), lr=config.lr, fused=True)
     warmup_steps, step = warmup_steps_for(config.warmup_ratio, steps), 0
     order = torch.Generator().manual_seed(seed)  # data order, independent of the device's generator
     best = {"loss": float("inf"), "epoch": config.epochs - 1, "state": None}
@@ -260,7 +265,8 @@ def train_head(train: FeatureTable, head_config: HeadConfig, config: FitHeadConf
             if trainer:
                 loss = trainer.step(train.inputs, train.present, train.labels, batch, lr)
             else:
-                optimizer.param_groups[0]["lr"] = lr
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 loss = _eager_step(head, optimizer, train, config.precision, batch)
             total += loss * len(batch)
             step += 1

@@ -26,6 +26,7 @@ def fit_head(
     heads: Optional[int] = typer.Option(None, help=field_help("heads")),
     dropout: Optional[float] = typer.Option(None, help=field_help("dropout")),
     weight_decay: Optional[float] = typer.Option(None, help=field_help("weight_decay")),
+    decay_norms_and_biases: Optional[bool] = typer.Option(None, help=field_help("decay_norms_and_biases")),
     warmup_ratio: Optional[float] = typer.Option(None, help=field_help("warmup_ratio")),
     holdout: Optional[float] = typer.Option(None, help=field_help("holdout")),
     precision: Optional[str] = typer.Option(None, help=field_help("precision")),
@@ -38,6 +39,7 @@ def fit_head(
     overrides = dict(
         cache=cache, out=out, views=_split_commas(views), fusions=_split_commas(fusion), seeds=tuple(seed) if seed else None,
         epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden, heads=heads, dropout=dropout, weight_decay=weight_decay,
+        decay_norms_and_biases=decay_norms_and_biases,
         warmup_ratio=warmup_ratio, holdout=holdout, precision=precision, device=device, compile=compile,
         submission=submission,
     )

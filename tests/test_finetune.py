@@ -899,9 +899,10 @@ def test_a_window_checkpoint_from_before_train_windows_resumes_on_centred_window
 
 @pytest.mark.parametrize("tune", ["lora", "full"])
 def test_weight_decay_leaves_out_biases_and_layernorm_weights_as_hf_trainer_does(world, tune):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    from pipeline.finetune import FinetuneConfig, build_model, decay_groups
+    from pipeline.finetune import FinetuneConfig, build_model
+    from pipeline.weight_decay import decay_groups
 
     config = FinetuneConfig(root=world / "data", out=world / "unused", backbone=str(world / "tiny"), frames=FRAMES,
                             hidden=32, heads=4, lora_r=4, tune=tune)

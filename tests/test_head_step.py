@@ -19,7 +19,8 @@ def test_adamw_update_equals_torch_adamw():
     torch.manual_seed(0)
     shapes = {"weight": (6, 4), "bias": (6,)}
     reference = {name: torch.nn.Parameter(torch.randn(shape)) for name, shape in shapes.items()}
-    optimizer = torch.optim.AdamW(reference.values(), lr=1e-2, betas=BETAS, weight_decay=0.1)
+    optimizer = torch.optim.AdamW([{"params": [reference["weight"]]}, {"params": [reference["bias"]], "weight_decay": 0.0}],
+                                  lr=1e-2, betas=BETAS, weight_decay=0.1)  # decay on the weight alone
     master = {name: p.detach().clone() for name, p in reference.items()}
     working = {name: p.to(torch.bfloat16) for name, p in master.items()}
     first, second = ({name: torch.zeros(shape) for name, shape in shapes.items()} for _ in range(2))
@@ -29,7 +30,7 @@ def test_adamw_update_equals_torch_adamw():
             parameter.grad = grads[name].clone()
         optimizer.step()
         scalars = [torch.tensor(x) for x in adamw_scalars(1e-2, step, BETAS, 0.1)]
-        adamw_update(master, working, grads, first, second, *scalars, BETAS, 1e-8)
+        adamw_update(master, working, grads, first, second, *scalars, BETAS, 1e-8, frozenset({"weight"}))
     for name, parameter in reference.items():
         torch.testing.assert_close(master[name], parameter.detach(), rtol=1e-6, atol=1e-6)
         assert torch.equal(working[name], master[name].to(torch.bfloat16))
@@ -128,3 +129,14 @@ def test_compile_needs_bf16(tmp_path):
     cache = split_view_cache(tmp_path / "cache")
     result = fit(cache.root, tmp_path / "run", "--compile", "--precision", "fp32")
     assert result.exit_code == 2 and "compile" in result.output
+
+
+def test_the_compiled_trainer_decays_the_weights_that_hf_trainer_decays():
+    from pipeline.weight_decay import decayed_parameter_names
+
+    head = build_head(HeadConfig(dim=16, num_views=5, hidden=24, heads=4))
+    decayed = CompiledHeadTrainer(head, 8, weight_decay=0.01, compile=False).decayed
+    assert decayed == decayed_parameter_names(head)
+    assert "norm.weight" not in decayed and "classifier.bias" not in decayed and "classifier.weight" in decayed
+    assert CompiledHeadTrainer(head, 8, 0.01, compile=False, decay_norms_and_biases=True).decayed == \
+        {name for name, _ in head.named_parameters()}

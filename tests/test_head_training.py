@@ -51,16 +51,20 @@ def test_the_seed_sets_the_initialisation_and_the_data_order(table, monkeypatch)
 def test_weight_decay_reaches_both_training_paths(table, monkeypatch):
     built = []
 
-    def uncompiled(head, rows_per_step, weight_decay):  # the compiled trainer's own step, run eagerly
-        built.append(weight_decay)
-        return CompiledHeadTrainer(head, rows_per_step, weight_decay, compile=False)
+    def uncompiled(head, rows_per_step, weight_decay, **options):  # the compiled trainer's own step, run eagerly
+        built.append((weight_decay, options))
+        return CompiledHeadTrainer(head, rows_per_step, weight_decay, compile=False, **options)
 
+    grouped = []
+    decay_groups = head_training.decay_groups
+    monkeypatch.setattr(head_training, "decay_groups", lambda *args: grouped.append(args[1:]) or decay_groups(*args))
     monkeypatch.setattr(head_training, "CompiledHeadTrainer", uncompiled)
     for compile in (False, True):
         config = dict(compile=compile, holdout=0, precision="bf16" if compile else "fp32")
         decayed, plain = (weights(train_head(table, HEAD, settings(weight_decay=wd, **config), 0)) for wd in (5.0, 0.0))
         assert decayed.norm() < 0.9 * plain.norm(), compile  # lr 1e-2 x decay 5 shrinks every weight 5% per step
-    assert built == [5.0, 0.0]
+    assert built == [(5.0, {"decay_norms_and_biases": False}), (0.0, {"decay_norms_and_biases": False})]
+    assert grouped == [(5.0, False), (0.0, False)]  # the eager path: AdamW groups leaving biases and norms undecayed
 
 
 def test_the_schedule_spans_every_epoch(table, monkeypatch):
