@@ -46,6 +46,8 @@ def test_a_saved_config_is_a_config_file_for_its_own_stage_only(tmp_path):
     ({"root": "r", "split": "test"}, "'test' is not one of"),
     ({"root": "r", "views": "ego,cam9"}, "views must be distinct names"),
     ({"root": "r", "views": "ego+cam9"}, "view setting 'ego+cam9': unknown view 'cam9'"),
+    ({"root": "r", "frames": True}, "ExtractConfig.frames from command line: expected an integer, got True"),
+    ({"root": "r", "compile": "false"}, "ExtractConfig.compile from command line: expected true/false, got 'false'"),
     ({"root": "r", "frame": 3}, "unknown field(s) ['frame'] in command line"),
     ({"frames": 3}, "required field(s) not set: ['root'] (give --root or set them in --config)"),
 ])
@@ -76,6 +78,13 @@ def test_unusable_devices_are_refused_before_any_work(device, message):
 
 def test_usable_devices_pass():
     assert device_problem("cpu") is None
+
+
+def test_a_cuda_index_beyond_the_machines_devices_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert device_problem("cuda") is None and device_problem("cuda:0") is None
+    assert "this machine has 1 CUDA device(s)" in device_problem("cuda:1")
 
 
 def test_under_torchrun_cuda_means_each_ranks_own_gpu(monkeypatch):

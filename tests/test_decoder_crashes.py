@@ -423,3 +423,10 @@ def test_a_failed_triage_keeps_a_marker_written_meanwhile_under_the_same_name(da
     assert json.loads(marker.read_text())["take_uid"] == "live"
     claims = list((tmp_path / decoder_crashes.MARKERS).glob("*.triaging-*"))  # the suspect waits as a claim
     assert len(claims) == 1 and json.loads(claims[0].read_text())["take_uid"] == take.take_uid
+
+
+def test_a_loaders_wait_covers_every_guarded_decode_of_an_item():
+    from pipeline.decoder_crashes import DECODE_TIMEOUT_S, loader_timeout
+
+    assert loader_timeout(5, workers=1) == 5 * DECODE_TIMEOUT_S  # a take's 5 views, each under the child's own limit
+    assert loader_timeout(5, workers=0) == 0  # no workers: the DataLoader takes no timeout

@@ -60,7 +60,7 @@ def test_an_unfinished_split_is_refused_and_finished_ones_export_with_split(tmp_
     assert "split train is unfinished (2/3 shards committed)" in result.output
     assert "rerun the same `skillpipe extract`" in result.output and "--split (finished: val)" in result.output
     assert not (tmp_path / "f.h5").exists()
-    result = export_cli(tmp_path, "--split", "val")
+    result = export_cli(tmp_path, "--split", "val", "--split", "val")  # named twice: exported once
     assert result.exit_code == 0, result.output
     with h5py.File(tmp_path / "f.h5", "r") as h5:
         assert list(h5) == ["val"] and h5["val/tokens"].shape == (2, 2, 5, 8)

@@ -102,6 +102,10 @@ def test_a_different_fingerprint_is_refused_with_exit_2(dataset, backbone_dir, t
     assert "refusing to mix" in result.output and "fingerprint.frames: cache has 4, this run has 8" in result.output
     # listed once, and the weights hash (which follows T) is not named as if the backbone had changed
     assert "weights_sha256" not in result.output and "\n  - frames:" not in result.output
+    other_precision = CliRunner().invoke(app, extract_args(dataset, tmp_path, backbone_dir, "--views", "ego",
+                                                           "--precision", "fp32"))
+    assert other_precision.exit_code == 2  # bf16 and fp32 features never mix in one cache
+    assert 'fingerprint.precision: cache has "bf16", this run has "fp32"' in other_precision.output
 
 
 def test_a_backbone_with_the_same_weights_and_another_architecture_is_refused_but_an_older_cache_is_not(
@@ -117,6 +121,12 @@ def test_a_backbone_with_the_same_weights_and_another_architecture_is_refused_bu
     (tmp_path / "cache" / "cache.json").write_text(json.dumps(spec))
     again = run_cli(*extract_args(dataset, tmp_path / "cache", backbone_dir, "--views", "ego"))
     assert again.exit_code == 0 and "computed 0" in again.output
+
+
+def test_a_first_run_refused_for_its_backbone_leaves_no_cache_folder(dataset, tmp_path):
+    result = CliRunner().invoke(app, extract_args(dataset, tmp_path / "new-cache", tmp_path / "no-such-backbone"))
+    assert result.exit_code == 2 and "no-such-backbone" in result.output
+    assert not (tmp_path / "new-cache").exists()
 
 
 def test_invalid_annotations_exit_2_before_any_compute(dataset, backbone_dir, tmp_path):
@@ -223,6 +233,10 @@ def test_bad_views_are_recorded_marked_absent_and_exit_3(dataset, backbone_dir, 
         missing = broken.get(record.take_uid)
         assert record.present == tuple(v != missing for v in VIEWS)
         assert all(np.any(tokens[i] != 0) == present for i, present in enumerate(record.present))
+    val = run_cli(*[("val" if arg == "train" else arg) for arg in extract_args(root, tmp_path / "cache", backbone_dir)])
+    assert val.exit_code == 0, val.output  # another split's failures are not this run's: not listed, no exit 3
+    assert not any(uid in val.output for uid in broken)
+    assert set(json.loads((tmp_path / "cache" / "failures.json").read_text())) == set(broken)  # still summed up
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(dataset, backbone_dir, tmp_path):

@@ -708,6 +708,52 @@ def test_a_save_after_resuming_from_a_staging_checkpoint_never_leaves_only_an_ol
     assert newest == tmp_path / "checkpoint" and json.loads((newest / "state.json").read_text())["epoch"] == 1
 
 
+def test_a_save_killed_at_its_state_file_leaves_the_previous_checkpoint_complete(tmp_path, monkeypatch):
+    from transformers import get_cosine_schedule_with_warmup
+
+    from pipeline import epoch_checkpoints as ec
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = get_cosine_schedule_with_warmup(optimizer, 1, 10)
+    save = functools.partial(ec.save_epoch_checkpoint, tmp_path, model, optimizer, schedule, rngs=[{}])
+    save(state={"epoch": 0, "world_size": 1})
+    written = ec.write_json_atomic
+
+    def killed_at_state(path, value):
+        if path.name == "state.json":
+            raise KeyboardInterrupt
+        written(path, value)
+
+    monkeypatch.setattr(ec, "write_json_atomic", killed_at_state)
+    with pytest.raises(KeyboardInterrupt):
+        save(state={"epoch": 1, "world_size": 1})
+    newest = ec.find_epoch_checkpoint(tmp_path)  # state.json marks a folder complete: written before the swap
+    assert newest == tmp_path / "checkpoint" and json.loads((newest / "state.json").read_text())["epoch"] == 0
+
+
+def test_a_resume_may_change_where_and_how_but_not_what_it_trains(tmp_path):
+    from transformers import get_cosine_schedule_with_warmup
+
+    from pipeline.distributed import Ranks
+    from pipeline.epoch_checkpoints import load_epoch_checkpoint, save_epoch_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = get_cosine_schedule_with_warmup(optimizer, 1, 10)
+    config = {"lr": 1.0, "max_grad_norm": 1.0, "sampling": "uniform", "train_windows": "random",
+              "decay_norms_and_biases": False, "root": "a", "out": "b", "device": "cpu", "workers": 1}
+    save_epoch_checkpoint(tmp_path, model, optimizer, schedule, {"epoch": 0, "world_size": 1, "config": config},
+                          [{"cpu": torch.get_rng_state()}])
+    load = functools.partial(load_epoch_checkpoint, tmp_path / "checkpoint", optimizer=optimizer, schedule=schedule,
+                             ranks=Ranks(), device=torch.device("cpu"))
+    moved = {**config, "root": "c", "out": "d", "device": "cuda", "workers": 4}
+    assert load(model, config=moved)["epoch"] == 0
+    another = torch.nn.Sequential(torch.nn.Linear(3, 2))  # its weights are "0.weight": the checkpoint's do not fit
+    with pytest.raises(ConfigError, match="checkpoint does not match this model"):
+        load(another, config=config)
+
+
 @pytest.mark.parametrize("best_epoch, restored", [(2, True), (1, False)])
 def test_a_resume_restores_the_best_weights_when_its_checkpoint_is_the_best_epoch(tmp_path, best_epoch, restored):
     from pipeline.epoch_checkpoints import restore_best_weights
@@ -777,6 +823,13 @@ def test_a_take_without_any_decodable_view_gets_the_prior_and_no_gradient(world,
     assert all(p.grad is None or (p.grad == 0).all() for p in model.head.parameters())
     with torch.inference_mode(), autocast:
         torch.testing.assert_close(model.eval()(clips, present)[1:], model(clips[1:], present[1:]))
+    skewed = tmp_path / "skewed-run"  # the demo's fitted labels are balanced: a uniform prior would pass above
+    shutil.copytree(world / "run", skewed)
+    info = json.loads((skewed / "head.json").read_text())
+    (skewed / "head.json").write_text(json.dumps({**info, "label_prior": [0.1, 0.2, 0.3, 0.4]}))
+    with torch.inference_mode(), autocast:
+        logits = load_skill_model(skewed)[0](clips, present)
+    torch.testing.assert_close(torch.softmax(logits[0], 0), torch.tensor([0.1, 0.2, 0.3, 0.4]))
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -131,6 +131,11 @@ BAD_RECORDS = {
     "absolute path": (record(video_paths={**record()["video_paths"], "exo3": "/etc/x/frame_aligned_videos/a.mp4"}), "absolute path"),
     "unknown scenario": (record(scenario_name="Chess"), "unknown scenario_name 'Chess'"),
     "take_uid with a slash": (record(uid="a/b"), "take_uid must not be a path, got 'a/b'"),
+    "take_uid with a backslash": (record(uid="a\\b"), "take_uid must not be a path"),
+    "take_uid dotdot": (record(uid=".."), "take_uid must not be a path, got '..'"),
+    "views in two take folders": (record(video_paths={**record()["video_paths"],
+                                                      "exo4": "takes/other_take/frame_aligned_videos/cam04.mp4"}),
+                                  "video_paths point into several takes"),
 }
 
 
