@@ -102,3 +102,26 @@ def test_a_new_splits_array_metadata_reaches_the_disk_before_its_plan(tmp_path, 
     fsynced_before = {e[1] for e in disk_events[:plan] if e[0] == "fsync"}
     for path in ("zarr.json", "train/zarr.json", "train/tokens/zarr.json", "train/tokens", "train", "."):
         assert (store / path).resolve() in fsynced_before, path
+
+
+def test_a_folder_replaced_by_a_run_killed_between_its_renames_is_kept_as_old(tmp_path, monkeypatch):
+    from pipeline.files import replace_folder
+
+    for name, text in (("target", "old"), ("finished", "new")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file").write_text(text)
+    rename = Path.rename
+
+    def killed_at_the_second_rename(self, target):
+        if self.name == "finished":
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        replace_folder(tmp_path / "finished", tmp_path / "target")
+    assert (tmp_path / "target.old" / "file").read_text() == "old"  # the old folder, whole, beside the new one
+    assert (tmp_path / "finished" / "file").read_text() == "new"
+    monkeypatch.undo()
+    replace_folder(tmp_path / "finished", tmp_path / "target")
+    assert (tmp_path / "target" / "file").read_text() == "new" and not (tmp_path / "target.old").exists()

@@ -38,6 +38,17 @@ def test_a_filesystem_without_flock_is_warned_about_and_the_run_goes_on(tmp_path
             pass
 
 
+
+def test_a_lock_failing_for_another_reason_stops_the_run(tmp_path, monkeypatch):
+    def failing(file, operation):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer_lock.fcntl, "flock", failing)
+    with pytest.raises(OSError, match="Input/output error"):  # not a warning and a run without its lock
+        with writer_lock.first_writer(tmp_path / "train.lock", "split 'train'"):
+            pass
+
+
 def started_then_asleep(running) -> None:
     running.set()
     time.sleep(60)
