@@ -167,6 +167,9 @@ def test_retry_failed_re_extracts_only_the_shards_with_failed_views_once_the_fil
     assert markers(tmp_path / "cache") == before
     retried = run_cli(*args, "--retry-failed")
     assert retried.exit_code == 0, retried.output
+    takes = len(load_takes(root, "train"))
+    rewritten = takes - 2 * ((takes - 1) // 2)  # the takes of the last shard of 2
+    assert f"computed {rewritten}, already cached {takes - rewritten};" in " ".join(retried.output.split())
     after = markers(tmp_path / "cache")
     last = max(after)
     assert after[last] != before[last] and {k: v for k, v in after.items() if k != last} == {
