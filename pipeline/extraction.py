@@ -125,7 +125,9 @@ def fingerprint(config: ExtractConfig, weights_sha256: str, architecture: dict) 
         "frames": config.frames,
         "views": list(config.views),
         "preprocessing": dataclasses.asdict(config.clip_sampling.preprocessing),
-        "precision": config.precision,
+        # bf16 autocast is fp16 on GPUs without bf16 (pre-Ampere): other numbers, so another fingerprint
+        "precision": "fp16" if config.precision == "bf16" and bb.autocast_dtype(config.device) == torch.float16
+                     else config.precision,
         "dtype": "float16",
         "code_version": code_version(),
     } | ({"backbone_forward": bb.COMPILED_FORWARDS[config.frozen_weights]} if config.compile else {})  # eager: as before

@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline import backbone as bb
 from pipeline import decoder_crashes, extraction, writer_lock
 from pipeline.backbone import encode_clips, load_backbone, save_tiny_backbone
 from pipeline.cache import CacheError, FeatureCache
@@ -354,6 +355,18 @@ def test_compiled_extract_matches_eager_and_has_its_own_fingerprint(dataset, bac
     assert "backbone_forward" not in FeatureCache.open(eager).spec.fingerprint  # older eager caches stay valid
     refused = CliRunner().invoke(app, extract_args(dataset, compiled, backbone_dir))
     assert refused.exit_code == 2 and "backbone_forward" in refused.output
+
+
+def test_a_cache_extracted_in_fp16_autocast_is_fingerprinted_as_fp16(tmp_path, monkeypatch):
+    """On GPUs without bf16 (pre-Ampere) `--precision bf16` autocasts to fp16: other numbers, another fingerprint."""
+    from pipeline.extraction import ExtractConfig, fingerprint
+
+    def precision(value):
+        return fingerprint(ExtractConfig(root=tmp_path, frames=4, sampling="uniform", precision=value), "ab", {})["precision"]
+
+    assert (precision("bf16"), precision("fp32")) == ("bf16", "fp32")
+    monkeypatch.setattr(bb, "autocast_dtype", lambda device: torch.float16)
+    assert (precision("bf16"), precision("fp32")) == ("fp16", "fp32")
 
 
 def test_a_compiled_cache_begun_without_frozen_weights_is_continued_without_them(dataset, backbone_dir, tmp_path):
