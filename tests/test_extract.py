@@ -305,24 +305,46 @@ def slow_write(self):
 FeatureCache.write_failures_summary = slow_write
 main()
 """
+SLOW_RANK_1_COMMIT = """
+import os
+import time
+from pipeline.cache import FeatureCache
+from stages.cli import main
+
+write = FeatureCache.write_shard
 
 
-def test_torchrun_with_a_failed_view_on_rank_1_reports_it_from_rank_0_and_exits_1(dataset, backbone_dir, tmp_path):
+def slow_write(self, *args, **kwargs):
+    if os.environ["RANK"] == "1":
+        time.sleep(3)
+    return write(self, *args, **kwargs)
+
+
+FeatureCache.write_shard = slow_write
+main()
+"""
+
+
+@pytest.mark.parametrize("slowed", [SLOW_FAILURES_SUMMARY, SLOW_RANK_1_COMMIT], ids=["rank 0 summary", "rank 1 commit"])
+def test_torchrun_with_a_failed_view_on_rank_1_reports_it_from_rank_0_and_exits_1(dataset, backbone_dir, tmp_path, slowed):
     """Every rank used to exit 3, and torchrun stops all ranks at the first: rank 0 could be cut off before it wrote
-    failures.json or printed the failed views."""
+    failures.json or printed the failed views (rank 0 slowed). Rank 0 sums up only after every rank has committed
+    (rank 1 slowed)."""
     data = shutil.copytree(dataset, tmp_path / "data")
     take = load_takes(data, "train")[1]  # shard 1 (one take per shard): rank 1's
     take.videos["exo2"].write_bytes(take.videos["exo2"].read_bytes()[:300])  # truncated
-    slow_summary = tmp_path / "slow_summary.py"  # rank 0 still writing failures.json when rank 1 is done
-    slow_summary.write_text(SLOW_FAILURES_SUMMARY)
+    slow = tmp_path / "slowed_rank.py"
+    slow.write_text(slowed)
     torchrun = Path(sys.executable).with_name("torchrun")
     launched = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node", "2", str(slow_summary),
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", str(slow),
          *map(str, extract_args(data, tmp_path / "cache", backbone_dir, shard_size=1))],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
     assert launched.returncode == 1, launched.stderr[-3000:]  # torchrun's own code for a failed rank
-    assert re.search(r"rank\s*:\s*0\b.*\n\s*exitcode\s*:\s*3", launched.stderr) and "-15" not in launched.stderr
+    assert re.search(r"rank\s*:\s*0\b.*\n\s*exitcode\s*:\s*3", launched.stderr)  # rank 0 ended by itself, with 3
+    if slowed is SLOW_FAILURES_SUMMARY:  # rank 1 was done first: not stopped by torchrun either
+        assert "-15" not in launched.stderr
     assert f"{take.take_uid} exo2: " in launched.stdout  # rank 0 printed the list
     failures = json.loads((tmp_path / "cache" / "failures.json").read_text())
     assert set(failures) == {take.take_uid} and set(failures[take.take_uid]) == {"exo2"}
