@@ -103,7 +103,7 @@ with torch.inference_mode(), autocast_context(torch.device(c.device), enabled=c.
     for _ in range(-(-clips // c.clips_per_forward)):
         encode_clips(model, pixels)
 if c.device.startswith("cuda"):
-    torch.cuda.synchronize()  # the last forwards' kernels may still be queued
+    torch.cuda.synchronize(c.device)  # the last forwards' kernels may still be queued
 print(json.dumps({"seconds": time.perf_counter() - started}))
 """
 

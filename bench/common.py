@@ -196,7 +196,7 @@ def _prepacked(func, args: list, kwargs: dict) -> tuple:
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # that GPU's queue, not the current device's (GPU 0 unless set)
 
 
 # linear and matmul too: under inference_mode a dispatch mode sees them undecomposed

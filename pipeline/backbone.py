@@ -256,7 +256,9 @@ def folder_hash(folder: Path) -> str:
 def autocast_dtype(device: torch.device) -> torch.dtype:
     """bf16 (CPU: AMX; CUDA), or fp16 on pre-Ampere GPUs, which lack bf16."""
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # native bf16 from compute capability 8 (Ampere); torch.cuda.is_bf16_supported() also counts the slow emulation of
+    # older GPUs, and asks the current device rather than `device`
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
         return torch.float16
     return torch.bfloat16  # fp16 on CPU is slow, and needs loss scaling when training
 

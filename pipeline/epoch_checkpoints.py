@@ -139,7 +139,7 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
     missing, unexpected = model.load_state_dict(load_safetensors((folder / "trainable.safetensors").read_bytes()), strict=False)
     if unexpected:
         raise ConfigError(f"{folder}: checkpoint does not match this model (unexpected {unexpected[:3]}...)")
-    saved = torch.load(folder / "optimizer.pt", weights_only=True)
+    saved = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")  # a CUDA run resumes anywhere
     try:
         optimizer.load_state_dict(saved["optimizer"])
     except ValueError as err:  # another parameter grouping: a run of another skillpipe version or settings

@@ -382,7 +382,11 @@ def test_fused_attention_equals_hf_attention(tiny_dir, adapter, short_sequence, 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
 @pytest.mark.parametrize(("bf16", "dtype"), [(True, torch.bfloat16), (False, torch.float16)])
 def test_cuda_autocast_falls_back_to_fp16_without_bf16(monkeypatch, bf16, dtype):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    capabilities = {"cuda:0": (8, 0), "cuda:1": (7, 0)}  # an A100 beside a V100: each device is judged on its own
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capabilities[str(device)])
+    assert autocast_context(torch.device("cuda:1")).fast_dtype == torch.float16
+    assert autocast_context(torch.device("cuda:0")).fast_dtype == torch.bfloat16
+    capabilities["cuda"] = (8, 6) if bf16 else (7, 5)  # an RTX 3090, a T4 (bf16 only emulated)
     assert autocast_context(torch.device("cuda")).fast_dtype == dtype
     assert autocast_context(torch.device("cpu")).fast_dtype == torch.bfloat16
 

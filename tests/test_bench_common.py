@@ -119,3 +119,13 @@ def test_fused_attention_counts_the_flops_of_the_attention_it_replaces():
         eager = count_flops(encode_clips, model, clips)
         fused = count_flops(encode_clips, use_fused_attention(model), clips)
     assert fused == eager > 0
+
+
+def test_timings_on_a_gpu_wait_for_that_gpu(monkeypatch):
+    from bench import common
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    common._sync("cuda:1")
+    common._sync("cpu")
+    assert synced == ["cuda:1"]  # not the current device (GPU 0 unless set), whose queue says nothing of GPU 1's

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import unittest.mock
 import warnings
 from pathlib import Path
 
@@ -749,6 +750,13 @@ def test_a_resume_may_change_where_and_how_but_not_what_it_trains(tmp_path):
                              ranks=Ranks(), device=torch.device("cpu"))
     moved = {**config, "root": "c", "out": "d", "device": "cuda", "workers": 4}
     assert load(model, config=moved)["epoch"] == 0
+    optimizer.step()  # AdamW state tensors, saved below as a CUDA run saves them: tagged with their GPU
+    with unittest.mock.patch("torch.serialization.location_tag", lambda storage: "cuda:0"):
+        save_epoch_checkpoint(tmp_path, model, optimizer, schedule, {"epoch": 1, "world_size": 1, "config": config},
+                              [{"cpu": torch.get_rng_state()}])
+    with pytest.raises(RuntimeError, match="CUDA"):  # what torch.load does with them here, unmapped
+        torch.load(tmp_path / "checkpoint" / "optimizer.pt", weights_only=True)
+    assert load(model, config={**config, "device": "cpu"})["epoch"] == 1  # a CUDA run resumes on a CPU
     another = torch.nn.Sequential(torch.nn.Linear(3, 2))  # its weights are "0.weight": the checkpoint's do not fit
     with pytest.raises(ConfigError, match="checkpoint does not match this model"):
         load(another, config=config)
