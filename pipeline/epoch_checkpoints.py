@@ -123,8 +123,8 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
     state = read_json(folder / "state.json")
     if "config" in state:
         saved = with_added_settings(state["config"], config)
-    else:  # checkpoints before 2026-11-29 did not record their settings; they did decay every weight
-        saved = {**config, "decay_norms_and_biases": ADDED_SETTINGS["decay_norms_and_biases"]}
+    else:  # checkpoints before 2026-11-29 did not record their settings; those added since, they trained without
+        saved = {**config, **with_added_settings({}, config)}
     changed = sorted(key for key in set(config) | set(saved) if key not in RESUMABLE_CHANGES and config.get(key) != saved.get(key))
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {config.get(key)!r}" for key in changed)

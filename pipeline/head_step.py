@@ -114,9 +114,10 @@ class CompiledHeadTrainer:
         return self._step(self, inputs, present, labels, rows, weights, *scalars)
 
     def _shape_key(self, *inputs: torch.Tensor) -> tuple:
-        """What makes this trainer's step a different graph from another's: the head, its shapes, the batch's."""
+        """What makes this trainer's step a different graph from another's: the head, its shapes, the batch's, and
+        which parameters decay (a guard of the graph)."""
         return (type(self.head), tuple((name, tuple(p.shape)) for name, p in self.master.items()), self.rows_per_step,
-                tuple((tuple(x.shape), x.dtype, x.device.type) for x in inputs))
+                tuple((tuple(x.shape), x.dtype, x.device.type) for x in inputs), tuple(sorted(self.decayed)))
 
     @torch.no_grad()
     def copy_to_head(self) -> nn.Module:

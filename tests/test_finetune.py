@@ -801,15 +801,18 @@ def test_a_checkpoint_from_before_per_rank_rng_states_still_resumes(tmp_path):
     (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"epoch": 0, "world_size": 1}))
     torch.rand(5)  # moves the generator on
     load = functools.partial(load_epoch_checkpoint, tmp_path / "checkpoint", model, ranks=Ranks(), device=torch.device("cpu"))
-    # such runs decayed every weight (one optimizer group): today's default asks for the setting they trained with
-    with pytest.raises(ConfigError, match="decay_norms_and_biases: True -> False"):
-        load(optimizer=optimizer, schedule=schedule, config={"lr": 1.0, "decay_norms_and_biases": False})
+    # such runs predate the settings added since: no clipping, uniform clips, every weight decayed (one optimizer group)
+    as_trained = {"lr": 1.0, "max_grad_norm": 0.0, "sampling": "uniform", "train_windows": "random",
+                  "decay_norms_and_biases": True}
+    for changed, message in (({"decay_norms_and_biases": False}, "decay_norms_and_biases: True -> False"),
+                             ({"max_grad_norm": 1.0}, "max_grad_norm: 0.0 -> 1.0"),
+                             ({"sampling": "window"}, "sampling: 'uniform' -> 'window'")):
+        with pytest.raises(ConfigError, match=message):
+            load(optimizer=optimizer, schedule=schedule, config={**as_trained, **changed})
     two_groups = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}])
     with pytest.raises(ConfigError, match="its optimizer state does not fit this run"):  # not a ValueError traceback
-        load(optimizer=two_groups, schedule=get_cosine_schedule_with_warmup(two_groups, 1, 10),
-             config={"lr": 1.0, "decay_norms_and_biases": True})
-    state = load(optimizer=optimizer, schedule=schedule, config={"lr": 1.0, "decay_norms_and_biases": True},
-                 weights_sha256="ab" * 32)
+        load(optimizer=two_groups, schedule=get_cosine_schedule_with_warmup(two_groups, 1, 10), config=as_trained)
+    state = load(optimizer=optimizer, schedule=schedule, config=as_trained, weights_sha256="ab" * 32)
     assert state["epoch"] == 0 and torch.equal(torch.get_rng_state(), rng)
     assert state["weights_sha256"] == "ab" * 32  # unrecorded then: kept from now on, so later resumes check it
 

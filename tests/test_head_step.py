@@ -113,7 +113,13 @@ def test_every_head_shape_compiles_past_torchs_per_function_graph_limit_and_one_
             before = counters["stats"]["unique_graphs"]
             tiny_trainer(compile=True, rows_per_step=rows_per_step).step(inputs, present, labels, torch.arange(5), lr=1e-3)
             graphs.append(counters["stats"]["unique_graphs"] - before)
-    assert graphs == [1, 1, 0]  # the second shape compiled too; the third trainer reused the first one's graph
+        torch.manual_seed(0)  # the first shape again, decaying every weight: a graph of its own, not past the limit
+        head = build_head(HeadConfig(dim=16, num_views=5, hidden=24, heads=4, dropout=0.0))
+        before = counters["stats"]["unique_graphs"]
+        CompiledHeadTrainer(head, 6, weight_decay=0.01, decay_norms_and_biases=True).step(
+            inputs, present, labels, torch.arange(5), lr=1e-3)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert graphs == [1, 1, 0, 1]  # the second shape compiled too; the third trainer reused the first one's graph
 
 
 def test_fit_head_compile_learns_the_split_view_signal(tmp_path):

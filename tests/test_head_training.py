@@ -68,11 +68,15 @@ def test_weight_decay_reaches_both_training_paths(table, monkeypatch):
 
 
 def test_the_schedule_spans_every_epoch(table, monkeypatch):
-    calls = []
+    calls, group_lrs = [], []
     cosine = head_training.cosine_with_warmup
     monkeypatch.setattr(head_training, "cosine_with_warmup", lambda *args: calls.append(args) or cosine(*args))
+    eager_step = head_training._eager_step
+    monkeypatch.setattr(head_training, "_eager_step", lambda head, optimizer, *args: group_lrs.append(
+        [group["lr"] for group in optimizer.param_groups]) or eager_step(head, optimizer, *args))
     config = settings(epochs=3, warmup_ratio=0.2)
     train_head(table, HEAD, config, 0)
+    assert all(len(lrs) == 2 and lrs[0] == lrs[1] for lrs in group_lrs)  # decayed or not, every group follows it
     rows = np.flatnonzero(table.usable)
     fit_rows = int((~stratified_holdout(table.labels.numpy()[rows], config.holdout)).sum())
     total = math.ceil(fit_rows / config.batch_size) * config.epochs
