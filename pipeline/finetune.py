@@ -13,7 +13,7 @@ part of train; val is only used for the final evaluation.
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -274,16 +274,20 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
         model.train()
         visible_takes = 0
         for step, (clips, present, labels, _) in enumerate(loader):
-            present = present.to(device)
-            with autocast():
-                logits = trained(clips.to(device), present)
-            visible = present.any(1).float()  # takes without a decodable view carry no signal
-            losses = F.cross_entropy(logits.float(), labels.to(device), reduction="none")
-            loss = (losses * visible).sum() / visible.sum().clamp_min(1)
-            visible_takes += int(visible.sum().item())
-            scaler.scale(loss / accumulated_batches(step, len(loader), config.grad_accum)).backward()
+            updates = (step + 1) % config.grad_accum == 0 or step + 1 == len(loader)
+            # DDP all-reduces in backward: inside an accumulation group only the last batch's need be (every rank
+            # has as many batches, rank_share, so their groups end together)
+            with trained.no_sync() if ranks.world_size > 1 and not updates else nullcontext():
+                present = present.to(device)
+                with autocast():
+                    logits = trained(clips.to(device), present)
+                visible = present.any(1).float()  # takes without a decodable view carry no signal
+                losses = F.cross_entropy(logits.float(), labels.to(device), reduction="none")
+                loss = (losses * visible).sum() / visible.sum().clamp_min(1)
+                visible_takes += int(visible.sum().item())
+                scaler.scale(loss / accumulated_batches(step, len(loader), config.grad_accum)).backward()
             state["train_losses"].append(loss.item())
-            if (step + 1) % config.grad_accum == 0 or step + 1 == len(loader):
+            if updates:
                 if config.max_grad_norm:  # DDP has averaged the gradients: every rank clips alike
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)

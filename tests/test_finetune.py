@@ -482,6 +482,53 @@ def test_torchrun_two_ranks_finetune_with_ddp(world, tmp_path):
     assert (tmp_path / "killed" / "head.safetensors").read_bytes() == (tmp_path / "ddp" / "head.safetensors").read_bytes()
 
 
+RECORDING_DDP = """
+import atexit, hashlib, json, os
+from torch.nn.parallel import DistributedDataParallel
+from stages.cli import main
+
+record = {"no_sync": 0}
+wrapped, entered = DistributedDataParallel.__init__, DistributedDataParallel.no_sync
+
+
+def init(self, module, *args, **kwargs):
+    record["module"] = module
+    wrapped(self, module, *args, **kwargs)
+
+
+def no_sync(self):
+    record["no_sync"] += 1
+    return entered(self)
+
+
+def dump():  # this rank's count and trained weights, at exit
+    trained = b"".join(p.detach().numpy().tobytes() for p in record["module"].parameters() if p.requires_grad)
+    with open(os.path.join(os.environ["RECORDS"], "rank" + os.environ["RANK"] + ".json"), "w") as out:
+        json.dump({"no_sync": record["no_sync"], "weights": hashlib.sha256(trained).hexdigest()}, out)
+
+
+DistributedDataParallel.__init__, DistributedDataParallel.no_sync = init, no_sync
+atexit.register(dump)
+main()
+"""
+
+
+def test_ddp_skips_the_all_reduce_inside_an_accumulation_group_and_ranks_stay_equal(world, tmp_path):
+    script = tmp_path / "recording_ddp.py"
+    script.write_text(RECORDING_DDP)
+    args = finetune_args(world / "data", world / "tiny", tmp_path / "run", "--batch-size", "1", "--grad-accum", "2")
+    args[args.index("--epochs") + 1] = "1"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "RECORDS": str(tmp_path)}
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), *map(str, args)],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    # 8 fitted takes: 4 batches of 1 per rank, groups of 2: the first batch of each group keeps its gradient local
+    assert [rank["no_sync"] for rank in ranks] == [2, 2]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # and the update still averages both ranks' gradients
+
+
 CRASH_AFTER_FIRST_CHECKPOINT = """
 import os
 import pipeline.finetune as finetune
