@@ -148,11 +148,12 @@ def read_model_spec(checkpoint: Path) -> ModelSpec:
     raise FileNotFoundError(f"{checkpoint}: not a finetune run or fit-head cell (expected head.json, plus config.json or a cache)")
 
 
-def load_skill_model(checkpoint: Path, device: str = "cpu") -> tuple[SkillModel, ModelSpec]:
-    """The trained model for inference, with the backbone set up as the artifact's features were made."""
+def load_skill_model(checkpoint: Path, device: str = "cpu", spec: ModelSpec | None = None) -> tuple[SkillModel, ModelSpec]:
+    """The trained model for inference, with the backbone set up as the artifact's features were made (`spec`: the
+    checkpoint's, when the caller has read it already)."""
     if problem := device_problem(device):
         raise ConfigError(f"--{problem}")
-    spec = read_model_spec(checkpoint)
+    spec = spec or read_model_spec(checkpoint)
     if spec.backbone_folder_sha256 and bb.folder_hash(Path(spec.backbone)) != spec.backbone_folder_sha256:
         raise ConfigError(f"{checkpoint}: the backbone {spec.backbone} changed since it was trained")
     backbone = bb.load_backbone(spec.backbone, spec.frames)

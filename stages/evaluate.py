@@ -15,14 +15,14 @@ from pipeline import backbone as bb
 from pipeline.config import ConfigError, output_problem
 from pipeline.decoder_crashes import CrashGuard, explained_worker_death, triage
 from pipeline.evaluation import evaluate_split, predict_takes
-from pipeline.skill_model import load_skill_model, read_model_spec
+from pipeline.skill_model import ModelSpec, load_skill_model, read_model_spec
 from pipeline.takes import LABEL_NAMES, ProficiencyLabel, Take, load_takes, resolve_view_files
 from pipeline.views import FAILURES_EXIT, absent_views, parse_view_setting
 
 
-def _check_options(checkpoint: Path, out: Path, frames: int | None, views: str | None) -> None:
-    """The checkpoint's own config decides frames and views; a different value is an error. --out must not be
-    among the model's inputs, whose hashes its files would change for good."""
+def _checked_spec(checkpoint: Path, out: Path, frames: int | None, views: str | None) -> ModelSpec:
+    """The checkpoint's spec, once the options are checked against it. Its own config decides frames and views; a
+    different value is an error. --out must not be among the model's inputs, whose hashes its files would change."""
     spec = read_model_spec(checkpoint)
     for folder in spec.input_folders:
         if out.resolve().is_relative_to(Path(folder).resolve()):
@@ -32,6 +32,7 @@ def _check_options(checkpoint: Path, out: Path, frames: int | None, views: str |
         raise ConfigError(f"--frames {frames} conflicts with {checkpoint}, trained with {spec.frames} frames")
     if views is not None and parse_view_setting(views) != spec.views:
         raise ConfigError(f"--views {views} conflicts with {checkpoint}, trained on views {list(spec.views)}")
+    return spec
 
 
 def evaluate(
@@ -50,11 +51,11 @@ def evaluate(
     if out.resolve() == checkpoint.resolve():  # its metrics.json and predictions.jsonl are the run's own results
         raise ConfigError(f"--out {out} is the checkpoint folder itself: evaluating there would overwrite the run's own "
                           f"metrics; write to another folder, e.g. {checkpoint / 'eval'}")
-    _check_options(checkpoint, out, frames, views)
-    model, spec = load_skill_model(checkpoint, device)
+    spec = _checked_spec(checkpoint, out, frames, views)
     takes = load_takes(root, split)
     if not takes:
         raise ConfigError(f"{root}: the {split} annotations list no takes; nothing to evaluate")
+    model, spec = load_skill_model(checkpoint, device, spec)
     settings = {"checkpoint": str(checkpoint), "root": str(root), "split": split, "frames": spec.frames,
                 "sampling": spec.sampling, "views": list(spec.views), "backbone": spec.backbone, "precision": spec.precision,
                 "backbone_forward": bb.COMPILED_FORWARDS[spec.frozen_weights] if spec.compiled else "eager"}
