@@ -13,6 +13,11 @@ Layout of a cache folder:
 A shard holds `shard_size` consecutive rows and is written whole by one writer, then committed by
 atomically writing its marker. Readers and resumed runs trust only committed shards, so a crash
 at any moment loses at most the shards in flight and never exposes half-written data.
+
+Committed data damaged afterwards (a cache copied in part, a file emptied or deleted, flipped bits)
+is refused, never read as zeros or noise: each marker records its shard file's size and each take's
+chunk carries a CRC32C checksum (zarr's own codec), which every read checks. A rerun of extract
+extracts such shards again.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from pipeline.files import fsync_path, read_json, write_json_atomic
 
@@ -170,7 +176,9 @@ class FeatureCache:
                 shards=(self.spec.shard_size, len(self.spec.views), self.spec.tokens_per_view, self.spec.hidden_size),
                 dtype="float16",
                 fill_value=0,
-                compressors=None,  # float16 features barely compress (zstd 1.09x): not worth the CPU
+                # no compression (float16 features barely compress: zstd 1.09x), but a checksum per take, so that
+                # damaged data is refused, not read (a chunk zarr finds no bytes for reads as zeros)
+                compressors=[Crc32cCodec()],
                 overwrite=True,
             )
             store = self.root / STORE_NAME
@@ -202,14 +210,16 @@ class FeatureCache:
         expected = (min(self.spec.shard_size, array.shape[0] - start), *array.shape[1:])
         if tokens.shape != expected or len(records) != expected[0]:
             raise ValueError(f"shard {shard} of {split}: got tokens {tokens.shape}, {len(records)} records; expected {expected}")
-        shard_file = self._array_path(split) / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+        shard_file = self._shard_file(array, split, shard)
         # the shard is uncommitted, so its stored bytes may be torn by a crash; zarr would read
         # them back to merge the new chunks and fail its checksum on every retry
         shard_file.unlink(missing_ok=True)
         array[start : start + expected[0]] = tokens.astype(np.float16)
         _flush_up_to(self.root, shard_file)  # a committed marker must never point at data still in the page cache
-        # `commit`: every commit's own, so a reader can tell a rewrite from the marker it read (FeatureCache.read)
-        marker = {"records": [asdict(r) for r in records], "failures": failures, "commit": uuid.uuid4().hex}
+        # `commit`: every commit's own, so a reader can tell a rewrite from the marker it read (FeatureCache.read);
+        # `data_bytes`: the file's size (0: zarr wrote none, every value being the fill value), checked by readers
+        marker = {"records": [asdict(r) for r in records], "failures": failures, "commit": uuid.uuid4().hex,
+                  "data_bytes": shard_file.stat().st_size if shard_file.is_file() else 0}
         write_json_atomic(self._marker_path(split, shard), marker)
 
     def shard_failures(self, split: str, shard: int) -> dict:
@@ -289,8 +299,14 @@ class FeatureCache:
         tokens = np.empty((sum(len(m["records"]) for _, m in markers), *shape), np.float16)
         records = []
         for shard, marker in markers:
-            start = shard * self.spec.shard_size
-            tokens[len(records) : len(records) + len(marker["records"])] = array[start : start + len(marker["records"])]
+            problem = self._size_problem(array, split, shard, marker)  # before reading: a missing file would read as zeros
+            rows = slice(len(records), len(records) + len(marker["records"]))
+            try:
+                tokens[rows] = self._shard_data(array, shard, marker)
+            except ValueError as err:  # zarr's checksums (the take's chunk or the shard's index)
+                problem = problem or f"its checksum fails ({err})"
+            if problem:
+                raise self._damaged(array, split, shard, marker, problem)
             records += [TakeRecord.from_json(r) for r in marker["records"]]
         try:  # a rewrite removes a shard's marker first and commits a new one (its own `commit`) last
             unchanged = all(self._marker(split, shard) == marker for shard, marker in markers)
@@ -299,6 +315,51 @@ class FeatureCache:
         if not unchanged:
             raise self._changed_while_read(split)
         return CachedSplit(tokens, records)
+
+    def damaged_shards(self, split: str) -> dict[int, str]:
+        """Committed shards of `split` whose data is not what was committed: shard -> what is wrong.
+
+        Reads every committed shard (its checksums): extract checks before resuming, and extracts them again."""
+        array = zarr.open_array(store=self.root / STORE_NAME, path=f"{split}/tokens", mode="r")
+        damaged = {}
+        for shard in sorted(self.committed_shards(split)):
+            marker = self._marker(split, shard)
+            problem = self._size_problem(array, split, shard, marker)
+            if problem is None:
+                try:
+                    self._shard_data(array, shard, marker)
+                except ValueError as err:
+                    problem = f"its checksum fails ({err})"
+            if problem:
+                damaged[shard] = problem
+        return damaged
+
+    def _shard_data(self, array: zarr.Array, shard: int, marker: dict) -> np.ndarray:
+        start = shard * self.spec.shard_size
+        return array[start : start + len(marker["records"])]
+
+    def _size_problem(self, array: zarr.Array, split: str, shard: int, marker: dict) -> str | None:
+        """What is wrong with the size of a committed shard's file; None if it is as committed (or unrecorded: a
+        marker written before 2026-12-05)."""
+        if "data_bytes" not in marker:
+            return None
+        file = self._shard_file(array, split, shard)
+        size = file.stat().st_size if file.is_file() else None
+        if size == marker["data_bytes"] or (size is None and marker["data_bytes"] == 0):
+            return None
+        found = "it is missing" if size is None else f"it has {size} bytes"
+        return f"{found} where {marker['data_bytes']} were committed"
+
+    def _damaged(self, array: zarr.Array, split: str, shard: int, marker: dict, problem: str) -> CacheError:
+        uids = [r["take_uid"] for r in marker["records"]]
+        takes = uids[0] if len(uids) == 1 else f"{uids[0]} .. {uids[-1]}"
+        return CacheError(f"{self._shard_file(array, split, shard)}: the data of committed shard {shard} of split {split} "
+                          f"(takes {takes}) is damaged: {problem}. Rerun the `skillpipe extract` command that wrote "
+                          "it: it extracts damaged shards again.")
+
+    def _shard_file(self, array: zarr.Array, split: str, shard: int) -> Path:
+        """The file zarr keeps shard `shard` of the split's array in."""
+        return self._array_path(split) / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
 
     def _changed_while_read(self, split: str) -> CacheError:
         return CacheError(f"{self.root}: split {split} changed while it was read: another run is rewriting committed "

@@ -299,6 +299,7 @@ def run_extraction(
                 cache = FeatureCache.open_or_create(config.cache, spec)
                 cache.remove_leftovers(config.split)  # of a killed run; the other ranks wait at the barrier below
                 cache.plan_split(config.split, [take.take_uid for take in takes])
+                uncommit_damaged_shards(cache, config.split)
                 save_config(config, Path(config.cache) / f"extract-{config.split}.json")
         except (ConfigError, CacheError) as err:
             setup_error = err
@@ -306,6 +307,15 @@ def run_extraction(
         if not ranks.is_main:
             held.enter_context(joining_writer(lock, subject))
         return _extract_split(config, model, FeatureCache.open_or_create(config.cache, spec), takes, on_take, on_start, ranks)
+
+
+def uncommit_damaged_shards(cache: FeatureCache, split: str) -> None:
+    """Make the committed shards whose data was damaged since (a file deleted, emptied or corrupted; see
+    pipeline.cache) pending again, so that this run extracts them anew."""
+    for shard, problem in cache.damaged_shards(split).items():
+        warnings.warn(f"{cache.root}: the data of committed shard {shard} of split {split} is damaged ({problem}); "
+                      "extracting it again", stacklevel=2)
+        cache.uncommit_shard(split, shard)
 
 
 def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: FeatureCache, takes: list[Take],

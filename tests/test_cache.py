@@ -227,3 +227,47 @@ def test_two_runs_creating_one_cache_at_once_keep_the_first_spec_and_the_second_
     monkeypatch.undo()
     assert FeatureCache.open(tmp_path).spec == first
     assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]  # no temporary file left
+
+
+def _shard_file(root, split, shard):
+    return root / STORE_NAME / split / "tokens" / "c" / str(shard) / "0" / "0" / "0"
+
+
+DAMAGES = {
+    "deleted": (lambda file: file.unlink(), "it is missing where"),
+    "emptied": (lambda file: file.write_bytes(b""), "it has 0 bytes where"),  # zarr alone would read zeros
+    "bit flipped": (lambda file: file.write_bytes(bytes([file.read_bytes()[0] ^ 1]) + file.read_bytes()[1:]),
+                    "its checksum fails"),  # same size: zarr alone would read the wrong value
+    "cut short": (lambda file: file.write_bytes(file.read_bytes()[:-5]), "bytes where"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_committed_data_is_refused_naming_the_file_and_its_takes_never_read(tmp_path, damage):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    fill(cache, "train", [f"t{i}" for i in range(7)])
+    harm, problem = DAMAGES[damage]
+    harm(_shard_file(tmp_path, "train", 1))
+    with pytest.raises(CacheError) as raised:
+        FeatureCache.open(tmp_path).read("train")
+    message = str(raised.value)
+    assert str(_shard_file(tmp_path, "train", 1)) in message and "takes t3 .. t5" in message and problem in message
+    assert "Rerun the `skillpipe extract` command" in message
+    assert list(FeatureCache.open(tmp_path).damaged_shards("train")) == [1]
+
+
+def test_a_shard_whose_takes_all_failed_has_no_file_and_is_not_damaged(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    cache.plan_split("train", ["t0", "t1"])
+    cache.write_shard("train", 0, np.zeros((2, 2, 5, 8), np.float16), records(["t0", "t1"], (False, False)), {})
+    assert not _shard_file(tmp_path, "train", 0).exists()  # zarr writes no file for fill values only
+    assert cache.damaged_shards("train") == {} and not cache.read("train").tokens.any()
+
+
+def test_a_marker_from_before_sizes_were_recorded_is_read_without_the_size_check(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    written = fill(cache, "train", ["t0", "t1"])
+    marker = tmp_path / "shards" / "train" / "00000.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "data_bytes"}))
+    np.testing.assert_array_equal(cache.read("train").tokens, np.stack([written["t0"], written["t1"]]))
+    assert cache.damaged_shards("train") == {}

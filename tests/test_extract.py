@@ -518,3 +518,24 @@ def test_window_sampling_caches_the_references_clips_under_its_own_fingerprint(d
     mixed = run_cli(*extract_args(dataset, cache_dir, backbone_dir, "--precision", "fp32", "--split", "val"))
     assert mixed.exit_code == 2
     assert 'preprocessing.sampling: cache has "centred-window-stride-4", this run has "uniform-segment-centres"' in mixed.output
+
+
+def test_a_rerun_extracts_again_only_the_committed_shards_whose_data_was_damaged(dataset, backbone_dir, tmp_path):
+    cache_dir = tmp_path / "cache"
+    assert run_cli(*extract_args(dataset, cache_dir, backbone_dir)).exit_code == 0
+    first = FeatureCache.open(cache_dir).read("train").tokens
+    before = markers(cache_dir)
+    shard_file = cache_dir / "features.zarr" / "train" / "tokens" / "c"
+    (shard_file / "0" / "0" / "0" / "0").unlink()  # a copy that missed a file
+    flipped = shard_file / "2" / "0" / "0" / "0"
+    flipped.write_bytes(bytes([flipped.read_bytes()[0] ^ 1]) + flipped.read_bytes()[1:])
+    with pytest.raises(CacheError, match="damaged"):
+        FeatureCache.open(cache_dir).read("train")
+    with pytest.warns(UserWarning) as warned:
+        rerun = run_cli(*extract_args(dataset, cache_dir, backbone_dir))
+    assert rerun.exit_code == 0, rerun.output
+    said = " ".join(str(w.message) for w in warned)
+    assert "shard 0 of split train is damaged (it is missing" in said and "shard 2 of split train is damaged (its checksum" in said
+    after = markers(cache_dir)
+    assert {name for name in before if after[name] != before[name]} == {"00000.json", "00002.json"}
+    np.testing.assert_array_equal(FeatureCache.open(cache_dir).read("train").tokens, first)
