@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 import platform
 import resource
@@ -25,10 +26,23 @@ def timed_seconds(function: Callable[[], object], device: str = "cpu") -> float:
     return time.perf_counter() - started
 
 
-def best_seconds(function: Callable[[], object], repeats: int, device: str = "cpu") -> float:
-    """The fastest of `repeats` timed calls, after one untimed warm-up call."""
+def best_seconds(function: Callable[[], object], repeats: int, device: str = "cpu", min_timed_s: float = 0.0) -> float:
+    """The fastest of `repeats` timings of one call, after one untimed warm-up call.
+
+    With `min_timed_s`, each timing runs the call back to back as many times as fill that long (judged by the
+    warm-up) and gives the time per call: a short call's own time, without the device sync and Python overhead
+    around each timing (a 512^3 matmul takes ~10 us on a GPU, less than a sync's round trip).
+    """
+    started = time.perf_counter()
     function()
-    return min(timed_seconds(function, device) for _ in range(repeats))
+    _sync(device)
+    calls = max(1, math.ceil(min_timed_s / max(time.perf_counter() - started, 1e-9)))
+
+    def back_to_back() -> None:
+        for _ in range(calls):
+            function()
+
+    return min(timed_seconds(back_to_back, device) for _ in range(repeats)) / calls
 
 
 # (m, k, n) of the peak's matmuls: squares from 512 to 4096 and the base backbone's largest linears
@@ -38,6 +52,11 @@ def best_seconds(function: Callable[[], object], repeats: int, device: str = "cp
 PEAK_SHAPES = tuple((n, n, n) for n in (512, 768, 1024, 1536, 2048, 3072, 4096)) + ((1576, 768, 3072), (1576, 3072, 768))
 
 
+# how long one timing of a peak matmul lasts at least (back-to-back calls): the sync and the Python around a
+# timing cost ~10-50 us, a tenth of a 512^3 bf16 matmul's time on these CPUs and more than its time on a GPU
+MIN_TIMED_S = 0.02
+
+
 def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", shapes: tuple[tuple[int, int, int], ...] = PEAK_SHAPES,
                        repeats: int = 3) -> float:
     """The best FLOP/s any of `shapes` reaches (best of `repeats` calls each): this machine's matmul limit."""
@@ -45,7 +64,7 @@ def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", shapes: tuple[tu
     for m, k, n in shapes:
         a = torch.randn(m, k, device=device).to(dtype)
         b = torch.randn(k, n, device=device).to(dtype)
-        rates.append(2 * m * k * n / best_seconds(lambda: a @ b, repeats, device) / 1e9)
+        rates.append(2 * m * k * n / best_seconds(lambda: a @ b, repeats, device, min_timed_s=MIN_TIMED_S) / 1e9)
     return max(rates)
 
 

@@ -129,3 +129,23 @@ def test_timings_on_a_gpu_wait_for_that_gpu(monkeypatch):
     common._sync("cuda:1")
     common._sync("cpu")
     assert synced == ["cuda:1"]  # not the current device (GPU 0 unless set), whose queue says nothing of GPU 1's
+
+
+def test_a_short_call_is_timed_back_to_back_for_at_least_the_minimum_and_reported_per_call(monkeypatch):
+    from bench import common
+
+    calls, timings = [], []
+    clock = iter(range(0, 10_000, 1))  # perf_counter steps 1 s per reading: the warm-up call "takes" 1 s
+
+    def timed(function, device="cpu"):
+        before = len(calls)
+        function()
+        timings.append(len(calls) - before)
+        return 2.0 * timings[-1]  # 2 s per call, whatever the batch
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(common, "timed_seconds", timed)
+    assert common.best_seconds(lambda: calls.append(1), repeats=3, min_timed_s=4.5) == 2.0
+    assert timings == [5, 5, 5]  # ceil(4.5 s / the warm-up's 1 s) calls per timing
+    timings.clear()
+    assert common.best_seconds(lambda: calls.append(1), repeats=2) == 2.0 and timings == [1, 1]  # one call by default
