@@ -5,10 +5,12 @@ Without torchrun's environment (WORLD_SIZE unset or 1) everything runs as a sing
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -72,6 +74,16 @@ def init_distributed(device: str = "cpu") -> Ranks:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
     return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+@contextlib.contextmanager
+def torchrun_ranks(device: str = "cpu") -> Iterator[Ranks]:
+    """init_distributed for a stage's work; the process group is destroyed once it ends well (nccl warns at exit
+    of one left alone). After an error it is left to the exit: a rank that failed alone cannot leave collectively."""
+    ranks = init_distributed(device)
+    yield ranks
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(ranks: Ranks) -> None:

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from pipeline.config import ConfigError, load_config
-from pipeline.distributed import init_distributed, local_device
+from pipeline.distributed import local_device, torchrun_ranks
 from pipeline.extraction import ExtractConfig
 from pipeline.extraction_progress import extract_with_progress
 from pipeline.views import FAILURES_EXIT
@@ -61,9 +61,9 @@ def extract(
     settings = load_config(ExtractConfig, config, overrides)
     if frozen_weights is not None and not settings.compile:
         raise ConfigError("--frozen-weights / --no-frozen-weights choose how --compile runs the backbone: give --compile too")
-    ranks = init_distributed(settings.device)  # torchrun: each rank extracts its own shards
-    settings = dataclasses.replace(settings, device=local_device(settings.device))
-    summary = extract_with_progress(settings, ranks=ranks)
+    with torchrun_ranks(settings.device) as ranks:  # torchrun: each rank extracts its own shards
+        settings = dataclasses.replace(settings, device=local_device(settings.device))
+        summary = extract_with_progress(settings, ranks=ranks)
     # under torchrun rank 0 reports the split's failed views (every rank's, from the committed markers) and exits 3,
     # the others 0: torchrun stops every rank at the first non-zero exit, which cut rank 0's summary off
     raise typer.Exit(FAILURES_EXIT if summary.failures and ranks.is_main else 0)

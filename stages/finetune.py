@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.config import load_config
-from pipeline.distributed import init_distributed, local_device
+from pipeline.distributed import local_device, torchrun_ranks
 from pipeline.finetune import FinetuneConfig, run_finetune
 
 
@@ -57,23 +57,23 @@ def finetune(
     """Fine-tune the backbone (LoRA by default) and the fusion head end to end; evaluate on val."""
     overrides = {k: v for k, v in locals().items() if k not in ("config", "resume")}
     settings = load_config(FinetuneConfig, config, overrides)
-    ranks = init_distributed(settings.device)  # torchrun: DistributedDataParallel over the ranks
-    settings = dataclasses.replace(settings, device=local_device(settings.device))
-    console = Console()
-    columns = (TextColumn("finetune epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[rate]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not ranks.is_main) as progress:
-        task = progress.add_task("finetune", total=None, epoch=0, loss=0.0, lr=0.0, rate="")
+    with torchrun_ranks(settings.device) as ranks:  # torchrun: DistributedDataParallel over the ranks
+        settings = dataclasses.replace(settings, device=local_device(settings.device))
+        console = Console()
+        columns = (TextColumn("finetune epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[rate]}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, disable=not ranks.is_main) as progress:
+            task = progress.add_task("finetune", total=None, epoch=0, loss=0.0, lr=0.0, rate="")
 
-        def on_step(info: dict) -> None:
-            if info["step"] == 0:
-                progress.reset(task, total=info["steps"])
-            elapsed = progress.tasks[task].elapsed or 1e-9
-            progress.update(task, advance=1, epoch=info["epoch"], loss=info["loss"], lr=info["lr"],
-                            rate=f"{(info['step'] + 1) / elapsed:.2f} it/s")
+            def on_step(info: dict) -> None:
+                if info["step"] == 0:
+                    progress.reset(task, total=info["steps"])
+                elapsed = progress.tasks[task].elapsed or 1e-9
+                progress.update(task, advance=1, epoch=info["epoch"], loss=info["loss"], lr=info["lr"],
+                                rate=f"{(info['step'] + 1) / elapsed:.2f} it/s")
 
-        state = run_finetune(settings, resume=resume, on_step=on_step, ranks=ranks,
-                             on_event=console.print if ranks.is_main else None)
+            state = run_finetune(settings, resume=resume, on_step=on_step, ranks=ranks,
+                                 on_event=console.print if ranks.is_main else None)
     if not ranks.is_main:
         return
     losses = [round(x, 4) for x in state["holdout_losses"] if x == x]  # NaN: no held-out takes

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 import subprocess
@@ -67,3 +68,19 @@ def test_ranks_run_when_torchrun_is_pid_1_as_in_a_container(tmp_path):
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "rank0.pid").read_text() and (tmp_path / "rank1.pid").read_text()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_stages_process_group_is_destroyed_when_its_work_ends_well_and_left_to_the_exit_after_an_error(monkeypatch, fails):
+    from pipeline import distributed
+
+    joined, destroyed = [], []
+    monkeypatch.setattr(distributed, "init_distributed", lambda device: joined.append(device) or distributed.Ranks(1, 2))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: destroyed.append(True))
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+        with distributed.torchrun_ranks("cpu") as ranks:
+            assert ranks == distributed.Ranks(1, 2) and joined == ["cpu"]
+            if fails:
+                raise RuntimeError("a rank's own error")
+    assert destroyed == ([] if fails else [True])
