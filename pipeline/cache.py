@@ -299,22 +299,24 @@ class FeatureCache:
         tokens = np.empty((sum(len(m["records"]) for _, m in markers), *shape), np.float16)
         records = []
         for shard, marker in markers:
-            problem = self._size_problem(array, split, shard, marker)  # before reading: a missing file would read as zeros
-            rows = slice(len(records), len(records) + len(marker["records"]))
-            try:
-                tokens[rows] = self._shard_data(array, shard, marker)
-            except ValueError as err:  # zarr's checksums (the take's chunk or the shard's index)
-                problem = problem or f"its checksum fails ({err})"
-            if problem:
+            data, problem = self._checked_shard(array, split, shard, marker)
+            if problem:  # damaged, or a rewrite began after the markers were read
+                if not self._unchanged(split, [(shard, marker)]):
+                    raise self._changed_while_read(split)
                 raise self._damaged(array, split, shard, marker, problem)
+            tokens[len(records) : len(records) + len(data)] = data
             records += [TakeRecord.from_json(r) for r in marker["records"]]
-        try:  # a rewrite removes a shard's marker first and commits a new one (its own `commit`) last
-            unchanged = all(self._marker(split, shard) == marker for shard, marker in markers)
-        except FileNotFoundError:
-            unchanged = False
-        if not unchanged:
+        if not self._unchanged(split, markers):
             raise self._changed_while_read(split)
         return CachedSplit(tokens, records)
+
+    def _unchanged(self, split: str, markers: list[tuple[int, dict]]) -> bool:
+        """Whether these committed markers are still the ones read: a rewrite removes a shard's marker first and
+        commits a new one (its own `commit`) last."""
+        try:
+            return all(self._marker(split, shard) == marker for shard, marker in markers)
+        except FileNotFoundError:
+            return False
 
     def damaged_shards(self, split: str) -> dict[int, str]:
         """Committed shards of `split` whose data is not what was committed: shard -> what is wrong.
@@ -323,20 +325,19 @@ class FeatureCache:
         array = zarr.open_array(store=self.root / STORE_NAME, path=f"{split}/tokens", mode="r")
         damaged = {}
         for shard in sorted(self.committed_shards(split)):
-            marker = self._marker(split, shard)
-            problem = self._size_problem(array, split, shard, marker)
-            if problem is None:
-                try:
-                    self._shard_data(array, shard, marker)
-                except ValueError as err:
-                    problem = f"its checksum fails ({err})"
-            if problem:
+            if problem := self._checked_shard(array, split, shard, self._marker(split, shard))[1]:
                 damaged[shard] = problem
         return damaged
 
-    def _shard_data(self, array: zarr.Array, shard: int, marker: dict) -> np.ndarray:
+    def _checked_shard(self, array: zarr.Array, split: str, shard: int, marker: dict) -> tuple[np.ndarray | None, str | None]:
+        """A committed shard's data as committed, or what is wrong with it."""
+        if problem := self._size_problem(array, split, shard, marker):  # first: zarr reads a missing file as zeros
+            return None, problem
         start = shard * self.spec.shard_size
-        return array[start : start + len(marker["records"])]
+        try:
+            return array[start : start + len(marker["records"])], None
+        except ValueError as err:  # zarr's checksums: a take's chunk, the shard's index
+            return None, f"its checksum fails ({err})"
 
     def _size_problem(self, array: zarr.Array, split: str, shard: int, marker: dict) -> str | None:
         """What is wrong with the size of a committed shard's file; None if it is as committed (or unrecorded: a
