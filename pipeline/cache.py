@@ -202,9 +202,13 @@ class FeatureCache:
         return {int(p.stem) for p in folder.glob("[0-9]*.json")} if folder.is_dir() else set()
 
     def write_shard(
-        self, split: str, shard: int, tokens: np.ndarray, records: list[TakeRecord], failures: dict
+        self, split: str, shard: int, tokens: np.ndarray, records: list[TakeRecord], failures: dict,
+        videos: dict[str, dict[str, str]] | None = None,
     ) -> None:
-        """Write shard `shard` whole (tokens: (k, V, 1 + T, D)), then commit it with its marker."""
+        """Write shard `shard` whole (tokens: (k, V, 1 + T, D)), then commit it with its marker.
+
+        `videos`: take_uid -> view -> the video file its features came from, kept in the marker (extract compares it
+        with the annotations on a rerun)."""
         start = shard * self.spec.shard_size
         array = zarr.open_array(store=self.root / STORE_NAME, path=f"{split}/tokens", mode="r+")
         expected = (min(self.spec.shard_size, array.shape[0] - start), *array.shape[1:])
@@ -220,6 +224,20 @@ class FeatureCache:
         # `data_bytes`: the file's size (0: zarr wrote none, every value being the fill value), checked by readers
         marker = {"records": [asdict(r) for r in records], "failures": failures, "commit": uuid.uuid4().hex,
                   "data_bytes": shard_file.stat().st_size if shard_file.is_file() else 0}
+        if videos is not None:
+            marker["videos"] = videos
+        write_json_atomic(self._marker_path(split, shard), marker)
+
+    def shard_marker(self, split: str, shard: int) -> dict:
+        """A committed shard's marker: `records`, `failures`, and since 2026-12-05 `data_bytes` and `videos`."""
+        return self._marker(split, shard)
+
+    def update_records(self, split: str, shard: int, records: list[TakeRecord]) -> None:
+        """Commit new index records (labels, scenarios, names) for a committed shard's takes; its data stays."""
+        marker = self._marker(split, shard)
+        if [r["take_uid"] for r in marker["records"]] != [r.take_uid for r in records]:
+            raise ValueError(f"shard {shard} of {split}: records of other takes")
+        marker.update(records=[asdict(r) for r in records], commit=uuid.uuid4().hex)
         write_json_atomic(self._marker_path(split, shard), marker)
 
     def shard_failures(self, split: str, shard: int) -> dict:

@@ -456,14 +456,14 @@ def test_a_shard_another_writer_committed_meanwhile_is_not_rewritten_under_its_m
                            views=("ego",), workers=0, shard_size=2)
     written, write_shard = [], FeatureCache.write_shard
 
-    def with_a_second_writer(self, split, shard, tokens, records, failures):
+    def with_a_second_writer(self, split, shard, tokens, records, failures, videos=None):
         if not written:  # while this run writes its first shard, another writer commits the last one
             last = max(records_of)
             other = np.ones((len(records_of[last]), *tokens.shape[1:]), np.float16)
             write_shard(self, split, last, other, records_of[last], {})
             written.append(("other", last))
         written.append(("this run", shard))
-        return write_shard(self, split, shard, tokens, records, failures)
+        return write_shard(self, split, shard, tokens, records, failures, videos)
 
     clean = tmp_path / "clean"
     run_extraction(dataclasses.replace(config, cache=clean))
@@ -539,3 +539,42 @@ def test_a_rerun_extracts_again_only_the_committed_shards_whose_data_was_damaged
     after = markers(cache_dir)
     assert {name for name in before if after[name] != before[name]} == {"00000.json", "00002.json"}
     np.testing.assert_array_equal(FeatureCache.open(cache_dir).read("train").tokens, first)
+
+
+def test_a_rerun_after_the_annotations_changed_updates_labels_in_place_and_extracts_again_takes_whose_files_changed(
+        dataset, backbone_dir, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(dataset, root)
+    cache_dir = tmp_path / "cache"
+    assert run_cli(*extract_args(root, cache_dir, backbone_dir)).exit_code == 0
+    first = FeatureCache.open(cache_dir).read("train")
+    before = markers(cache_dir)
+    annotations = root / "annotations" / "proficiency_demonstrator_train.json"
+    document = json.loads(annotations.read_text())
+    by_uid = {record["take_uid"]: record for record in document["annotations"]}
+    relabelled, moved = first.records[0].take_uid, first.records[-1].take_uid  # in the first and the last shard
+    by_uid[relabelled]["proficiency_score"] = "Late Expert" if first.records[0].label != 3 else "Novice"
+    by_uid[relabelled]["scenario_name"] = "Soccer" if first.records[0].scenario != "Soccer" else "Dance"
+    paths = by_uid[moved]["video_paths"]
+    paths["exo1"], paths["exo2"] = paths["exo2"], paths["exo1"]  # a corrected camera order
+    annotations.write_text(json.dumps(document))
+
+    with pytest.warns(UserWarning) as warned:
+        rerun = run_cli(*extract_args(root, cache_dir, backbone_dir))
+    assert rerun.exit_code == 0, rerun.output
+    said = " ".join(str(w.message) for w in warned)
+    assert f"1 cached take(s) of split train have another label" in said and relabelled in said
+    assert f"other video files for {moved}" in said
+    after = markers(cache_dir)
+    last = max(before)
+    assert {name for name in before if after[name] != before[name]} == {"00000.json", last}
+    second = FeatureCache.open(cache_dir).read("train")
+    takes = {take.take_uid: take for take in load_takes(root, "train")}
+    assert [(r.label, r.scenario) for r in second.records] == [(int(takes[r.take_uid].label), takes[r.take_uid].scenario)
+                                                               for r in second.records]
+    assert second.records[0] != first.records[0]
+    np.testing.assert_array_equal(second.tokens[:-1], first.tokens[:-1])  # relabelled in place, not extracted again
+    exo1, exo2 = VIEWS.index("exo1"), VIEWS.index("exo2")
+    np.testing.assert_array_equal(second.tokens[-1][[exo1, exo2]], first.tokens[-1][[exo2, exo1]])  # extracted again
+    again = run_cli(*extract_args(root, cache_dir, backbone_dir))
+    assert again.exit_code == 0 and markers(cache_dir) == after  # now in line: nothing to do
