@@ -113,12 +113,14 @@ def has_epoch_checkpoint(out: Path) -> bool:
 
 def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict, ranks: Ranks,
                           device: torch.device, weights_sha256: str | None = None,
-                          scaler: torch.amp.GradScaler | None = None) -> dict:
+                          scaler: torch.amp.GradScaler | None = None, train_takes_sha256: str | None = None) -> dict:
     """Restore weights, optimizer, scheduler and this rank's generators; returns the saved state.
 
     Raises ConfigError when the checkpoint belongs to another run: other settings (beyond
-    RESUMABLE_CHANGES), another world size, other trainable weights, or a backbone whose weights
-    (`weights_sha256`, before training) are not the ones the run started from (recorded since 2026-12-05).
+    RESUMABLE_CHANGES), another world size, other trainable weights, a backbone whose weights
+    (`weights_sha256`, before training) are not the ones the run started from (recorded since 2026-12-05), or train
+    annotations that changed since (`train_takes_sha256`: takes, labels, video files; recorded since 2026-12-05,
+    twelfth session).
     """
     state = read_json(folder / "state.json")
     if "config" in state:
@@ -134,6 +136,12 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
             raise ConfigError(f"{folder}: the run was trained on other backbone weights than {config.get('backbone')} "
                               "holds now; resume with the backbone it started from, or use another --out")
         state["weights_sha256"] = weights_sha256  # a checkpoint from before the hash gains it: later resumes check it
+    if train_takes_sha256:
+        if state.get("train_takes_sha256", train_takes_sha256) != train_takes_sha256:
+            raise ConfigError(f"{folder}: the train annotations under {config.get('root')} changed since the run began "
+                              "(takes, labels, scenarios or video files): its held-out takes, data order and schedule "
+                              "would no longer match; resume with the annotations it started from, or use another --out")
+        state["train_takes_sha256"] = train_takes_sha256
     if state["world_size"] != ranks.world_size:
         raise ConfigError(f"{folder}: checkpoint written by {state['world_size']} process(es); resume with the same world size")
     missing, unexpected = model.load_state_dict(load_safetensors((folder / "trainable.safetensors").read_bytes()), strict=False)

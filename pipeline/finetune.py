@@ -43,7 +43,7 @@ from pipeline.fusion import FUSIONS, HeadConfig, build_head
 from pipeline.head_training import TrainingDiverged, label_prior, stratified_holdout, warmup_steps_for
 from pipeline.metrics import mark_incomplete
 from pipeline.skill_model import SkillModel
-from pipeline.takes import load_takes, shared_takes
+from pipeline.takes import load_takes, shared_takes, takes_sha256
 from pipeline.video import SAMPLING_NAMES, ClipSampling
 from pipeline.views import parse_view_setting
 from pipeline.weight_decay import decay_groups
@@ -242,12 +242,13 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     )
     out = Path(config.out)
     state = {"epoch": -1, "best_loss": float("inf"), "best_epoch": -1, "holdout_losses": [], "train_losses": [],
-             "world_size": ranks.world_size, "config": config_to_dict(config), "weights_sha256": weights_sha256}
+             "world_size": ranks.world_size, "config": config_to_dict(config), "weights_sha256": weights_sha256,
+             "train_takes_sha256": takes_sha256(train_takes, config.root)}
     if resume:
         checkpoint = find_epoch_checkpoint(out)
         if checkpoint:
             state = load_epoch_checkpoint(checkpoint, model, optimizer, schedule, state["config"], ranks, device,
-                                          weights_sha256, scaler)
+                                          weights_sha256, scaler, state["train_takes_sha256"])
             if ranks.is_main:
                 restore_best_weights(out, checkpoint, state)
         if on_event:

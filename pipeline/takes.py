@@ -8,6 +8,7 @@ under `takes/<take_name>/frame_aligned_videos/downscaled/448/<file>.mp4`.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import re
 import warnings
@@ -68,6 +69,14 @@ class Take:
     label: ProficiencyLabel
     split: str
     videos: dict[str, Path]  # view name -> 448px downscaled mp4 (may not exist on a partial download)
+
+
+def takes_sha256(takes: list[Take], root: Path) -> str:
+    """A hash of what training reads of `takes`: uids, labels, scenarios and video files (relative to the download
+    root, so a moved root hashes the same)."""
+    listing = [[t.take_uid, int(t.label), t.scenario, {v: p.relative_to(root).as_posix() for v, p in sorted(t.videos.items())}]
+               for t in sorted(takes, key=lambda t: t.take_uid)]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def annotation_path(root: Path, split: str) -> Path:

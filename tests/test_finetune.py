@@ -31,7 +31,7 @@ from pipeline.fusion import HeadConfig, build_head, head_inputs
 from pipeline.head_training import stratified_holdout
 from pipeline.clips import TakeClips, clip_loader
 from pipeline.skill_model import SkillModel, load_skill_model, read_model_spec
-from pipeline.takes import VIEWS, load_takes
+from pipeline.takes import VIEWS, load_takes, takes_sha256
 from pipeline.video import SAMPLING_NAMES, ClipSampling
 from pipeline.writer_lock import first_writer
 from stages.cli import app
@@ -655,6 +655,23 @@ def test_resume_refuses_a_backbone_folder_that_now_holds_other_weights(world, tm
     (run / "checkpoint" / "state.json").write_text(json.dumps({**state, "weights_sha256": "0" * 64}))
     result = CliRunner().invoke(app, [str(a) for a in finetune_args(world / "data", world / "tiny", run, "--resume")])
     assert result.exit_code == 2 and "trained on other backbone weights than" in " ".join(result.output.split())
+
+
+def test_resume_refuses_train_annotations_that_changed_since_the_run_began_but_not_a_moved_root(world, tmp_path):
+    run = shutil.copytree(world / "run", tmp_path / "run")
+    moved = shutil.copytree(world / "data", tmp_path / "moved")
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["train_takes_sha256"] == takes_sha256(load_takes(moved, "train"), moved)  # relative to the root
+    annotations = moved / "annotations" / "proficiency_demonstrator_train.json"
+    document = json.loads(annotations.read_text())
+    record = document["annotations"][0]
+    record["proficiency_score"] = "Novice" if record["proficiency_score"] != "Novice" else "Late Expert"
+    annotations.write_text(json.dumps(document))
+    before = {path: path.stat().st_mtime_ns for path in run.rglob("*") if path.is_file() and path.name != "run.lock"}
+    result = CliRunner().invoke(app, [str(a) for a in finetune_args(moved, world / "tiny", run, "--resume")])
+    assert result.exit_code == 2 and "the train annotations under" in result.output
+    assert "changed since the run began" in " ".join(result.output.split())
+    assert {path: path.stat().st_mtime_ns for path in before} == before
 
 
 def test_a_second_run_into_a_run_folder_being_written_stops_at_once(world, tmp_path):
