@@ -221,9 +221,9 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
             on_event(f"--init-head: the head keeps its trained size {trained_size}, not hidden {config.hidden}, "
                      f"heads {config.heads}")
         config = replace(config, **trained_size)
-    if config.init_head and on_event and (fitted := _cell_sampling(config.init_head)) not in (None, config.sampling):
-        on_event(f"note: --init-head {config.init_head} was fitted on {fitted} clips; this run samples "
-                 f"{config.sampling} (--sampling)")
+    if config.init_head and on_event:
+        for note in init_head_notes(config, weights_sha256):
+            on_event(note)
     device = torch.device(config.device)
     model.to(device)
     trained = DistributedDataParallel(model) if ranks.world_size > 1 else model
@@ -336,12 +336,26 @@ def accumulated_batches(step: int, steps: int, grad_accum: int) -> int:
     return min(grad_accum, steps - group_start)
 
 
-def _cell_sampling(cell: Path) -> str | None:
-    """How the clips of a fit-head cell's cache were sampled, from the cell's own head.json (None: not recorded).
+def init_head_notes(config: FinetuneConfig, weights_sha256: str) -> list[str]:
+    """What differs between the features the --init-head cell was fitted on and this run's: its clip sampling, an
+    adapter, other backbone weights. Notes, not errors: any head is a starting point, but metrics of such a head
+    (say at --lr 0) are not those of the cell.
 
-    Not from the cache: a warm start needs only the cell, whose cache may be gone or rebuilt since."""
-    recorded = read_json(Path(cell) / "head.json").get("cache_fingerprint", {}).get("preprocessing", {}).get("sampling")
-    return {name: option for option, name in SAMPLING_NAMES.items()}.get(recorded)
+    From the cell's own head.json, not its cache: a warm start needs only the cell, whose cache may be gone or rebuilt
+    since. The weights are compared only at the same T (their hash is taken with the time embeddings resized to T)."""
+    cell = config.init_head
+    fingerprint = read_json(Path(cell) / "head.json").get("cache_fingerprint", {})
+    notes = []
+    sampling = {name: option for option, name in SAMPLING_NAMES.items()}.get(fingerprint.get("preprocessing", {}).get("sampling"))
+    if sampling not in (None, config.sampling):
+        notes.append(f"note: --init-head {cell} was fitted on {sampling} clips; this run samples {config.sampling} (--sampling)")
+    if fingerprint.get("adapter_sha256"):
+        notes.append(f"note: --init-head {cell} was fitted on features of an adapted backbone (extract --adapter); this "
+                     f"run starts from {config.backbone} without that adapter")
+    elif fingerprint.get("frames") == config.frames and fingerprint.get("weights_sha256") not in (None, weights_sha256):
+        notes.append(f"note: --init-head {cell} was fitted on features of other backbone weights "
+                     f"({fingerprint.get('backbone')}) than this run's {config.backbone}")
+    return notes
 
 
 def _holdout_loss(model, takes, views, config: FinetuneConfig, device, guard: CrashGuard) -> float:

@@ -566,6 +566,23 @@ def test_full_finetune_saves_a_backbone_that_extract_loads(world, tmp_path):
         load_skill_model(tmp_path / "full")
 
 
+@pytest.mark.parametrize("cell_features, said", [
+    ({}, []),  # the run's own backbone, sampling and T
+    ({"weights_sha256": "0" * 64, "backbone": "k400"}, ["fitted on features of other backbone weights (k400)"]),
+    ({"weights_sha256": "0" * 64, "frames": 8}, []),  # at another T the hashes cannot be compared
+    ({"adapter_sha256": "a" * 64}, ["fitted on features of an adapted backbone"]),
+    ({"preprocessing": {"sampling": SAMPLING_NAMES["window"]}}, ["was fitted on window clips; this run samples uniform"]),
+])
+def test_init_head_notes_what_differs_in_the_features_the_cell_was_fitted_on(tmp_path, cell_features, said):
+    fingerprint = {"backbone": "tiny", "weights_sha256": "f" * 64, "adapter_sha256": None, "frames": FRAMES,
+                   "preprocessing": {"sampling": SAMPLING_NAMES["uniform"]}} | cell_features
+    (tmp_path / "cell").mkdir()
+    (tmp_path / "cell" / "head.json").write_text(json.dumps({"cache_fingerprint": fingerprint}))
+    config = finetune_module.FinetuneConfig(root=tmp_path, out=tmp_path / "run", frames=FRAMES, init_head=tmp_path / "cell")
+    notes = finetune_module.init_head_notes(config, weights_sha256="f" * 64)
+    assert len(notes) == len(said) and all(part in note for part, note in zip(said, notes))
+
+
 def test_init_head_warm_starts_from_a_fit_head_cell(world, fitted_cell, tmp_path):
     from safetensors.torch import load_file
 
@@ -575,6 +592,7 @@ def test_init_head_warm_starts_from_a_fit_head_cell(world, fitted_cell, tmp_path
     result = cli(*args)
     assert result.exit_code == 0 and "the head keeps its trained size" in " ".join(result.output.split())
     assert "was fitted on uniform clips; this run samples window" in " ".join(result.output.split())
+    assert "other backbone weights" not in result.output  # the cell's cache hashed the run's backbone alike
     moved = tmp_path / "cell-without-its-cache"  # a warm start needs the cell alone, not its cache
     shutil.copytree(fitted_cell, moved)
     head = json.loads((moved / "head.json").read_text())
