@@ -57,6 +57,16 @@ class CrashGuard:
     root: Path
     crashes: dict[tuple[str, str], str]
 
+    def known_crash(self, take_uid: str, view: str, path: Path) -> str | None:
+        """Why `path` is known to crash the decoder; None if it is not. A record made for another file of the
+        take's view (a run from another download root into the same folder) does not apply: `path` is decoded,
+        guarded as ever."""
+        reason = self.crashes.get((take_uid, view))
+        if reason is None:
+            return None
+        record = _read_record(Path(self.root) / CRASHES / f"{take_uid}.{view}.json")
+        return reason if record is None or record.get("path") == os.path.abspath(path) else None
+
 
 def loader_timeout(decodes_per_item: int, workers: int) -> float:
     """A DataLoader's wait for one item whose decodes are guarded: a worker stuck in the decoder then fails

@@ -245,11 +245,11 @@ def decode_take(take: Take, views: tuple[str, ...], sampling: ClipSampling, shar
     folder (pipeline.decoder_crashes) and the views it knows to crash the decoder are failed without decoding."""
     clips, failures, lengths = {}, {}, {}
     for view in views:
-        if crash_guard and (take.take_uid, view) in crash_guard.crashes:
-            failures[view] = crash_guard.crashes[(take.take_uid, view)]
-            continue
         if view not in take.videos:  # a take folder given to predict without this camera
             failures[view] = "no file for this view in the take folder"
+            continue
+        if crash_guard and (reason := crash_guard.known_crash(take.take_uid, view, take.videos[view])):
+            failures[view] = reason
             continue
         guard = decoding(crash_guard.root, take.take_uid, view, take.videos[view], sampling) if crash_guard else nullcontext()
         try:

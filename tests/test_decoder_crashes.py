@@ -176,6 +176,20 @@ def test_a_crash_record_made_from_a_relative_path_applies_from_any_folder(tmp_pa
     assert decoder_crashes.known_crashes(tmp_path / "out") == {("take", "exo1"): "crashed"}
 
 
+def test_a_crash_record_applies_to_its_own_file_not_to_the_same_view_under_another_root(tmp_path, monkeypatch):
+    for root in ("first", "second"):
+        (tmp_path / root).mkdir()
+        (tmp_path / root / "v.mp4").write_bytes(b"corrupt" if root == "first" else b"fine")
+    write_json_atomic(tmp_path / "out" / decoder_crashes.CRASHES / "take.exo1.json",
+                      {"take_uid": "take", "view": "exo1", "path": str(tmp_path / "first" / "v.mp4"), "reason": "crashed",
+                       "file": decoder_crashes.file_identity(tmp_path / "first" / "v.mp4")})
+    guard = decoder_crashes.CrashGuard(tmp_path / "out", decoder_crashes.known_crashes(tmp_path / "out"))
+    monkeypatch.chdir(tmp_path)
+    assert guard.known_crash("take", "exo1", Path("first/v.mp4")) == "crashed"  # the same file, spelled relative
+    assert guard.known_crash("take", "exo1", tmp_path / "second" / "v.mp4") is None  # evaluate --out reused, other --root
+    assert guard.known_crash("take", "exo2", tmp_path / "first" / "v.mp4") is None
+
+
 def test_a_crash_record_forgotten_by_another_rank_while_being_read_is_skipped(tmp_path, monkeypatch):
     for uid in ("take-a", "take-b"):
         write_json_atomic(tmp_path / decoder_crashes.CRASHES / f"{uid}.ego.json",
