@@ -7,6 +7,7 @@ another on the resident tensors. Shared by `skillpipe fit-head`, `skillpipe demo
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoints import save_head
-from pipeline.config import ConfigError, config_to_dict, save_config
+from pipeline.config import ConfigError, config_to_dict, save_config, with_absolute_paths
 from pipeline.files import write_json_atomic
 from pipeline.fusion import HeadConfig
 from pipeline.head_training import (
@@ -29,6 +30,7 @@ from pipeline.views import parse_view_setting
 def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[dict]:
     """Train and evaluate every cell; writes the cell folders, grid.json and grid.png; returns the grid rows."""
     console = console or Console()
+    settings = with_absolute_paths(settings)  # the saved configs are read back from other folders (--config)
     cells = grid_cells(settings)
     if settings.submission and len(cells) > 1:
         raise ConfigError(f"FitHeadConfig.submission: needs a grid of one cell, this one has {len(cells)}; "
@@ -50,6 +52,10 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
                           f"{list(names)} (view setting {setting!r}); they get the train label prior")
     for summary in ("grid.json", "grid.png"):  # a previous run's, about cells this run replaces: gone until this grid ends
         (settings.out / summary).unlink(missing_ok=True)
+    if earlier := sorted(folder.name for folder in earlier_cells(settings.out) if folder.name not in {c.name for c in cells}):
+        console.print(f"[yellow]note:[/] {settings.out} holds {len(earlier)} cell folder(s) of an earlier grid that this "
+                      f"one does not list ({', '.join(earlier[:4])}{', ...' if len(earlier) > 4 else ''}); they stay as "
+                      "they are, and grid.json and grid.png describe this grid only")
     save_config(settings, settings.out / "config.json")
     rows, tables = [], {}
     for cell in cells:
@@ -64,6 +70,11 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
     plot_grid(settings.out / "grid.png", {f"{g['views']} / {g['fusion']}": g["accuracies"] for g in groups}, baseline)
     _print_grid(console, groups, len(val.records), baseline)
     return rows
+
+
+def earlier_cells(out: Path) -> list[Path]:
+    """The cell folders (with a head.json) under a fit-head --out."""
+    return [folder for folder in out.iterdir() if (folder / "head.json").is_file()] if out.is_dir() else []
 
 
 def _fit_cell(cell: Cell, cache: FeatureCache, settings: FitHeadConfig, head_config: HeadConfig, names: tuple[str, ...],

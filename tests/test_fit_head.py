@@ -1,6 +1,8 @@
 """`skillpipe fit-head` end to end on generated caches whose skill signal is split across views."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -136,6 +138,20 @@ def test_a_cell_alone_reproduces_the_same_cell_of_a_grid(grid, tmp_path):
         assert (tmp_path / "again" / name / artifact).read_bytes() == (grid / "run" / name / artifact).read_bytes()
     assert read_json(tmp_path / "again" / name / "metrics.json")["confusion_matrix"] == \
         read_json(grid / "run" / name / "metrics.json")["confusion_matrix"]
+
+
+def test_a_grid_into_an_out_folder_of_another_grid_names_the_cells_it_leaves_and_saves_absolute_paths(
+        grid, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(grid / "run", out)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["fit-head", "--cache", os.path.relpath(grid / "cache"), "--out", "run", *TINY,
+                                      "--views", "ego+exos", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "holds 5 cell folder(s) of an earlier grid that this one does not list (ego+exos__crossview__seed0, ego__crossview__seed0," in said
+    assert [row["cell"] for row in read_json(out / "grid.json")["cells"]] == ["ego+exos__crossview__seed1"]
+    assert read_json(out / "config.json")["cache"] == str((grid / "cache").resolve())  # readable from any folder
 
 
 def test_submission_is_the_challenge_format(grid, tmp_path):
