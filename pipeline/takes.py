@@ -205,7 +205,7 @@ def resolve_view_files(take_dir: Path) -> dict[str, Path]:
         raise ValueError(f"{take_dir}: not a folder (expected a take folder holding its view mp4s)")
     aligned = take_dir / "frame_aligned_videos"  # the full-resolution files, where the 448px ones were not downloaded
     folder = next((f for f in (aligned / "downscaled" / "448", aligned) if f.is_dir()), take_dir)
-    files = sorted(p for p in folder.glob("*.mp4") if p.is_file())
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".mp4" and p.is_file())  # .MP4 too
     arias = [p for p in files if p.name.lower().startswith("aria")]
     # Aria's RGB stream is 214-1; a folder may also hold its SLAM (1201-*) or eye (211-*) streams
     egos = [p for p in arias if p.stem.lower().endswith("214-1")] or [p for p in arias if not _ARIA_SIDE_STREAM.search(p.stem)]

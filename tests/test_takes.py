@@ -12,6 +12,7 @@ EXO_SETS = [
     ["cam01.mp4", "cam02.mp4", "cam03.mp4", "cam04.mp4"],
     ["gp01.mp4", "gp02.mp4", "gp03.mp4", "gp04.mp4"],
     ["cam01.mp4", "cam02.mp4", "cam03.mp4", "cam05.mp4"],
+    ["CAM01.MP4", "cam02.Mp4", "GP03.mp4", "cam04.MP4"],  # copied from a camera or a case-blind filesystem
 ]
 
 
