@@ -10,12 +10,12 @@ from rich.markup import escape
 
 from pipeline.backbone import save_tiny_backbone
 from pipeline.demo_data import write_demo_dataset
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.extraction import ExtractConfig
 from pipeline.extraction_progress import extract_with_progress
 from pipeline.head_grid import run_grid
 from pipeline.head_training import FitHeadConfig
-from pipeline.takes import annotation_path
+from pipeline.takes import annotation_path, load_takes
 
 DEMO_FRAMES = 8
 DEMO_FIT_HEAD = Path(__file__).resolve().parent.parent / "configs" / "demo-fit-head.yaml"
@@ -43,6 +43,9 @@ def demo(
     if not all(annotation_path(data, split).is_file() for split in ("train", "val")):  # written last, atomically
         console.print(f"[bold]1. demo data[/] -> {escape(str(data))}")
         write_demo_dataset(data, takes=takes, seed=0, frames=12)
+    elif (written := sum(len(load_takes(data, split)) for split in ("train", "val"))) != takes:
+        raise ConfigError(f"{data}: holds a demo dataset of {written} takes, not --takes {takes}; give another --out "
+                          "(or delete that folder)")
     if not (backbone_dir / "config.json").is_file():
         console.print(f"[bold]2. tiny random TimeSformer[/] -> {escape(str(backbone_dir))} (pretrained weights cannot be downloaded everywhere)")
         save_tiny_backbone(backbone_dir, seed=0)

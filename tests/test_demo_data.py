@@ -217,3 +217,14 @@ def test_each_bad_video_raises_the_documented_error_in_decord(tmp_path, dataset,
 
 def test_a_short_video_opens_with_its_few_frames(tmp_path):
     assert len(decord.VideoReader(str(videos.short_video(tmp_path / "short.mp4", 2)))) == 2
+
+
+def test_the_demo_refuses_a_dataset_it_wrote_with_another_number_of_takes(tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    write_demo_dataset(tmp_path / "demo" / "data", takes=8, seed=0, frames=12)
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--takes", "80"])
+    assert result.exit_code == 2 and "holds a demo dataset of 8 takes, not --takes 80" in " ".join(result.output.split())
+    assert not (tmp_path / "demo" / "cache").exists()
