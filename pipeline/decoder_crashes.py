@@ -101,7 +101,8 @@ def explained_worker_death(root: Path, err: RuntimeError, rerun: str) -> Runtime
         return None
     before = known_crashes(root)
     cleared: list[str] = []
-    new = {key: reason for key, reason in triage(root, cleared).items() if key not in before}
+    # new, or recorded anew for another file of the take's view (another root): the reason names the file
+    new = {key: reason for key, reason in triage(root, cleared).items() if before.get(key) != reason}
     if new:
         lines = "\n".join(f"take {uid}, view {view}: {reason}" for (uid, view), reason in new.items())
         return RuntimeError(f"{err}\n{lines}\nRecorded in {Path(root) / CRASHES}: {rerun} goes on with "

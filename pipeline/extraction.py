@@ -390,7 +390,7 @@ def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: Feature
                 raise
             cleared: list[str] = []  # a DataLoader worker died: was it the decoder crashing on a file?
             found = triage(config.cache, cleared)
-            if found.keys() <= crashes.keys():
+            if found.items() <= crashes.items():  # nothing new (a record for another file of a view is: its reason names it)
                 if cleared:
                     raise decoder_crashes.outside_the_file(
                         err, cleared, "Committed shards are kept; rerun the same command to go on.") from err

@@ -4,6 +4,7 @@ run, in finetune and evaluate in the rerun after the crash that names it."""
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,6 +92,25 @@ def test_a_worker_killed_by_a_file_fails_that_view_and_the_run_goes_on(dataset, 
     assert not list((cache_dir / decoder_crashes.MARKERS).glob("*.json"))  # no marker left behind
     again = run_extraction(config(dataset, backbone_dir, cache_dir, workers=1))  # never decoded again
     assert again.computed_takes == 0 and again.failures == summary.failures
+
+
+def test_crashing_files_swapped_between_two_views_are_recorded_anew_and_the_rerun_goes_on(dataset, backbone_dir,
+                                                                                        crash_on, tmp_path):
+    root = shutil.copytree(dataset, tmp_path / "root")
+    take = load_takes(root, "train")[2]
+    crash_on(take.videos[VIEWS[1]], take.videos[VIEWS[2]], here=True)
+    cache_dir = tmp_path / "cache"
+    first = run_extraction(config(root, backbone_dir, cache_dir, workers=1))
+    assert set(first.failures[take.take_uid]) == {VIEWS[1], VIEWS[2]}
+    annotations = root / "annotations" / "proficiency_demonstrator_train.json"
+    document = json.loads(annotations.read_text())
+    paths = next(r for r in document["annotations"] if r["take_uid"] == take.take_uid)["video_paths"]
+    paths[VIEWS[1]], paths[VIEWS[2]] = paths[VIEWS[2]], paths[VIEWS[1]]  # each view's record names the other file
+    annotations.write_text(json.dumps(document))
+    with pytest.warns(UserWarning, match="other video files"):
+        again = run_extraction(config(root, backbone_dir, cache_dir, workers=1))
+    failures = again.failures[take.take_uid]
+    assert set(failures) == {VIEWS[1], VIEWS[2]} and str(take.videos[VIEWS[2]]) in failures[VIEWS[1]]
 
 
 def test_a_worker_stuck_in_the_decoder_fails_that_view_and_the_run_goes_on(dataset, backbone_dir, clean, crash_on,
@@ -246,6 +266,23 @@ def test_finetune_stops_on_a_decoder_crash_naming_the_file_and_resume_goes_on_wi
         state = run_finetune(finetune_config(labelled, backbone_dir, out), resume=True, on_event=events.append)
     assert state["metrics"]["num_takes"] == len(load_takes(labelled, "val"))  # never decoded again: it would abort
     assert any("1 video file(s) recorded" in event for event in events)
+
+
+def test_evaluate_from_another_root_whose_file_of_a_crashed_view_crashes_too_names_it_again(labelled, backbone_dir,
+                                                                                           crash_on, tmp_path):
+    run = tmp_path / "run"
+    run_finetune(finetune_config(labelled, backbone_dir, run, workers=0))
+    copy = shutil.copytree(labelled, tmp_path / "copy")
+    take, copied = load_takes(labelled, "val")[0], load_takes(copy, "val")[0]
+    crash_on(take.videos[VIEWS[0]], copied.videos[VIEWS[0]], here=True)
+    command = ["evaluate", "--checkpoint", run, "--root", labelled, "--out", tmp_path / "eval", "--workers", 1]
+    with pytest.raises(RuntimeError, match=f"(?s)take {take.take_uid}, view {VIEWS[0]}: .*SIGABRT"):
+        CliRunner().invoke(app, [str(a) for a in command], catch_exceptions=False)
+    command[command.index("--root") + 1] = copy  # the same --out: its record is for the first root's file
+    with pytest.raises(RuntimeError, match=f"(?s)take {take.take_uid}, view {VIEWS[0]}: {copied.videos[VIEWS[0]]}.*SIGABRT"):
+        CliRunner().invoke(app, [str(a) for a in command], catch_exceptions=False)
+    result = CliRunner().invoke(app, [str(a) for a in command], catch_exceptions=False)
+    assert result.exit_code == 3  # the rerun goes on with that view absent
 
 
 def test_finetune_stops_on_a_decode_stuck_past_its_limit_naming_the_file(labelled, backbone_dir, crash_on, tmp_path,
