@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import math
 import os
 import platform
 import resource
@@ -29,20 +28,21 @@ def timed_seconds(function: Callable[[], object], device: str = "cpu") -> float:
 def best_seconds(function: Callable[[], object], repeats: int, device: str = "cpu", min_timed_s: float = 0.0) -> float:
     """The fastest of `repeats` timings of one call, after one untimed warm-up call.
 
-    With `min_timed_s`, each timing runs the call back to back as many times as fill that long (judged by the
-    warm-up) and gives the time per call: a short call's own time, without the device sync and Python overhead
-    around each timing (a 512^3 matmul takes ~10 us on a GPU, less than a sync's round trip).
+    With `min_timed_s`, each timing runs the call back to back, doubling the count until one timing lasts that long,
+    and gives the time per call: a short call's own time, without the device sync and Python overhead around each
+    timing (a 512^3 matmul takes ~10 us on a GPU, less than a sync's round trip). The count is found by timing, not
+    from the warm-up call, which runs several times slower than later ones.
     """
-    started = time.perf_counter()
     function()
-    _sync(device)
-    calls = max(1, math.ceil(min_timed_s / max(time.perf_counter() - started, 1e-9)))
+    calls = 1
+    while min_timed_s and timed_seconds(lambda: _back_to_back(function, calls), device) < min_timed_s:
+        calls *= 2
+    return min(timed_seconds(lambda: _back_to_back(function, calls), device) for _ in range(repeats)) / calls
 
-    def back_to_back() -> None:
-        for _ in range(calls):
-            function()
 
-    return min(timed_seconds(back_to_back, device) for _ in range(repeats)) / calls
+def _back_to_back(function: Callable[[], object], calls: int) -> None:
+    for _ in range(calls):
+        function()
 
 
 # (m, k, n) of the peak's matmuls: squares from 512 to 4096 and the base backbone's largest linears

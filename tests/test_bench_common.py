@@ -135,7 +135,6 @@ def test_a_short_call_is_timed_back_to_back_for_at_least_the_minimum_and_reporte
     from bench import common
 
     calls, timings = [], []
-    clock = iter(range(0, 10_000, 1))  # perf_counter steps 1 s per reading: the warm-up call "takes" 1 s
 
     def timed(function, device="cpu"):
         before = len(calls)
@@ -143,9 +142,8 @@ def test_a_short_call_is_timed_back_to_back_for_at_least_the_minimum_and_reporte
         timings.append(len(calls) - before)
         return 2.0 * timings[-1]  # 2 s per call, whatever the batch
 
-    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(common, "timed_seconds", timed)
-    assert common.best_seconds(lambda: calls.append(1), repeats=3, min_timed_s=4.5) == 2.0
-    assert timings == [5, 5, 5]  # ceil(4.5 s / the warm-up's 1 s) calls per timing
+    assert common.best_seconds(lambda: calls.append(1), repeats=3, min_timed_s=9.0) == 2.0
+    assert timings == [1, 2, 4, 8, 8, 8, 8]  # doubled until a timing lasts 9 s (8 calls: 16 s), then 3 timings of 8
     timings.clear()
     assert common.best_seconds(lambda: calls.append(1), repeats=2) == 2.0 and timings == [1, 1]  # one call by default
