@@ -381,8 +381,9 @@ class FeatureCache:
         return self._array_path(split) / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
 
     def _changed_while_read(self, split: str) -> CacheError:
-        return CacheError(f"{self.root}: split {split} changed while it was read: another run is rewriting committed "
-                          "shards (extract --retry-failed?); read it again once that run has ended")
+        return CacheError(f"{self.root}: split {split} changed while it was read: an extract run is rewriting committed "
+                          "shards (--retry-failed, or a rerun updating them to the annotations or replacing damaged "
+                          "data); read it again once that run has ended")
 
     def read_records(self, split: str) -> list[TakeRecord]:
         return [

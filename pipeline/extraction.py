@@ -323,9 +323,10 @@ def refresh_committed_shards(cache: FeatureCache, split: str, takes: list[Take],
     """Bring the committed shards in line with the annotations as they are now (the takes themselves are the same:
     plan_split checked that).
 
-    A take whose labels, scenario or folder name changed has its records updated: its features do not depend on them.
-    A take whose video files changed (another camera in a view's slot) has its shard made pending again, so that this
-    run extracts it anew. Markers written before 2026-12-05 do not record their files: only the records are compared.
+    A take whose label or scenario changed has its records updated: its features do not depend on them. A take whose
+    video files changed (another camera in a view's slot, or a renamed take folder) has its shard made pending again,
+    so that this run extracts it anew. Markers written before 2026-12-05 (twelfth session) do not record their files:
+    there only the records are compared, and a renamed folder updates the take's name in place.
     """
     by_uid = {take.take_uid: take for take in takes}
     relabelled: list[str] = []

@@ -243,7 +243,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     out = Path(config.out)
     state = {"epoch": -1, "best_loss": float("inf"), "best_epoch": -1, "holdout_losses": [], "train_losses": [],
              "world_size": ranks.world_size, "config": config_to_dict(config), "weights_sha256": weights_sha256,
-             "train_takes_sha256": takes_sha256(train_takes, config.root)}
+             "train_takes_sha256": takes_sha256(train_takes, config.root, views)}
     if resume:
         checkpoint = find_epoch_checkpoint(out)
         if checkpoint:

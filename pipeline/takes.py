@@ -71,10 +71,10 @@ class Take:
     videos: dict[str, Path]  # view name -> 448px downscaled mp4 (may not exist on a partial download)
 
 
-def takes_sha256(takes: list[Take], root: Path) -> str:
-    """A hash of what training reads of `takes`: uids, labels, scenarios and video files (relative to the download
-    root, so a moved root hashes the same)."""
-    listing = [[t.take_uid, int(t.label), t.scenario, {v: p.relative_to(root).as_posix() for v, p in sorted(t.videos.items())}]
+def takes_sha256(takes: list[Take], root: Path, views: tuple[str, ...] = VIEWS) -> str:
+    """A hash of what training on `views` reads of `takes`: uids, labels, scenarios and those views' video files
+    (relative to the download root, so a moved root hashes the same)."""
+    listing = [[t.take_uid, int(t.label), t.scenario, {v: t.videos[v].relative_to(root).as_posix() for v in views if v in t.videos}]
                for t in sorted(takes, key=lambda t: t.take_uid)]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 

@@ -679,7 +679,7 @@ def test_resume_refuses_train_annotations_that_changed_since_the_run_began_but_n
     run = shutil.copytree(world / "run", tmp_path / "run")
     moved = shutil.copytree(world / "data", tmp_path / "moved")
     state = json.loads((run / "checkpoint" / "state.json").read_text())
-    assert state["train_takes_sha256"] == takes_sha256(load_takes(moved, "train"), moved)  # relative to the root
+    assert state["train_takes_sha256"] == takes_sha256(load_takes(moved, "train"), moved, VIEWS)  # relative to the root
     annotations = moved / "annotations" / "proficiency_demonstrator_train.json"
     document = json.loads(annotations.read_text())
     record = document["annotations"][0]

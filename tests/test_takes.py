@@ -206,3 +206,16 @@ def test_a_take_folder_of_a_full_resolution_download_resolves_too(tmp_path):
     (aligned / "downscaled" / "448").mkdir(parents=True)  # the 448px files win where they exist
     (aligned / "downscaled" / "448" / "aria01_214-1.mp4").write_bytes(b"")
     assert resolve_view_files(tmp_path) == {"ego": aligned / "downscaled" / "448" / "aria01_214-1.mp4"}
+
+
+def test_the_training_hash_of_takes_covers_labels_and_the_trained_views_files_only(tmp_path):
+    from pipeline.takes import Take, takes_sha256
+
+    def take(label=ProficiencyLabel.NOVICE, exo1="cam01.mp4", root=tmp_path):
+        return Take("u1", "t1", "Dance", label, "train", {"ego": root / "t1" / "aria01.mp4", "exo1": root / "t1" / exo1})
+
+    base = takes_sha256([take()], tmp_path, ("ego", "exo1"))
+    assert takes_sha256([take(root=tmp_path / "moved")], tmp_path / "moved", ("ego", "exo1")) == base  # a moved root
+    assert takes_sha256([take(label=ProficiencyLabel.LATE_EXPERT)], tmp_path, ("ego", "exo1")) != base
+    assert takes_sha256([take(exo1="cam02.mp4")], tmp_path, ("ego", "exo1")) != base
+    assert takes_sha256([take(exo1="cam02.mp4")], tmp_path, ("ego",)) == takes_sha256([take()], tmp_path, ("ego",))
