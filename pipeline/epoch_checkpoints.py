@@ -9,12 +9,16 @@ the moment of the swap); `state.json` is written last and marks a folder complet
 
 from __future__ import annotations
 
+import hashlib
 import io
+import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -61,14 +65,41 @@ def save_epoch_checkpoint(out: Path, model, optimizer, schedule, state: dict, rn
     _finish_interrupted_swap(Path(out))
     _remove(staging)
     staging.mkdir(parents=True)
-    write_bytes_atomic(staging / "trainable.safetensors", save_safetensors(trainable_state(model)))
     buffer = io.BytesIO()  # through write_bytes_atomic: fsynced before state.json marks the folder complete
     scaling = scaler.state_dict() if scaler else {}  # {} unless fp16 autocast scales the loss
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rngs, "grad_scaler": scaling},
                buffer)
-    write_bytes_atomic(staging / "optimizer.pt", buffer.getvalue())
-    write_json_atomic(staging / "state.json", state)  # written last: marks the folder complete
+    files = {"trainable.safetensors": save_safetensors(trainable_state(model)), "optimizer.pt": buffer.getvalue()}
+    for name, data in files.items():
+        write_bytes_atomic(staging / name, data)
+    # written last: marks the folder complete; the files' hashes let a resume refuse them damaged since
+    write_json_atomic(staging / "state.json", {**state, FILE_HASHES: {name: sha256(data) for name, data in files.items()}})
     replace_folder(staging, folder)  # the old one waits as checkpoint.old (RETIRED) between the renames
+
+
+FILE_HASHES = "files_sha256"
+DAMAGED = "it was damaged since it was written; the run cannot resume from it: start it again (another --out, or delete it)"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _checked_bytes(path: Path, hashes: dict[str, str]) -> bytes:
+    """The file's bytes, refused when they differ from the hash its checkpoint recorded."""
+    data = path.read_bytes()
+    if path.name in hashes and hashes[path.name] != sha256(data):
+        raise ConfigError(f"{path}: not the file its checkpoint recorded (another sha256): {DAMAGED}")
+    return data
+
+
+def _parsed(path: Path, parse: Callable[[bytes], object], data: bytes) -> object:
+    """`parse(data)`; a file that cannot be parsed (cut, emptied, overwritten: an older checkpoint has no hashes) is
+    named in a ConfigError instead of the library's own error."""
+    try:
+        return parse(data)
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"{path}: unreadable ({type(err).__name__}: {str(err)[:200]}); {DAMAGED}") from None
 
 
 def restore_best_weights(out: Path, checkpoint: Path, state: dict) -> None:
@@ -144,10 +175,15 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
         state["train_takes_sha256"] = train_takes_sha256
     if state["world_size"] != ranks.world_size:
         raise ConfigError(f"{folder}: checkpoint written by {state['world_size']} process(es); resume with the same world size")
-    missing, unexpected = model.load_state_dict(load_safetensors((folder / "trainable.safetensors").read_bytes()), strict=False)
+    hashes = state.pop(FILE_HASHES, {})  # checkpoints before 2026-12-05 (twelfth session) record none
+    trainable = _checked_bytes(folder / "trainable.safetensors", hashes)
+    optimizer_state = _checked_bytes(folder / "optimizer.pt", hashes)
+    missing, unexpected = model.load_state_dict(_parsed(folder / "trainable.safetensors", load_safetensors, trainable),
+                                                strict=False)
     if unexpected:
         raise ConfigError(f"{folder}: checkpoint does not match this model (unexpected {unexpected[:3]}...)")
-    saved = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")  # a CUDA run resumes anywhere
+    saved = _parsed(folder / "optimizer.pt", lambda data: torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"),
+                    optimizer_state)  # map_location: a CUDA run resumes anywhere
     try:
         optimizer.load_state_dict(saved["optimizer"])
     except ValueError as err:  # another parameter grouping: a run of another skillpipe version or settings

@@ -844,6 +844,37 @@ def test_a_resume_may_change_where_and_how_but_not_what_it_trains(tmp_path):
         load(another, config=config)
 
 
+@pytest.mark.parametrize("damage", ["bits flipped", "cut, in a checkpoint from before hashes"])
+def test_a_checkpoint_damaged_since_it_was_written_is_refused_naming_the_file(tmp_path, damage):
+    from transformers import get_cosine_schedule_with_warmup
+
+    from pipeline.distributed import Ranks
+    from pipeline.epoch_checkpoints import load_epoch_checkpoint, save_epoch_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = get_cosine_schedule_with_warmup(optimizer, 1, 10)
+    config = {"lr": 1.0, "max_grad_norm": 1.0, "sampling": "uniform", "train_windows": "random", "decay_norms_and_biases": False}
+    save_epoch_checkpoint(tmp_path, model, optimizer, schedule, {"epoch": 0, "world_size": 1, "config": config},
+                          [{"cpu": torch.get_rng_state()}])
+    folder = tmp_path / "checkpoint"
+    if damage == "bits flipped":  # still a valid file: only the recorded hash tells
+        weights = folder / "trainable.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        expected = f"{weights}: not the file its checkpoint recorded"
+    else:
+        state = json.loads((folder / "state.json").read_text())
+        del state["files_sha256"]
+        (folder / "state.json").write_text(json.dumps(state))
+        (folder / "optimizer.pt").write_bytes((folder / "optimizer.pt").read_bytes()[:100])
+        expected = f"{folder / 'optimizer.pt'}: unreadable (RuntimeError"
+    with pytest.raises(ConfigError) as raised:
+        load_epoch_checkpoint(folder, model, optimizer, schedule, config, Ranks(), torch.device("cpu"))
+    assert str(raised.value).startswith(expected) and "cannot resume from it" in str(raised.value)
+
+
 @pytest.mark.parametrize("best_epoch, restored", [(2, True), (1, False)])
 def test_a_resume_restores_the_best_weights_when_its_checkpoint_is_the_best_epoch(tmp_path, best_epoch, restored):
     from pipeline.epoch_checkpoints import restore_best_weights
