@@ -22,7 +22,7 @@ from pipeline.head_training import (
     Cell, FeatureTable, FitHeadConfig, TrainingDiverged, grid_cells, head_config_for, load_complete_split,
     predict_probabilities, train_head,
 )
-from pipeline.metrics import mark_incomplete, plot_grid, write_evaluation, write_submission
+from pipeline.metrics import mark_incomplete, plot_grid, seed_spread, write_evaluation, write_submission
 from pipeline.takes import shared_takes
 from pipeline.views import parse_view_setting
 
@@ -109,13 +109,13 @@ def _fit_cell(cell: Cell, cache: FeatureCache, settings: FitHeadConfig, head_con
 
 
 def _summarise(rows: list[dict]) -> list[dict]:
-    """Mean and spread over seeds of each (views, fusion) pair, in grid order."""
+    """Mean and sample standard deviation over seeds of each (views, fusion) pair, in grid order."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["views"], row["fusion"]), []).append(row)
     return [
         {"views": views, "fusion": fusion, "seeds": len(members), "mean": float(np.mean([r["accuracy"] for r in members])),
-         "std": float(np.std([r["accuracy"] for r in members])), "accuracies": [r["accuracy"] for r in members],
+         "std": seed_spread([r["accuracy"] for r in members]), "accuracies": [r["accuracy"] for r in members],
          "train_seconds": float(np.mean([r["train_seconds"] for r in members]))}
         for (views, fusion), members in groups.items()
     ]
@@ -128,7 +128,7 @@ def _majority_baseline(train_labels: np.ndarray, val_labels: np.ndarray) -> floa
 
 def _print_grid(console: Console, groups: list[dict], num_val: int, baseline: float) -> None:
     table = Table(title=f"fit-head: val accuracy over {num_val} takes (train-majority baseline {baseline:.3f})")
-    for column in ("views", "fusion", "seeds", "accuracy (mean ± std)", "per seed", "s / cell"):
+    for column in ("views", "fusion", "seeds", "accuracy (mean ± std over seeds)", "per seed", "s / cell"):
         table.add_column(column)
     for group in groups:
         table.add_row(group["views"], group["fusion"], str(group["seeds"]), f"{group['mean']:.3f} ± {group['std']:.3f}",

@@ -79,7 +79,9 @@ def test_grid_files(grid):
     assert all(r["fusion"] == "crossview" and 0 <= r["accuracy"] <= 1 for r in rows)
     groups = {g["views"]: g for g in summary["groups"]}
     assert groups["exos"]["mean"] == pytest.approx(np.mean([r["accuracy"] for r in rows if r["views"] == "exos"]))
-    assert groups["exos"]["std"] == pytest.approx(np.std([r["accuracy"] for r in rows if r["views"] == "exos"]))
+    # the sample standard deviation (ddof=1) over the 2 seeds: |a - b| / sqrt(2)
+    exos_accuracies = [r["accuracy"] for r in rows if r["views"] == "exos"]
+    assert groups["exos"]["std"] == pytest.approx(abs(exos_accuracies[0] - exos_accuracies[1]) / 2**0.5)
     assert (run / "grid.png").read_bytes()[:4] == b"\x89PNG"
     assert read_saved_config(FitHeadConfig, run / "config.json").seeds == (0, 1)
     cell = run / "exos__crossview__seed1"
@@ -100,7 +102,7 @@ def test_grid_files(grid):
         assert accuracy == pytest.approx(np.mean(hits)) and metrics["scenario_takes"][name] == len(hits)
     printed = " ".join((grid / "output.txt").read_text().split())  # the rich table: mean ± std and every seed
     exos = [r["accuracy"] for r in rows if r["views"] == "exos"]
-    assert f"{np.mean(exos):.3f} ± {np.std(exos):.3f}" in printed and f"{exos[0]:.3f} {exos[1]:.3f}" in printed
+    assert f"{np.mean(exos):.3f} ± {np.std(exos, ddof=1):.3f}" in printed and f"{exos[0]:.3f} {exos[1]:.3f}" in printed
     assert metrics["settings"]["view_names"] == ["exo1", "exo2", "exo3", "exo4"] and metrics["settings"]["seed"] == 1
     predictions = read_jsonl(cell / "predictions.jsonl")
     assert len(predictions) == VAL and set(predictions[0]) == {"take_uid", "label", "predicted", "probabilities",
