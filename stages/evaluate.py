@@ -58,6 +58,8 @@ def evaluate(
     model, spec = load_skill_model(checkpoint, device, spec)
     settings = {"checkpoint": str(checkpoint), "root": str(root), "split": split, "frames": spec.frames,
                 "sampling": spec.sampling, "views": list(spec.views), "backbone": spec.backbone, "precision": spec.precision,
+                # a fit-head cell's head may run in another precision than its cache's backbone (None: the backbone's)
+                "head_precision": model.head_precision or spec.precision,
                 "backbone_forward": bb.COMPILED_FORWARDS[spec.frozen_weights] if spec.compiled else "eager"}
     guard = CrashGuard(out, triage(out))  # videos that crashed the decoder in an earlier try: absent views now
     try:

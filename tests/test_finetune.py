@@ -312,6 +312,16 @@ def test_finetune_with_window_sampling_trains_and_evaluates_on_window_clips(worl
         assert (fingerprint["frames"], fingerprint["preprocessing"]["sampling"]) == (frames, SAMPLING_NAMES[sampling])
 
 
+def test_evaluate_records_the_precision_of_a_cells_head_beside_its_caches(world, fitted_cell, tmp_path):
+    cell = shutil.copytree(fitted_cell, tmp_path / "cell")
+    info = json.loads((cell / "head.json").read_text())
+    (cell / "head.json").write_text(json.dumps({**info, "precision": "bf16"}))  # as fit-head --precision bf16 on an fp32 cache
+    result = cli("evaluate", "--checkpoint", cell, "--root", world / "data", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "eval" / "metrics.json").read_text())["settings"]
+    assert (settings["precision"], settings["head_precision"]) == ("fp32", "bf16")
+
+
 def test_evaluate_refuses_a_model_whose_cache_backbone_or_adapter_changed(world, fitted_cell, tmp_path):
     def evaluate(checkpoint):
         return CliRunner().invoke(app, ["evaluate", "--checkpoint", str(checkpoint), "--root", str(world / "data"),
