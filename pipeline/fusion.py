@@ -193,6 +193,10 @@ class ConcatFusion(nn.Module):
         return self.classifier(views.flatten(1))
 
 
+# heads that tell view slots apart (concat's fixed order, temporal's view embeddings); the others are permutation
+# invariant over views, so which camera fills which exo slot does not change their output
+VIEW_ORDER_DEPENDENT = frozenset({"concat", "temporal"})
+
 FUSIONS = {
     "crossview": lambda config: CrossViewFusion(config),
     "crossview-nogate": lambda config: CrossViewFusion(config, gate=False),

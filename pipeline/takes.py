@@ -236,6 +236,13 @@ def resolve_view_files(take_dir: Path) -> dict[str, Path]:
     return ({"ego": egos[0]} if egos else {}) | {view: numbered[view] for view in VIEWS[1:] if view in numbered}
 
 
+def slots_by_another_camera(files: dict[str, Path]) -> list[str]:
+    """Exo slots that resolve_view_files filled with another camera's file (`cam05.mp4 as exo2`): an annotation may
+    put that camera elsewhere."""
+    return [f"{path.name} as {view}" for view, path in files.items()
+            if view != "ego" and _EXO_NAME.match(path.name.lower()) and f"exo{_exo_number(path)}" != view]
+
+
 def _exo_number(path: Path) -> int:
     return int(_EXO_NAME.match(path.name.lower()).group(2))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,8 +16,9 @@ from pipeline import backbone as bb
 from pipeline.config import ConfigError, output_problem
 from pipeline.decoder_crashes import CrashGuard, explained_worker_death, triage
 from pipeline.evaluation import evaluate_split, predict_takes
+from pipeline.fusion import VIEW_ORDER_DEPENDENT
 from pipeline.skill_model import ModelSpec, load_skill_model, read_model_spec
-from pipeline.takes import LABEL_NAMES, ProficiencyLabel, Take, load_takes, resolve_view_files
+from pipeline.takes import LABEL_NAMES, ProficiencyLabel, Take, load_takes, resolve_view_files, slots_by_another_camera
 from pipeline.views import FAILURES_EXIT, absent_views, parse_view_setting
 
 
@@ -92,6 +94,10 @@ def predict(
             files = resolve_view_files(folder)
         except ValueError as err:  # the folder's files do not map to views: the user's input, not a bug
             raise ConfigError(str(err)) from None
+        if model.head_config.fusion in VIEW_ORDER_DEPENDENT and (moved := slots_by_another_camera(files)):
+            warnings.warn(f"{folder}: {', '.join(moved)}: this model's {model.head_config.fusion} head tells view slots "
+                          "apart, and the annotations it was trained on may have put that camera in another slot "
+                          "(predict fills a free slot in camera order)", stacklevel=2)
         takes.append(Take(str(folder), Path(folder).name, "", ProficiencyLabel.NOVICE, "predict", files))
     probabilities, present = predict_takes(model, takes, spec.views, spec.clip_sampling, spec.precision, device)
     absent = absent_views(present, spec.views)

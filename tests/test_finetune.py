@@ -322,6 +322,28 @@ def test_evaluate_records_the_precision_of_a_cells_head_beside_its_caches(world,
     assert (settings["precision"], settings["head_precision"]) == ("fp32", "bf16")
 
 
+@pytest.mark.parametrize("fusion, warned", [("concat", True), ("crossview", False)])
+def test_predict_warns_when_an_order_dependent_head_gets_a_camera_in_another_slot(world, fitted_cell, tmp_path, fusion,
+                                                                                   warned):
+    cell = fitted_cell
+    if fusion == "concat":  # a head that tells the exo slots apart
+        result = cli("fit-head", "--cache", world / "cache-fp32", "--out", tmp_path / "heads", "--views", "ego+exos",
+                     "--fusion", "concat", *TINY_HEAD, "--epochs", "1", "--precision", "fp32")
+        assert result.exit_code == 0, result.output
+        cell = tmp_path / "heads" / "ego+exos__concat__seed0"
+    take = load_takes(world / "data", "val")[0]
+    folder = tmp_path / "take"
+    folder.mkdir()
+    for view, name in zip(VIEWS, ["aria01_214-1", "cam01", "cam02", "cam03", "cam05"]):  # cam05 fills exo4
+        shutil.copy(take.videos[view], folder / f"{name}.mp4")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = cli("predict", "--checkpoint", cell, folder)
+    assert result.exit_code == 0, result.output
+    said = [str(w.message) for w in caught if "tells view slots apart" in str(w.message)]
+    assert len(said) == int(warned) and (not warned or "cam05.mp4 as exo4" in said[0])
+
+
 def test_evaluate_refuses_a_model_whose_cache_backbone_or_adapter_changed(world, fitted_cell, tmp_path):
     def evaluate(checkpoint):
         return CliRunner().invoke(app, ["evaluate", "--checkpoint", str(checkpoint), "--root", str(world / "data"),

@@ -219,3 +219,13 @@ def test_the_training_hash_of_takes_covers_labels_and_the_trained_views_files_on
     assert takes_sha256([take(label=ProficiencyLabel.LATE_EXPERT)], tmp_path, ("ego", "exo1")) != base
     assert takes_sha256([take(exo1="cam02.mp4")], tmp_path, ("ego", "exo1")) != base
     assert takes_sha256([take(exo1="cam02.mp4")], tmp_path, ("ego",)) == takes_sha256([take()], tmp_path, ("ego",))
+
+
+def test_slots_filled_by_another_camera_are_named(tmp_path):
+    from pipeline.takes import slots_by_another_camera
+
+    for name in ["aria01_214-1", "cam01", "cam02", "cam03", "cam05"]:
+        (tmp_path / f"{name}.mp4").write_bytes(b"")
+    assert slots_by_another_camera(resolve_view_files(tmp_path)) == ["cam05.mp4 as exo4"]
+    (tmp_path / "cam05.mp4").rename(tmp_path / "gp04.mp4")
+    assert slots_by_another_camera(resolve_view_files(tmp_path)) == []  # gp04 is exo4's own camera number
