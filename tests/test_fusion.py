@@ -56,6 +56,21 @@ def test_an_absent_view_equals_the_take_without_that_slot(fusion):
     torch.testing.assert_close(masked, removed, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_only_the_order_dependent_heads_change_with_the_order_of_the_exo_slots(fusion):
+    from pipeline.fusion import VIEW_ORDER_DEPENDENT
+
+    torch.manual_seed(0)
+    config = HeadConfig(fusion=fusion, **CONFIG)
+    head = build_head(config).eval()
+    features = head_inputs(inputs(), config)
+    present = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    order = [0, 4, 1, 2, 3]  # the exo cameras in other slots (as predict's free-slot rule may place them)
+    with torch.no_grad():
+        same = torch.allclose(head(features, present), head(features[:, order], present[:, order]), atol=1e-5, rtol=1e-5)
+    assert same == (fusion not in VIEW_ORDER_DEPENDENT)
+
+
 def test_concat_uses_a_learned_token_for_absent_views_not_zeros():
     torch.manual_seed(0)
     head = build_head(HeadConfig(fusion="concat", **CONFIG)).eval()
