@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import backbone as bb
 from pipeline import decoder_crashes
 from pipeline.cache import CacheError, CacheSpec, FeatureCache, TakeRecord
+from pipeline.cache_upkeep import refresh_committed_shards, uncommit_damaged_shards, video_files
 from pipeline.config import ConfigError, device_problem, output_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import CrashGuard, decoding, triage
 from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error
 from pipeline.skill_model import read_model_spec
-from pipeline.takes import LABEL_NAMES, VIEWS, Take, load_takes
+from pipeline.takes import VIEWS, Take, load_takes
 from pipeline.video import SAMPLING_NAMES, ClipSampling, VideoError, decode_clip, preprocess
 from pipeline.views import GROUPS, parse_view_setting
 from pipeline.writer_lock import first_writer, joining_writer, split_lock_path
@@ -308,57 +309,6 @@ def run_extraction(
         if not ranks.is_main:
             held.enter_context(joining_writer(lock, subject))
         return _extract_split(config, model, FeatureCache.open_or_create(config.cache, spec), takes, on_take, on_start, ranks)
-
-
-def uncommit_damaged_shards(cache: FeatureCache, split: str) -> None:
-    """Make the committed shards whose data was damaged since (a file deleted, emptied or corrupted; see
-    pipeline.cache) pending again, so that this run extracts them anew."""
-    for shard, problem in cache.damaged_shards(split).items():
-        warnings.warn(f"{cache.root}: the data of committed shard {shard} of split {split} is damaged ({problem}); "
-                      "extracting it again", stacklevel=2)
-        cache.uncommit_shard(split, shard)
-
-
-def refresh_committed_shards(cache: FeatureCache, split: str, takes: list[Take], views: tuple[str, ...], root: Path) -> None:
-    """Bring the committed shards in line with the annotations as they are now (the takes themselves are the same:
-    plan_split checked that).
-
-    A take whose label or scenario changed has its records updated: its features do not depend on them. A take whose
-    video files changed (another camera in a view's slot, or a renamed take folder) has its shard made pending again,
-    so that this run extracts it anew. Markers written before 2026-12-05 (twelfth session) do not record their files:
-    there only the records are compared, and a renamed folder updates the take's name in place.
-    """
-    by_uid = {take.take_uid: take for take in takes}
-    relabelled: list[str] = []
-    for shard in sorted(cache.committed_shards(split)):
-        marker = cache.shard_marker(split, shard)
-        moved = [uid for uid, files in marker.get("videos", {}).items() if files != video_files(by_uid[uid], views, root)]
-        if moved:
-            warnings.warn(f"{cache.root}: the annotations now give other video files for {', '.join(moved)} than their "
-                          f"cached features came from; extracting shard {shard} of split {split} again", stacklevel=2)
-            cache.uncommit_shard(split, shard)
-            continue
-        records = [TakeRecord.from_json(r) for r in marker["records"]]
-        current = [dataclasses.replace(r, label=int(by_uid[r.take_uid].label), scenario=by_uid[r.take_uid].scenario,
-                                       take_name=by_uid[r.take_uid].take_name) for r in records]
-        if current != records:
-            relabelled += [f"{old.take_uid} ({_described(old)} -> {_described(new)})"
-                           for old, new in zip(records, current) if old != new]
-            cache.update_records(split, shard, current)
-    if relabelled:
-        examples = "; ".join(relabelled[:3]) + ("; ..." if len(relabelled) > 3 else "")
-        warnings.warn(f"{cache.root}: {len(relabelled)} cached take(s) of split {split} have another label, scenario or "
-                      f"folder in the annotations now: {examples}. Their records were updated (features do not depend "
-                      "on them); heads fitted before keep the old labels", stacklevel=2)
-
-
-def _described(record: TakeRecord) -> str:
-    return f"{LABEL_NAMES[record.label]}, {record.scenario}, {record.take_name}"
-
-
-def video_files(take: Take, views: tuple[str, ...], root: Path) -> dict[str, str]:
-    """view -> the take's video file for it, relative to the download root (recorded with its features)."""
-    return {view: take.videos[view].relative_to(root).as_posix() for view in views if view in take.videos}
 
 
 def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: FeatureCache, takes: list[Take],
