@@ -107,8 +107,9 @@ class CompiledHeadTrainer:
             rows = torch.cat([rows, rows[:1].expand(self.rows_per_step - real)])
             weights[real:] = 0
         self.steps += 1
-        scalars = [torch.tensor(value, dtype=torch.float32, device=inputs.device)
-                   for value in adamw_scalars(lr, self.steps, self.betas, self.weight_decay)]
+        # one tensor, one host-to-device copy on a GPU (three 0-d views of it for the graph)
+        scalars = torch.tensor(adamw_scalars(lr, self.steps, self.betas, self.weight_decay), dtype=torch.float32,
+                               device=inputs.device).unbind()
         if self._step is None:
             self._step = compiled_train_step(self._shape_key(inputs, present, labels))
         return self._step(self, inputs, present, labels, rows, weights, *scalars)
