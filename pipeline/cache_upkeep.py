@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from pipeline.cache import FeatureCache, TakeRecord
-from pipeline.takes import LABEL_NAMES, Take
+from pipeline.takes import LABEL_NAMES, Take, video_files
 
 
 def uncommit_damaged_shards(cache: FeatureCache, split: str) -> None:
@@ -60,8 +60,3 @@ def refresh_committed_shards(cache: FeatureCache, split: str, takes: list[Take],
 
 def _described(record: TakeRecord) -> str:
     return f"{LABEL_NAMES[record.label]}, {record.scenario}, {record.take_name}"
-
-
-def video_files(take: Take, views: tuple[str, ...], root: Path) -> dict[str, str]:
-    """view -> the take's video file for it, relative to the download root (recorded with its features)."""
-    return {view: take.videos[view].relative_to(root).as_posix() for view in views if view in take.videos}

@@ -162,17 +162,18 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {config.get(key)!r}" for key in changed)
         raise ConfigError(f"{folder}: written with other settings ({details}); resume with the same ones, or use another --out")
-    if weights_sha256:
-        if state.get("weights_sha256", weights_sha256) != weights_sha256:
-            raise ConfigError(f"{folder}: the run was trained on other backbone weights than {config.get('backbone')} "
-                              "holds now; resume with the backbone it started from, or use another --out")
-        state["weights_sha256"] = weights_sha256  # a checkpoint from before the hash gains it: later resumes check it
-    if train_takes_sha256:
-        if state.get("train_takes_sha256", train_takes_sha256) != train_takes_sha256:
-            raise ConfigError(f"{folder}: the train annotations under {config.get('root')} changed since the run began "
-                              "(takes, labels, scenarios or video files): its held-out takes, data order and schedule "
-                              "would no longer match; resume with the annotations it started from, or use another --out")
-        state["train_takes_sha256"] = train_takes_sha256
+    started_from = {  # hash of what the run started from -> (this run's, what a difference means)
+        "weights_sha256": (weights_sha256, f"the run was trained on other backbone weights than {config.get('backbone')} "
+                                           "holds now; resume with the backbone it started from"),
+        "train_takes_sha256": (train_takes_sha256, f"the train annotations under {config.get('root')} changed since the "
+                               "run began (takes, labels, scenarios or video files): its held-out takes, data order and "
+                               "schedule would no longer match; resume with the annotations it started from"),
+    }
+    for key, (current, difference) in started_from.items():
+        if current:
+            if state.get(key, current) != current:
+                raise ConfigError(f"{folder}: {difference}, or use another --out")
+            state[key] = current  # a checkpoint from before the hash gains it: later resumes check it
     if state["world_size"] != ranks.world_size:
         raise ConfigError(f"{folder}: checkpoint written by {state['world_size']} process(es); resume with the same world size")
     hashes = state.pop(FILE_HASHES, {})  # checkpoints before 2026-12-05 (twelfth session) record none

@@ -25,12 +25,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import backbone as bb
 from pipeline import decoder_crashes
 from pipeline.cache import CacheError, CacheSpec, FeatureCache, TakeRecord
-from pipeline.cache_upkeep import refresh_committed_shards, uncommit_damaged_shards, video_files
+from pipeline.cache_upkeep import refresh_committed_shards, uncommit_damaged_shards
 from pipeline.config import ConfigError, device_problem, output_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import CrashGuard, decoding, triage
 from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error
 from pipeline.skill_model import read_model_spec
-from pipeline.takes import VIEWS, Take, load_takes
+from pipeline.takes import VIEWS, Take, load_takes, video_files
 from pipeline.video import SAMPLING_NAMES, ClipSampling, VideoError, decode_clip, preprocess
 from pipeline.views import GROUPS, parse_view_setting
 from pipeline.writer_lock import first_writer, joining_writer, split_lock_path

@@ -52,7 +52,7 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
                           f"{list(names)} (view setting {setting!r}); they get the train label prior")
     for summary in ("grid.json", "grid.png"):  # a previous run's, about cells this run replaces: gone until this grid ends
         (settings.out / summary).unlink(missing_ok=True)
-    if earlier := sorted(folder.name for folder in earlier_cells(settings.out) if folder.name not in {c.name for c in cells}):
+    if earlier := sorted({folder.name for folder in earlier_cells(settings.out)} - {cell.name for cell in cells}):
         console.print(f"[yellow]note:[/] {settings.out} holds {len(earlier)} cell folder(s) of an earlier grid that this "
                       f"one does not list ({', '.join(earlier[:4])}{', ...' if len(earlier) > 4 else ''}); they stay as "
                       "they are, and grid.json and grid.png describe this grid only")

@@ -71,11 +71,14 @@ class Take:
     videos: dict[str, Path]  # view name -> 448px downscaled mp4 (may not exist on a partial download)
 
 
+def video_files(take: Take, views: tuple[str, ...], root: Path) -> dict[str, str]:
+    """view -> the take's video file for it, relative to the download root (a moved root gives the same)."""
+    return {view: take.videos[view].relative_to(root).as_posix() for view in views if view in take.videos}
+
+
 def takes_sha256(takes: list[Take], root: Path, views: tuple[str, ...] = VIEWS) -> str:
-    """A hash of what training on `views` reads of `takes`: uids, labels, scenarios and those views' video files
-    (relative to the download root, so a moved root hashes the same)."""
-    listing = [[t.take_uid, int(t.label), t.scenario, {v: t.videos[v].relative_to(root).as_posix() for v in views if v in t.videos}]
-               for t in sorted(takes, key=lambda t: t.take_uid)]
+    """A hash of what training on `views` reads of `takes`: uids, labels, scenarios and those views' video files."""
+    listing = [[t.take_uid, int(t.label), t.scenario, video_files(t, views, root)] for t in sorted(takes, key=lambda t: t.take_uid)]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
