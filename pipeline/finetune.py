@@ -273,7 +273,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
         loader = clip_loader([fit_takes[i] for i in share], views, config.clip_sampling, config.batch_size, config.workers,
                              moved, guard)
         model.train()
-        visible_takes = 0
+        visible_takes = batches_with_takes = 0  # batches_with_takes: this rank's, in the update's group so far
         for step, (clips, present, labels, _) in enumerate(loader):
             updates = (step + 1) % config.grad_accum == 0 or step + 1 == len(loader)
             # DDP all-reduces in backward: inside an accumulation group only the last batch's need be (every rank
@@ -286,17 +286,28 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                 losses = F.cross_entropy(logits.float(), labels.to(device), reduction="none")
                 loss = (losses * visible).sum() / visible.sum().clamp_min(1)
                 visible_takes += int(visible.sum().item())
+                batches_with_takes += bool(visible.any())
                 scaler.scale(loss / accumulated_batches(step, len(loader), config.grad_accum)).backward()
             state["train_losses"].append(loss.item())
             if updates:
-                if config.max_grad_norm:  # DDP has averaged the gradients: every rank clips alike
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-                scale = scaler.get_scale()
-                scaler.step(optimizer)  # skipped when fp16 gradients overflowed; update() then lowers the scale
-                scaler.update()
-                if scaler.get_scale() >= scale:  # as HF Trainer: a skipped update does not use up a scheduled step
-                    schedule.step()
+                factor = group_gradient_factor(accumulated_batches(step, len(loader), config.grad_accum) * ranks.world_size,
+                                               summed_over_ranks(ranks, batches_with_takes, device))
+                batches_with_takes = 0
+                # factor None: no batch of the group, on any rank, had a decodable take. No update then (AdamW would
+                # still decay the weights and move them by its momentum), and like a skipped fp16 one it does not use
+                # up a scheduled step
+                if factor is not None:
+                    for parameter in parameters if factor != 1 else ():
+                        if parameter.grad is not None:
+                            parameter.grad.mul_(factor)
+                    if config.max_grad_norm:  # DDP has averaged the gradients: every rank clips alike
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+                    scale = scaler.get_scale()
+                    scaler.step(optimizer)  # skipped when fp16 gradients overflowed; update() then lowers the scale
+                    scaler.update()
+                    if scaler.get_scale() >= scale:  # as HF Trainer: a skipped update does not use up a scheduled step
+                        schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             if on_step:
                 on_step({"epoch": epoch, "step": step, "steps": len(loader), "loss": loss.item(), "lr": schedule.get_last_lr()[0]})
@@ -334,6 +345,15 @@ def accumulated_batches(step: int, steps: int, grad_accum: int) -> int:
     a short last group, so that its gradient is its batches' mean like any other update's (not scaled down)."""
     group_start = step - step % grad_accum
     return min(grad_accum, steps - group_start)
+
+
+def group_gradient_factor(batches: int, batches_with_takes: float) -> float | None:
+    """What an update's accumulated gradient is multiplied by to be the mean over the batches that had a decodable
+    take: each of the group's `batches` (over every rank: DDP averages the ranks) added its mean loss's gradient
+    divided by `batches`, and a batch without any decodable take added zero. None when no batch had one."""
+    if not batches_with_takes:
+        return None
+    return batches / batches_with_takes
 
 
 def init_head_notes(config: FinetuneConfig, weights_sha256: str) -> list[str]:

@@ -686,6 +686,41 @@ def test_updates_see_the_gradient_clipped_to_max_grad_norm(world, tmp_path, max_
         assert min(norms) > 0.05
 
 
+def first_epoch_updates(world, out, grad_accum, emptied, monkeypatch):
+    """The gradients each update of a 1-epoch run (batch 1, no clipping) steps with, where the training batches
+    numbered in `emptied` have no decodable view (as if every video of their take had failed)."""
+    real_loader, updates = finetune_module.clip_loader, []
+
+    class Emptying(list):
+        def __init__(self, loader):
+            super().__init__((clips, torch.zeros_like(present) if i in emptied else present, labels, rest)
+                             for i, (clips, present, labels, rest) in enumerate(loader))
+
+    monkeypatch.setattr(finetune_module, "clip_loader", lambda *args, **kwargs: Emptying(real_loader(*args, **kwargs)))
+    handle = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: updates.append([p.grad.clone() for g in optimizer.param_groups for p in g["params"]
+                                                        if p.grad is not None]))
+    try:
+        args = finetune_args(world / "data", world / "tiny", out, "--max-grad-norm", 0, "--batch-size", 1,
+                             "--grad-accum", grad_accum)
+        args[args.index("--epochs") + 1] = "1"
+        assert cli(*args).exit_code == 0
+    finally:
+        handle.remove()
+    return updates, json.loads((out / "checkpoint" / "state.json").read_text())
+
+
+def test_an_update_averages_over_the_batches_that_had_a_decodable_take(world, tmp_path, monkeypatch):
+    alone, _ = first_epoch_updates(world, tmp_path / "alone", 1, (), monkeypatch)  # batch 0's gradient alone
+    paired, state = first_epoch_updates(world, tmp_path / "paired", 2, {1}, monkeypatch)  # batch 0 + an empty batch 1
+    assert len(paired) == -(-len(state["train_losses"]) // 2) >= 2
+    assert len(alone[0]) == len(paired[0]) > 0
+    for found, expected in zip(paired[0], alone[0]):  # not half of it, as a mean over both batches would be
+        torch.testing.assert_close(found, expected)
+    skipped, _ = first_epoch_updates(world, tmp_path / "skipped", 2, {0, 1}, monkeypatch)
+    assert len(skipped) == len(paired) - 1  # a group without any decodable take makes no update at all
+
+
 def test_resume_refuses_other_settings_and_leaves_the_run_alone(world, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(world / "run", run)
