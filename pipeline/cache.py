@@ -34,10 +34,22 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from pipeline import decoder_crashes
 from pipeline.files import fsync_path, read_json, write_json_atomic
 
 CACHE_FORMAT = 1
 STORE_NAME = "features.zarr"
+
+
+def written_by_the_cache(root: Path, path: Path) -> bool:
+    """Whether `path` is the cache folder `root` itself or lies under one of the entries that the cache and its extract
+    runs write there (anything else, such as fit-head runs kept in the cache folder, is the user's)."""
+    root, path = Path(root).resolve(), Path(path).resolve()
+    if not path.is_relative_to(root):
+        return False
+    parts = path.relative_to(root).parts
+    return not parts or parts[0] in {"cache.json", STORE_NAME, "shards", "splits", "locks", "failures.json",
+                                     *decoder_crashes.FOLDERS} or parts[0].startswith("extract-")
 
 
 class CacheError(Exception):

@@ -35,6 +35,7 @@ from pipeline.files import commit_file, read_json, write_json_atomic
 from pipeline.video import ClipSampling
 
 MARKERS, CRASHES = "decoding", "decoder_crashes"
+FOLDERS = (MARKERS, CRASHES)  # what a run writes in its output folder
 DECODE_TIMEOUT_S = 600  # a take's decode that hangs this long counts as a crash too (worker and child)
 
 # exit 0 when the file decodes or is refused with a VideoError; any other exit status means the

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline import backbone as bb
-from pipeline.cache import CacheError, FeatureCache, spec_differences
+from pipeline.cache import CacheError, FeatureCache, spec_differences, written_by_the_cache
 from pipeline.checkpoints import load_head
 from pipeline.config import ConfigError, device_problem
 from pipeline.files import read_json
@@ -101,10 +101,13 @@ class ModelSpec:
     backbone_folder_sha256: str | None = None  # a full finetune run: bb.folder_hash of its backbone/ (None: not recorded)
     backbone_architecture: dict | None = None  # bb.architecture of that backbone (None: not recorded)
 
-    @property
-    def input_folders(self) -> list[Path]:
-        """The folders the model is read from and checked against (files written there would change its hashes)."""
-        return [folder for folder in (self.adapter, bb.local_backbone_dir(self.backbone), self.cache) if folder]
+    def input_holding(self, out: Path) -> Path | None:
+        """The folder the model is read from that writing into `out` would change: its adapter or backbone folder
+        (hashed whole), or its cache's own files (a folder of other files inside the cache, such as a run's, is fine)."""
+        for folder in (self.adapter, bb.local_backbone_dir(self.backbone)):
+            if folder and Path(out).resolve().is_relative_to(Path(folder).resolve()):
+                return folder
+        return self.cache if self.cache and written_by_the_cache(self.cache, out) else None
 
     @property
     def clip_sampling(self) -> ClipSampling:

@@ -26,10 +26,9 @@ def _checked_spec(checkpoint: Path, out: Path, frames: int | None, views: str | 
     """The checkpoint's spec, once the options are checked against it. Its own config decides frames and views; a
     different value is an error. --out must not be among the model's inputs, whose hashes its files would change."""
     spec = read_model_spec(checkpoint)
-    for folder in spec.input_folders:
-        if out.resolve().is_relative_to(Path(folder).resolve()):
-            raise ConfigError(f"--out {out} is inside {folder}, which {checkpoint} is read from: files written there "
-                              f"would change what it was trained with; write to another folder, e.g. {checkpoint / 'eval'}")
+    if folder := spec.input_holding(out):
+        raise ConfigError(f"--out {out} is inside {folder}, which {checkpoint} is read from: files written there "
+                          f"would change what it was trained with; write to another folder, e.g. {checkpoint / 'eval'}")
     if frames is not None and frames != spec.frames:
         raise ConfigError(f"--frames {frames} conflicts with {checkpoint}, trained with {spec.frames} frames")
     if views is not None and parse_view_setting(views) != spec.views:

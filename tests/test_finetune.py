@@ -136,16 +136,33 @@ def test_evaluate_reproduces_the_run_and_rejects_conflicting_settings(world, tmp
     assert (world / "run" / "metrics.json").read_bytes() == before
 
 
-@pytest.mark.parametrize("inside", ["run adapter", "cell cache"])
+@pytest.mark.parametrize("inside", ["run adapter", "cell cache", "cell cache's crash records"])
 def test_evaluate_refuses_an_out_folder_among_the_models_inputs(world, fitted_cell, tmp_path, inside):
-    """Results written into a run's adapter/ would change its hash for good: every later evaluate would refuse it."""
-    checkpoint, folder = (world / "run", world / "run" / "adapter") if inside == "run adapter" else (
-        fitted_cell, world / "cache-fp32")
+    """Results written into a run's adapter/ would change its hash for good: every later evaluate would refuse it; in
+    a cache's own folders they would mix with its files (its decoder crash records, say)."""
+    checkpoint, folder, out = {
+        "run adapter": (world / "run", world / "run" / "adapter", world / "run" / "adapter" / "eval"),
+        "cell cache": (fitted_cell, world / "cache-fp32", world / "cache-fp32"),
+        "cell cache's crash records": (fitted_cell, world / "cache-fp32", world / "cache-fp32" / "decoder_crashes"),
+    }[inside]
     files = sorted(folder.rglob("*"))
     result = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(checkpoint), "--root", str(world / "data"),
-                                      "--out", str(folder / "eval")])
+                                      "--out", str(out)])
     assert result.exit_code == 2 and "which" in result.output and "is read from" in " ".join(result.output.split())
     assert sorted(folder.rglob("*")) == files
+
+
+def test_a_cell_kept_in_its_cache_folder_is_evaluated_into_its_own_folder(world, fitted_cell, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(world / "cache-fp32", cache)
+    cell = cache / "heads" / fitted_cell.name  # as `fit-head --cache cache --out cache/heads` makes it
+    shutil.copytree(fitted_cell, cell)
+    info = json.loads((cell / "head.json").read_text())
+    (cell / "head.json").write_text(json.dumps({**info, "cache": str(cache)}))
+    result = cli("evaluate", "--checkpoint", cell, "--root", world / "data", "--out", cell / "eval")
+    assert result.exit_code == 0, result.output  # until the thirteenth session: refused as inside the cache
+    evaluated = [json.loads(line)["predicted"] for line in (cell / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert evaluated == [json.loads(line)["predicted"] for line in (fitted_cell / "predictions.jsonl").read_text().splitlines()]
 
 
 def test_evaluate_and_finetune_refuse_a_split_without_takes(world, tmp_path):
