@@ -31,7 +31,8 @@ class SkillModel(nn.Module):
                  label_prior: list[float] | None = None, clips_per_forward: int | None = None):
         super().__init__()
         self.backbone, self.head, self.head_config = backbone, head, head_config
-        # the head's own precision (a fit-head cell may differ from its cache's); None: the caller's autocast
+        # a fit-head cell's head precision (it may differ from its cache's; fit-head trains in bf16 autocast on every
+        # device); None: the caller's autocast, as a finetune run's head trained (fp16 on GPUs without bf16)
         self.head_precision = head_precision
         # takes without any decodable view get the label prior, as in fit-head (the head cannot see them)
         self.register_buffer("prior_logits", prior_logits(label_prior), persistent=False)
@@ -172,6 +173,6 @@ def load_skill_model(checkpoint: Path, device: str = "cpu", spec: ModelSpec | No
     backbone = bb.prepare_for_inference(backbone, device, spec.precision, fused_attention=spec.compiled)
     head, info = load_head(checkpoint)
     model = SkillModel(backbone, head, HeadConfig(**info["head"]), round_like_cache=spec.from_cache,
-                       compiled=spec.compiled, frozen_weights=spec.frozen_weights, head_precision=info.get("precision"),
+                       compiled=spec.compiled, frozen_weights=spec.frozen_weights, head_precision=info.get("precision") if spec.from_cache else None,
                        label_prior=info.get("label_prior"), clips_per_forward=spec.clips_per_forward)
     return model.to(device).eval(), spec

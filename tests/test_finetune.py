@@ -1196,6 +1196,20 @@ def test_fp16_autocast_scales_the_loss_and_the_checkpoint_keeps_the_scale(world,
     assert not torch.load(world / "run" / "checkpoint" / "optimizer.pt", weights_only=True)["grad_scaler"]  # bf16: none
 
 
+def test_evaluate_runs_an_fp16_trained_head_in_fp16_as_the_run_did(world, tmp_path, monkeypatch):
+    """On GPUs without bf16 a finetune run's head trains and is scored in fp16 autocast; evaluate ran it in bf16, and
+    its probabilities moved by 3e-4 to 4e-3 from the run's own (simulated on the CPU)."""
+    monkeypatch.setattr(bb, "autocast_dtype", lambda device: torch.float16)
+    args = finetune_args(world / "data", world / "tiny", tmp_path / "fp16")
+    args[args.index("--epochs") + 1] = "1"
+    assert cli(*args).exit_code == 0
+    result = cli("evaluate", "--checkpoint", tmp_path / "fp16", "--root", world / "data", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    run, evaluated = ([json.loads(line)["probabilities"] for line in (folder / "predictions.jsonl").read_text().splitlines()]
+                      for folder in (tmp_path / "fp16", tmp_path / "eval"))
+    assert np.abs(np.subtract(run, evaluated)).max() < 1e-5
+
+
 def test_fp16_updates_skipped_for_overflow_do_not_use_up_scheduled_steps(world, tmp_path, monkeypatch):
     scaler = torch.amp.GradScaler
     monkeypatch.setattr(bb, "autocast_dtype", lambda device: torch.float16)
