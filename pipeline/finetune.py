@@ -244,6 +244,10 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     state = {"epoch": -1, "best_loss": float("inf"), "best_epoch": -1, "holdout_losses": [], "train_losses": [],
              "world_size": ranks.world_size, "config": config_to_dict(config), "weights_sha256": weights_sha256,
              "train_takes_sha256": takes_sha256(train_takes, config.root, views)}
+    if not find_epoch_checkpoint(out) and (results := run_results(out)):
+        raise ConfigError(f"{out}: holds a finished run ({', '.join(results)}) but no checkpoint to continue: a new run "
+                          "there would leave those beside its own config.json until it ends; use another --out, or "
+                          "delete them to train there again")
     if resume:
         checkpoint = find_epoch_checkpoint(out)
         if checkpoint:
@@ -345,6 +349,12 @@ def accumulated_batches(step: int, steps: int, grad_accum: int) -> int:
     a short last group, so that its gradient is its batches' mean like any other update's (not scaled down)."""
     group_start = step - step % grad_accum
     return min(grad_accum, steps - group_start)
+
+
+def run_results(out: Path) -> list[str]:
+    """The files a finished run leaves in its folder (besides its checkpoint) that are in `out`."""
+    return [name for name in ("metrics.json", "predictions.jsonl", "head.json", "head.safetensors", "adapter", "backbone",
+                              BEST_WEIGHTS) if (out / name).exists()]
 
 
 def group_gradient_factor(batches: int, batches_with_takes: float) -> float | None:

@@ -813,6 +813,20 @@ def test_a_resumed_finished_run_is_not_complete_until_its_new_evaluation(world, 
     assert (run / "head.json").is_file() and not (run / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_into_a_finished_runs_folder_without_its_checkpoint_is_refused(world, tmp_path, resume):
+    """Its old metrics.json and head would stand beside the new run's config.json, and evaluate would score the old
+    model with the new settings (another --sampling, say) without a word."""
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+    shutil.rmtree(run / "checkpoint")  # only needed for --resume: a user may delete it to save space
+    files = lambda: {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != "run.lock"}  # noqa: E731
+    before = files()
+    result = cli(*finetune_args(world / "data", world / "tiny", run, "--sampling", "window", *(["--resume"] * resume)))
+    assert result.exit_code == 2 and "holds a finished run (metrics.json" in " ".join(result.output.split())
+    assert files() == before
+
+
 def test_a_refused_run_leaves_no_run_folder_behind(world, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(world / "data", data)
