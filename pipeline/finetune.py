@@ -280,6 +280,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
         visible_takes = batches_with_takes = 0  # batches_with_takes: this rank's, in the update's group so far
         for step, (clips, present, labels, _) in enumerate(loader):
             updates = (step + 1) % config.grad_accum == 0 or step + 1 == len(loader)
+            group_batches = accumulated_batches(step, len(loader), config.grad_accum)
             # DDP all-reduces in backward: inside an accumulation group only the last batch's need be (every rank
             # has as many batches, rank_share, so their groups end together)
             with trained.no_sync() if ranks.world_size > 1 and not updates else nullcontext():
@@ -291,10 +292,10 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                 loss = (losses * visible).sum() / visible.sum().clamp_min(1)
                 visible_takes += int(visible.sum().item())
                 batches_with_takes += bool(visible.any())
-                scaler.scale(loss / accumulated_batches(step, len(loader), config.grad_accum)).backward()
+                scaler.scale(loss / group_batches).backward()
             state["train_losses"].append(loss.item())
             if updates:
-                factor = group_gradient_factor(accumulated_batches(step, len(loader), config.grad_accum) * ranks.world_size,
+                factor = group_gradient_factor(group_batches * ranks.world_size,
                                                summed_over_ranks(ranks, batches_with_takes, device))
                 batches_with_takes = 0
                 # factor None: no batch of the group, on any rank, had a decodable take. No update then (AdamW would
