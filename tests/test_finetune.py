@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -855,9 +856,10 @@ def test_resume_finds_a_checkpoint_left_mid_swap(tmp_path):
     assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.staging"
     checkpoint("checkpoint", 3, files=("trainable.safetensors",))  # without state.json: not complete
     assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.staging"
-    shutil.rmtree(tmp_path / "checkpoint")
-    checkpoint("checkpoint", 3, files=("state.json",))  # weights gone: not complete either
-    assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.staging"
+    for files in (("state.json",), ("state.json", "trainable.safetensors")):  # weights or optimizer gone: not either
+        shutil.rmtree(tmp_path / "checkpoint")
+        checkpoint("checkpoint", 3, files=files)
+        assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.staging"
 
 
 def test_a_save_after_resuming_from_a_staging_checkpoint_never_leaves_only_an_older_one(tmp_path, monkeypatch):
@@ -942,7 +944,7 @@ def test_a_resume_may_change_where_and_how_but_not_what_it_trains(tmp_path):
         load(another, config=config)
 
 
-@pytest.mark.parametrize("damage", ["bits flipped", "cut, in a checkpoint from before hashes"])
+@pytest.mark.parametrize("damage", ["bits flipped", "bits flipped in the optimizer state", "cut, in a checkpoint from before hashes"])
 def test_a_checkpoint_damaged_since_it_was_written_is_refused_naming_the_file(tmp_path, damage):
     from transformers import get_cosine_schedule_with_warmup
 
@@ -956,12 +958,16 @@ def test_a_checkpoint_damaged_since_it_was_written_is_refused_naming_the_file(tm
     save_epoch_checkpoint(tmp_path, model, optimizer, schedule, {"epoch": 0, "world_size": 1, "config": config},
                           [{"cpu": torch.get_rng_state()}])
     folder = tmp_path / "checkpoint"
-    if damage == "bits flipped":  # still a valid file: only the recorded hash tells
-        weights = folder / "trainable.safetensors"
-        data = bytearray(weights.read_bytes())
-        data[-1] ^= 0xFF
-        weights.write_bytes(bytes(data))
-        expected = f"{weights}: not the file its checkpoint recorded"
+    assert set(json.loads((folder / "state.json").read_text())["files_sha256"]) == {"trainable.safetensors", "optimizer.pt"}
+    if damage.startswith("bits flipped"):  # still a valid file: only the recorded hash tells
+        damaged = folder / ("trainable.safetensors" if damage == "bits flipped" else "optimizer.pt")
+        data = bytearray(damaged.read_bytes())
+        # the weights' last value; the optimizer's base learning rate, 1e-3 (a float64 in its pickle)
+        at = len(data) - 1 if damage == "bits flipped" else data.index(struct.pack(">d", 1e-3)) + 7
+        data[at] ^= 0x01
+        damaged.write_bytes(bytes(data))
+        torch.load(damaged, weights_only=True) if damaged.suffix == ".pt" else None  # still loads
+        expected = f"{damaged}: not the file its checkpoint recorded"
     else:
         state = json.loads((folder / "state.json").read_text())
         del state["files_sha256"]
