@@ -273,3 +273,15 @@ def test_a_marker_from_before_sizes_were_recorded_is_read_without_the_size_check
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "data_bytes"}))
     np.testing.assert_array_equal(cache.read("train").tokens, np.stack([written["t0"], written["t1"]]))
     assert cache.damaged_shards("train") == {}
+
+
+def test_new_records_for_a_committed_shard_must_name_its_own_takes(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    fill(cache, "train", ["a", "b", "c"])
+    marker = (tmp_path / "shards" / "train" / "00000.json").read_bytes()
+    with pytest.raises(ValueError, match="records of other takes"):
+        cache.update_records("train", 0, records(["a", "c", "b"]))  # the same takes in another order: other rows
+    assert (tmp_path / "shards" / "train" / "00000.json").read_bytes() == marker
+    relabelled = [TakeRecord(r.take_uid, r.take_name, r.split, 3, r.scenario, r.present) for r in records(["a", "b", "c"])]
+    cache.update_records("train", 0, relabelled)
+    assert [r.label for r in cache.read("train").records] == [3, 3, 3]

@@ -208,6 +208,8 @@ def test_a_crash_record_applies_to_its_own_file_not_to_the_same_view_under_anoth
     assert guard.known_crash("take", "exo1", Path("first/v.mp4")) == "crashed"  # the same file, spelled relative
     assert guard.known_crash("take", "exo1", tmp_path / "second" / "v.mp4") is None  # evaluate --out reused, other --root
     assert guard.known_crash("take", "exo2", tmp_path / "first" / "v.mp4") is None
+    (tmp_path / "out" / decoder_crashes.CRASHES / "take.exo1.json").unlink()  # forgotten by another rank's --retry-failed
+    assert guard.known_crash("take", "exo1", tmp_path / "first" / "v.mp4") == "crashed"  # this run still skips it
 
 
 def test_a_crash_record_forgotten_by_another_rank_while_being_read_is_skipped(tmp_path, monkeypatch):

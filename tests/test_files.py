@@ -125,3 +125,16 @@ def test_a_folder_replaced_by_a_run_killed_between_its_renames_is_kept_as_old(tm
     monkeypatch.undo()
     replace_folder(tmp_path / "finished", tmp_path / "target")
     assert (tmp_path / "target" / "file").read_text() == "new" and not (tmp_path / "target.old").exists()
+
+
+def test_a_folder_written_atomically_holds_only_what_this_write_put_there(tmp_path):
+    target = tmp_path / "adapter"
+    (tmp_path / "adapter.staging").mkdir()
+    (tmp_path / "adapter.staging" / "stale.bin").write_bytes(b"from a run killed mid-save")
+
+    def write(folder):  # as save_pretrained: into the folder, made if missing
+        folder.mkdir(exist_ok=True)
+        (folder / "a.json").write_text("{}")
+
+    write_folder_atomic(target, write)
+    assert sorted(p.name for p in target.iterdir()) == ["a.json"] and not (tmp_path / "adapter.staging").exists()

@@ -15,7 +15,8 @@ from tests.test_fit_head import fit
 BETAS = (0.9, 0.999)
 
 
-def test_adamw_update_equals_torch_adamw():
+@pytest.mark.parametrize("grad_scale", [1.0, 1e-7])  # 1e-7: gradients near eps, where eps shapes the update
+def test_adamw_update_equals_torch_adamw(grad_scale):
     torch.manual_seed(0)
     shapes = {"weight": (6, 4), "bias": (6,)}
     reference = {name: torch.nn.Parameter(torch.randn(shape)) for name, shape in shapes.items()}
@@ -25,7 +26,7 @@ def test_adamw_update_equals_torch_adamw():
     working = {name: p.to(torch.bfloat16) for name, p in master.items()}
     first, second = ({name: torch.zeros(shape) for name, shape in shapes.items()} for _ in range(2))
     for step in range(1, 8):
-        grads = {name: torch.randn(shape) for name, shape in shapes.items()}
+        grads = {name: torch.randn(shape) * grad_scale for name, shape in shapes.items()}
         for name, parameter in reference.items():
             parameter.grad = grads[name].clone()
         optimizer.step()
