@@ -557,6 +557,7 @@ def test_a_rerun_after_the_annotations_changed_updates_labels_in_place_and_extra
     by_uid[relabelled]["scenario_name"] = "Soccer" if first.records[0].scenario != "Soccer" else "Dance"
     paths = by_uid[moved]["video_paths"]
     paths["exo1"], paths["exo2"] = paths["exo2"], paths["exo1"]  # a corrected camera order
+    by_uid[moved]["proficiency_score"] = "Late Expert" if first.records[-1].label != 3 else "Novice"  # and its label
     annotations.write_text(json.dumps(document))
 
     with pytest.warns(UserWarning) as warned:
@@ -572,7 +573,7 @@ def test_a_rerun_after_the_annotations_changed_updates_labels_in_place_and_extra
     takes = {take.take_uid: take for take in load_takes(root, "train")}
     assert [(r.label, r.scenario) for r in second.records] == [(int(takes[r.take_uid].label), takes[r.take_uid].scenario)
                                                                for r in second.records]
-    assert second.records[0] != first.records[0]
+    assert second.records[0] != first.records[0] and second.records[-1].label != first.records[-1].label
     np.testing.assert_array_equal(second.tokens[:-1], first.tokens[:-1])  # relabelled in place, not extracted again
     exo1, exo2 = VIEWS.index("exo1"), VIEWS.index("exo2")
     np.testing.assert_array_equal(second.tokens[-1][[exo1, exo2]], first.tokens[-1][[exo2, exo1]])  # extracted again
