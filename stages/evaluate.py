@@ -52,6 +52,9 @@ def evaluate(
     if out.resolve() == checkpoint.resolve():  # its metrics.json and predictions.jsonl are the run's own results
         raise ConfigError(f"--out {out} is the checkpoint folder itself: evaluating there would overwrite the run's own "
                           f"metrics; write to another folder, e.g. {checkpoint / 'eval'}")
+    if held := [name for name in ("head.json", "grid.json") if (out / name).is_file()]:
+        raise ConfigError(f"--out {out} holds another model's results ({held[0]}): evaluating there would replace its "
+                          f"metrics.json and predictions.jsonl; write to another folder, e.g. {checkpoint / 'eval'}")
     spec = _checked_spec(checkpoint, out, frames, views)
     takes = load_takes(root, split)
     if not takes:

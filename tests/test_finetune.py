@@ -153,6 +153,17 @@ def test_evaluate_refuses_an_out_folder_among_the_models_inputs(world, fitted_ce
     assert sorted(folder.rglob("*")) == files
 
 
+@pytest.mark.parametrize("into", ["a finetune run", "a fit-head cell", "a fit-head grid"])
+def test_evaluate_refuses_an_out_folder_holding_another_models_results(world, fitted_cell, tmp_path, into):
+    """Its metrics.json and predictions.jsonl would be replaced by those of the model evaluated, with no word."""
+    folder = {"a finetune run": world / "run", "a fit-head cell": fitted_cell, "a fit-head grid": fitted_cell.parent}[into]
+    checkpoint = fitted_cell if into == "a finetune run" else world / "run"
+    files = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file() and path.name != "run.lock"}
+    result = cli("evaluate", "--checkpoint", checkpoint, "--root", world / "data", "--out", folder)
+    assert result.exit_code == 2 and "holds another model's results" in " ".join(result.output.split())
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file() and path.name != "run.lock"} == files
+
+
 def test_a_cell_kept_in_its_cache_folder_is_evaluated_into_its_own_folder(world, fitted_cell, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(world / "cache-fp32", cache)
