@@ -101,6 +101,23 @@ def sample_indices(num_video_frames: int, num_samples: int, method: str = "unifo
     return np.floor(centres).astype(np.int64)
 
 
+# Containers in which decord's get_batch returns exactly the frames asked for (checked with B-frames, open GOPs and
+# variable frame rates: REFERENCE.md section 5, and a review on 2026-12-05). In MPEG-TS it returned frames up to a
+# GOP late, in AVI mostly frames from the start: other moments of the take, with no error.
+ISO_BMFF_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot", b"uuid"}  # mp4, mov, m4v
+MATROSKA_MAGIC = b"\x1a\x45\xdf\xa3"  # mkv, webm
+
+
+def container_problem(head: bytes) -> str | None:
+    """Why a video file whose first bytes are `head` cannot be trusted to decode exact frames; None if it can."""
+    if head[4:8] in ISO_BMFF_BOXES or head[:4] == MATROSKA_MAGIC:
+        return None
+    kind = ("an MPEG-TS file" if head[:1] == b"\x47" else "an AVI file" if head[:4] == b"RIFF" and head[8:12] == b"AVI "
+            else "not an mp4, mov, mkv or webm file (unknown header)")
+    return (f"{kind}: decord returns exact frames only from mp4, mov, mkv and webm files, and frames of other moments "
+            "from others; convert it, e.g. `ffmpeg -i FILE -c copy FILE.mp4`")
+
+
 def decode_clip(path: Path, sampling: ClipSampling) -> tuple[np.ndarray, int]:
     """The sampled frames of one video, (T, H, W, 3) uint8, and its frame count. Raises VideoError naming the file."""
     import decord  # imported lazily: a process that never decodes (fit-head) need not load it
@@ -110,6 +127,9 @@ def decode_clip(path: Path, sampling: ClipSampling) -> tuple[np.ndarray, int]:
         raise VideoError(path, "file not found")
     if path.stat().st_size == 0:
         raise VideoError(path, "empty file (0 bytes)")
+    with open(path, "rb") as file:
+        if problem := container_problem(file.read(12)):
+            raise VideoError(path, problem)
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
         num_frames = len(reader)

@@ -66,3 +66,26 @@ def missing_video(path: Path) -> Path:
     """No file at `path` (removed if there was one): RuntimeError ("Error reading ...")."""
     Path(path).unlink(missing_ok=True)
     return Path(path)
+
+
+def container_video(path: Path, container: str, frames: int = 40) -> Path:
+    """A lossless h264 video in `container` (PyAV's format name: mp4, mov, matroska, mpegts, avi) whose
+    frame i has the value 6 * i in its top band (GOP 10, B-frames), so that a decoded frame tells its own index (a
+    lossy encoder skips the small changes of a slower ramp: frames came out as their neighbours)."""
+    import av
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format=container) as output:
+        stream = output.add_stream("libx264", rate=30, options={"g": "10", "bf": "2", "qp": "0"})
+        stream.height, stream.width, stream.pix_fmt = 64, 96, "yuv420p"
+        for index in range(frames):
+            image = np.full((64, 96, 3), 100, np.uint8)
+            image[:8] = 6 * index
+            output.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        output.mux(stream.encode())
+    return Path(path)
+
+
+def frame_indices(frames: np.ndarray) -> list[int]:
+    """The index each frame of a container_video shows."""
+    return (frames[:, :8].astype(np.float64).mean(axis=(1, 2, 3)) / 6).round().astype(int).tolist()
