@@ -322,11 +322,13 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                               "see the warnings above); nothing can be learnt")
         state["epoch"] = epoch
         if ranks.is_main:
-            holdout_loss = _holdout_loss(model, holdout_takes, views, config, device, guard)
+            # None without held-out takes (then the last epoch is kept): JSON has no NaN, and metrics.json and head.json
+            # carry these losses (NaN until the thirteenth session, which strict JSON parsers refuse)
+            holdout_loss = _holdout_loss(model, holdout_takes, views, config, device, guard) if holdout_takes else None
             state["holdout_losses"].append(holdout_loss)
-            if not math.isfinite(holdout_loss) and holdout_takes:
+            if holdout_loss is not None and not math.isfinite(holdout_loss):
                 raise TrainingDiverged(f"{out}: held-out loss is {holdout_loss} after epoch {epoch}; training diverged")
-            if holdout_loss < state["best_loss"] or not holdout_takes:
+            if holdout_loss is None or holdout_loss < state["best_loss"]:
                 state["best_loss"], state["best_epoch"] = holdout_loss, epoch
         rngs = rng_states(ranks, device)  # every rank's: each resumes its own dropout and data seeds
         if ranks.is_main:
@@ -368,8 +370,8 @@ def group_gradient_factor(batches: int, batches_with_takes: float) -> float | No
 
 
 def init_head_notes(config: FinetuneConfig, weights_sha256: str) -> list[str]:
-    """What differs between the features the --init-head cell was fitted on and this run's: its clip sampling, an
-    adapter, other backbone weights. Notes, not errors: any head is a starting point, but metrics of such a head
+    """What differs between the features the --init-head cell was fitted on and this run's: its clip sampling, its
+    frame count, an adapter, other backbone weights. Notes, not errors: any head is a starting point, but metrics of such a head
     (say at --lr 0) are not those of the cell.
 
     From the cell's own head.json, not its cache: a warm start needs only the cell, whose cache may be gone or rebuilt
@@ -380,6 +382,9 @@ def init_head_notes(config: FinetuneConfig, weights_sha256: str) -> list[str]:
     sampling = {name: option for option, name in SAMPLING_NAMES.items()}.get(fingerprint.get("preprocessing", {}).get("sampling"))
     if sampling not in (None, config.sampling):
         notes.append(f"note: --init-head {cell} was fitted on {sampling} clips; this run samples {config.sampling} (--sampling)")
+    if fingerprint.get("frames") not in (None, config.frames):  # its pooled features average other frames
+        notes.append(f"note: --init-head {cell} was fitted on clips of {fingerprint['frames']} frames; this run's have "
+                     f"{config.frames} (--frames)")
     if fingerprint.get("adapter_sha256"):
         notes.append(f"note: --init-head {cell} was fitted on features of an adapted backbone (extract --adapter); this "
                      f"run starts from {config.backbone} without that adapter")
@@ -390,8 +395,6 @@ def init_head_notes(config: FinetuneConfig, weights_sha256: str) -> list[str]:
 
 
 def _holdout_loss(model, takes, views, config: FinetuneConfig, device, guard: CrashGuard) -> float:
-    if not takes:
-        return float("nan")
     logits, _ = take_logits(model, takes, views, config.clip_sampling, config.precision, device, config.batch_size,
                             config.workers, guard)
     return float(F.cross_entropy(logits, torch.tensor([int(t.label) for t in takes])))

@@ -153,6 +153,24 @@ def test_evaluate_refuses_an_out_folder_among_the_models_inputs(world, fitted_ce
     assert sorted(folder.rglob("*")) == files
 
 
+def strict_json(path):
+    """`path` parsed as strict JSON: NaN and Infinity, which Python writes and JavaScript or jq refuse, raise."""
+    def refuse(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_run_without_held_out_takes_keeps_its_last_epoch_and_writes_strict_json(world, tmp_path):
+    args = finetune_args(world / "data", world / "tiny", tmp_path / "run")
+    args[args.index("--epochs") + 1], args[args.index("--holdout") + 1] = "2", "0"
+    result = cli(*args)
+    assert result.exit_code == 0 and "no held-out takes: last epoch 1 kept" in " ".join(result.output.split())
+    metrics = strict_json(tmp_path / "run" / "metrics.json")  # NaN losses until the thirteenth session
+    assert metrics["settings"]["best_epoch"] == 1 and metrics["settings"]["holdout_losses"] == [None, None]
+    strict_json(tmp_path / "run" / "head.json")
+    assert strict_json(tmp_path / "run" / "checkpoint" / "state.json")["best_epoch"] == 1
+
+
 @pytest.mark.parametrize("into", ["a finetune run", "a fit-head cell", "a fit-head grid"])
 def test_evaluate_refuses_an_out_folder_holding_another_models_results(world, fitted_cell, tmp_path, into):
     """Its metrics.json and predictions.jsonl would be replaced by those of the model evaluated, with no word."""
@@ -630,7 +648,8 @@ def test_full_finetune_saves_a_backbone_that_extract_loads(world, tmp_path):
 @pytest.mark.parametrize("cell_features, said", [
     ({}, []),  # the run's own backbone, sampling and T
     ({"weights_sha256": "0" * 64, "backbone": "k400"}, ["fitted on features of other backbone weights (k400)"]),
-    ({"weights_sha256": "0" * 64, "frames": 8}, []),  # at another T the hashes cannot be compared
+    ({"weights_sha256": "0" * 64, "frames": 8}, ["fitted on clips of 8 frames; this run's have 4"]),  # the hashes
+    # cannot be compared at another T
     ({"adapter_sha256": "a" * 64}, ["fitted on features of an adapted backbone"]),
     ({"preprocessing": {"sampling": SAMPLING_NAMES["window"]}}, ["was fitted on window clips; this run samples uniform"]),
 ])
