@@ -28,7 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from pipeline import backbone as bb
 from pipeline.cache import CacheError
-from pipeline.checkpoints import load_head, save_head
+from pipeline.checkpoints import HEAD_INFO, HEAD_WEIGHTS, load_head, save_head
 from pipeline.config import ConfigError, config_to_dict, device_problem, output_problem, save_config, with_absolute_paths
 from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error, summed_over_ranks
 from pipeline.evaluation import evaluate_split, take_logits
@@ -253,6 +253,10 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
         if checkpoint:
             state = load_epoch_checkpoint(checkpoint, model, optimizer, schedule, state["config"], ranks, device,
                                           weights_sha256, scaler, state["train_takes_sha256"])
+            # a checkpoint from before the thirteenth session wrote NaN for "no held-out takes"
+            state["holdout_losses"] = [x if x is not None and math.isfinite(x) else None for x in state["holdout_losses"]]
+            if not math.isfinite(state["best_loss"] if state["best_loss"] is not None else 0.0):
+                state["best_loss"] = None
             if ranks.is_main:
                 restore_best_weights(out, checkpoint, state)
         if on_event:
@@ -295,7 +299,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                 scaler.scale(loss / group_batches).backward()
             state["train_losses"].append(loss.item())
             if updates:
-                factor = group_gradient_factor(group_batches * ranks.world_size,
+                factor = group_gradient_factor(group_batches, ranks.world_size,
                                                summed_over_ranks(ranks, batches_with_takes, device))
                 batches_with_takes = 0
                 # factor None: no batch of the group, on any rank, had a decodable take. No update then (AdamW would
@@ -328,7 +332,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
             state["holdout_losses"].append(holdout_loss)
             if holdout_loss is not None and not math.isfinite(holdout_loss):
                 raise TrainingDiverged(f"{out}: held-out loss is {holdout_loss} after epoch {epoch}; training diverged")
-            if holdout_loss is None or holdout_loss < state["best_loss"]:
+            if holdout_loss is None or state["best_loss"] is None or holdout_loss < state["best_loss"]:
                 state["best_loss"], state["best_epoch"] = holdout_loss, epoch
         rngs = rng_states(ranks, device)  # every rank's: each resumes its own dropout and data seeds
         if ranks.is_main:
@@ -356,17 +360,18 @@ def accumulated_batches(step: int, steps: int, grad_accum: int) -> int:
 
 def run_results(out: Path) -> list[str]:
     """The files a finished run leaves in its folder (besides its checkpoint) that are in `out`."""
-    return [name for name in ("metrics.json", "predictions.jsonl", "head.json", "head.safetensors", "adapter", "backbone",
-                              BEST_WEIGHTS) if (out / name).exists()]
+    return [name for name in ("metrics.json", "predictions.jsonl", HEAD_INFO, HEAD_WEIGHTS, "adapter", "backbone")
+            if (out / name).exists()]
 
 
-def group_gradient_factor(batches: int, batches_with_takes: float) -> float | None:
+def group_gradient_factor(group_batches: int, world_size: int, batches_with_takes: float) -> float | None:
     """What an update's accumulated gradient is multiplied by to be the mean over the batches that had a decodable
-    take: each of the group's `batches` (over every rank: DDP averages the ranks) added its mean loss's gradient
-    divided by `batches`, and a batch without any decodable take added zero. None when no batch had one."""
+    take: each rank's `group_batches` added their mean loss's gradient divided by `group_batches`, DDP averaged the
+    `world_size` ranks, and a batch without any decodable take added zero. `batches_with_takes`: summed over the
+    ranks. None when no batch had one."""
     if not batches_with_takes:
         return None
-    return batches / batches_with_takes
+    return group_batches * world_size / batches_with_takes
 
 
 def init_head_notes(config: FinetuneConfig, weights_sha256: str) -> list[str]:

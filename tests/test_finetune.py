@@ -168,7 +168,16 @@ def test_a_run_without_held_out_takes_keeps_its_last_epoch_and_writes_strict_jso
     metrics = strict_json(tmp_path / "run" / "metrics.json")  # NaN losses until the thirteenth session
     assert metrics["settings"]["best_epoch"] == 1 and metrics["settings"]["holdout_losses"] == [None, None]
     strict_json(tmp_path / "run" / "head.json")
-    assert strict_json(tmp_path / "run" / "checkpoint" / "state.json")["best_epoch"] == 1
+    state_file = tmp_path / "run" / "checkpoint" / "state.json"
+    state = strict_json(state_file)
+    assert state["best_epoch"] == 1
+    # a checkpoint after epoch 0 as written before the thirteenth session: NaN for "no held-out takes"
+    state_file.write_text(json.dumps({**state, "epoch": 0, "best_epoch": 0, "best_loss": math.nan,
+                                      "holdout_losses": [math.nan]}))
+    assert cli(*args, "--resume").exit_code == 0
+    assert strict_json(tmp_path / "run" / "metrics.json")["settings"]["holdout_losses"] == [None, None]
+    strict_json(tmp_path / "run" / "head.json")
+    strict_json(state_file)
 
 
 @pytest.mark.parametrize("into", ["a finetune run", "a fit-head cell", "a fit-head grid"])
@@ -766,7 +775,18 @@ def test_an_update_averages_over_the_batches_that_had_a_decodable_take(world, tm
     for found, expected in zip(paired[0], alone[0]):  # not half of it, as a mean over both batches would be
         torch.testing.assert_close(found, expected)
     skipped, _ = first_epoch_updates(world, tmp_path / "skipped", 2, {0, 1}, monkeypatch)
-    assert len(skipped) == len(paired) - 1  # a group without any decodable take makes no update at all
+    assert len(skipped) == len(paired) - 1  # a group without any decodable take makes no update at all,
+    scheduled = {run: torch.load(tmp_path / run / "checkpoint" / "optimizer.pt", weights_only=True)["schedule"]["last_epoch"]
+                 for run in ("paired", "skipped")}
+    assert scheduled["skipped"] == scheduled["paired"] - 1 == len(skipped)  # and uses up no scheduled step
+
+
+@pytest.mark.parametrize("group_batches, world_size, with_takes, factor", [
+    (4, 1, 4, 1.0), (4, 1, 3, 4 / 3), (2, 2, 3, 4 / 3),  # DDP averaged 2 ranks' 2 batches, one of them without takes
+    (3, 2, 6, 1.0), (2, 3, 0, None),
+])
+def test_the_gradient_factor_of_a_group_counts_the_batches_of_every_rank(group_batches, world_size, with_takes, factor):
+    assert finetune_module.group_gradient_factor(group_batches, world_size, with_takes) == factor
 
 
 def test_resume_refuses_other_settings_and_leaves_the_run_alone(world, tmp_path):
