@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,15 +103,35 @@ def sample_indices(num_video_frames: int, num_samples: int, method: str = "unifo
 
 
 # Containers in which decord's get_batch returns exactly the frames asked for (checked with B-frames, open GOPs and
-# variable frame rates: REFERENCE.md section 5, and a review on 2026-12-05). In MPEG-TS it returned frames up to a
-# GOP late, in AVI mostly frames from the start: other moments of the take, with no error.
-ISO_BMFF_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot", b"uuid"}  # mp4, mov, m4v
+# variable frame rates: REFERENCE.md section 5, and reviews on 2026-12-05). In MPEG-TS it returned frames up to a
+# GOP late, in AVI mostly frames from the start, in MPEG-PS others again: other moments of the take, with no error.
+ISO_BMFF_MEDIA_BOXES = {b"ftyp", b"moov", b"mdat", b"moof", b"styp", b"sidx"}  # what only mp4, mov and m4v files hold
 MATROSKA_MAGIC = b"\x1a\x45\xdf\xa3"  # mkv, webm
 
 
-def container_problem(head: bytes) -> str | None:
-    """Why a video file whose first bytes are `head` cannot be trusted to decode exact frames; None if it can."""
-    if head[4:8] in ISO_BMFF_BOXES or head[:4] == MATROSKA_MAGIC:
+def _is_iso_bmff(file: BinaryIO, boxes: int = 8) -> bool:
+    """Whether the top-level boxes from the file's start (at most `boxes`, sized as ISO-BMFF sizes them) reach one
+    that only ISO-BMFF files have: QuickTime files may begin with other boxes (free, wide, junk, udta, ...)."""
+    offset = 0
+    for _ in range(boxes):
+        file.seek(offset)
+        header = file.read(16)
+        if len(header) < 8:
+            return False
+        size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+        if kind in ISO_BMFF_MEDIA_BOXES:
+            return True
+        size = int.from_bytes(header[8:16], "big") if size == 1 else size  # 1: a 64-bit size follows
+        if size < 8:  # 0 ("to the end of the file") or not a box at all
+            return False
+        offset += size
+    return False
+
+
+def container_problem(file: BinaryIO) -> str | None:
+    """Why the video in `file` (open for reading in binary) cannot be trusted to decode exact frames; None if it can."""
+    head = file.read(12)
+    if head[:4] == MATROSKA_MAGIC or _is_iso_bmff(file):
         return None
     kind = ("an MPEG-TS file" if head[:1] == b"\x47" else "an AVI file" if head[:4] == b"RIFF" and head[8:12] == b"AVI "
             else "not an mp4, mov, mkv or webm file (unknown header)")
@@ -128,7 +149,7 @@ def decode_clip(path: Path, sampling: ClipSampling) -> tuple[np.ndarray, int]:
     if path.stat().st_size == 0:
         raise VideoError(path, "empty file (0 bytes)")
     with open(path, "rb") as file:
-        if problem := container_problem(file.read(12)):
+        if problem := container_problem(file):
             raise VideoError(path, problem)
     try:
         reader = decord.VideoReader(str(path), num_threads=1)

@@ -43,6 +43,18 @@ def test_the_containers_decoded_are_those_whose_frames_come_out_exact(tmp_path, 
     assert length == 40 and videos.frame_indices(clip) == sample_indices(40, 8).tolist()
 
 
+@pytest.mark.parametrize("first_box", [b"junk", b"udta", b"wide"])
+def test_a_quicktime_file_that_begins_with_another_box_is_decoded(tmp_path, first_box):
+    """QuickTime files may put boxes other than ftyp first: the check walks the boxes to one only they hold."""
+    path = videos.container_video(tmp_path / "v.mov", "mov")
+    data = bytearray(path.read_bytes())
+    assert data[4:8] == b"ftyp"
+    data[4:8] = first_box  # the same size: the media boxes after it stay where their offsets say
+    path.write_bytes(bytes(data))
+    clip, length = decode_clip(path, ClipSampling(8))
+    assert length == 40 and videos.frame_indices(clip) == sample_indices(40, 8).tolist()
+
+
 def test_a_take_whose_views_have_different_lengths_is_warned_about(tmp_path):
     from pipeline.extraction import decode_take
     from pipeline.takes import ProficiencyLabel, Take
