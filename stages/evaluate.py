@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline import backbone as bb
+from pipeline.checkpoints import HEAD_INFO
 from pipeline.config import ConfigError, output_problem
 from pipeline.decoder_crashes import CrashGuard, explained_worker_death, triage
 from pipeline.evaluation import evaluate_split, predict_takes
@@ -20,6 +21,17 @@ from pipeline.fusion import VIEW_ORDER_DEPENDENT
 from pipeline.skill_model import ModelSpec, load_skill_model, read_model_spec
 from pipeline.takes import LABEL_NAMES, ProficiencyLabel, Take, load_takes, resolve_view_files, slots_by_another_camera
 from pipeline.views import FAILURES_EXIT, absent_views, parse_view_setting
+
+
+def _another_runs_folder(out: Path) -> str | None:
+    """How `out` belongs to another run (one that is not an evaluate's): its folder, finished or under way (a finetune
+    run, a fit-head cell or grid), or the adapter, backbone or checkpoint a run is read from; None if it does not."""
+    if held := [name for name in (HEAD_INFO, "grid.json", "config.json", "checkpoint") if (out / name).exists()]:
+        return f"holds another run's results or settings ({held[0]})"
+    for folder in (out, *out.resolve().parents):
+        if folder.name in ("adapter", "backbone", "checkpoint") and (folder.parent / "config.json").is_file():
+            return f"is inside {folder}, which the run {folder.parent} is read from"
+    return None
 
 
 def _checked_spec(checkpoint: Path, out: Path, frames: int | None, views: str | None) -> ModelSpec:
@@ -52,9 +64,9 @@ def evaluate(
     if out.resolve() == checkpoint.resolve():  # its metrics.json and predictions.jsonl are the run's own results
         raise ConfigError(f"--out {out} is the checkpoint folder itself: evaluating there would overwrite the run's own "
                           f"metrics; write to another folder, e.g. {checkpoint / 'eval'}")
-    if held := [name for name in ("head.json", "grid.json") if (out / name).is_file()]:
-        raise ConfigError(f"--out {out} holds another model's results ({held[0]}): evaluating there would replace its "
-                          f"metrics.json and predictions.jsonl; write to another folder, e.g. {checkpoint / 'eval'}")
+    if problem := _another_runs_folder(out):
+        raise ConfigError(f"--out {out} {problem}: evaluating there would replace or mix with its files; write to "
+                          f"another folder, e.g. {checkpoint / 'eval'}")
     spec = _checked_spec(checkpoint, out, frames, views)
     takes = load_takes(root, split)
     if not takes:

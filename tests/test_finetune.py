@@ -180,14 +180,22 @@ def test_a_run_without_held_out_takes_keeps_its_last_epoch_and_writes_strict_jso
     strict_json(state_file)
 
 
-@pytest.mark.parametrize("into", ["a finetune run", "a fit-head cell", "a fit-head grid"])
-def test_evaluate_refuses_an_out_folder_holding_another_models_results(world, fitted_cell, tmp_path, into):
-    """Its metrics.json and predictions.jsonl would be replaced by those of the model evaluated, with no word."""
-    folder = {"a finetune run": world / "run", "a fit-head cell": fitted_cell, "a fit-head grid": fitted_cell.parent}[into]
-    checkpoint = fitted_cell if into == "a finetune run" else world / "run"
+@pytest.mark.parametrize("into", ["a finetune run", "a fit-head cell", "a fit-head grid", "a finetune run under way",
+                                  "another run's adapter"])
+def test_evaluate_refuses_an_out_folder_of_another_run(world, fitted_cell, tmp_path, into):
+    """Its metrics.json and predictions.jsonl would be replaced by those of the model evaluated, with no word; files
+    in a run's adapter/ would change the hash it is checked against."""
+    under_way = tmp_path / "under-way"  # a finetune run before its first results: config.json and checkpoint/ only
+    shutil.copytree(world / "run" / "checkpoint", under_way / "checkpoint")
+    shutil.copy(world / "run" / "config.json", under_way / "config.json")
+    folder, out = {"a finetune run": (world / "run",) * 2, "a fit-head cell": (fitted_cell,) * 2,
+                   "a fit-head grid": (fitted_cell.parent,) * 2, "a finetune run under way": (under_way,) * 2,
+                   "another run's adapter": (world / "run" / "adapter", world / "run" / "adapter" / "eval")}[into]
+    checkpoint = world / "run" if into in ("a fit-head cell", "a fit-head grid") else fitted_cell
     files = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file() and path.name != "run.lock"}
-    result = cli("evaluate", "--checkpoint", checkpoint, "--root", world / "data", "--out", folder)
-    assert result.exit_code == 2 and "holds another model's results" in " ".join(result.output.split())
+    result = cli("evaluate", "--checkpoint", checkpoint, "--root", world / "data", "--out", out)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and ("holds another run's" in said or "which the run" in said), said
     assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file() and path.name != "run.lock"} == files
 
 
