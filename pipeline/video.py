@@ -161,10 +161,26 @@ def decode_clip(path: Path, sampling: ClipSampling) -> tuple[np.ndarray, int]:
         raise
     except Exception as err:  # decord raises RuntimeError or its own DECORDError for bad streams
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VideoError(path, f"cannot decode ({type(err).__name__}: {first_line[:200]})") from err
+        hint = _streams_said(path) if "cannot find video stream" in first_line else ""
+        raise VideoError(path, f"cannot decode ({type(err).__name__}: {first_line[:200]}){hint}") from err
     if frames.shape[0] != num_samples:
         raise VideoError(path, f"decoded {frames.shape[0]} of {num_samples} requested frames")
     return frames, num_frames
+
+
+def _streams_said(path: Path) -> str:
+    """What the file holds, by PyAV, where decord found no video stream it can decode: none at all (an audio-only
+    file), or one in a codec decord's ffmpeg lacks (AV1). Empty if PyAV cannot tell either."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            streams = [f"{stream.type} {stream.codec_context.name}" for stream in container.streams]
+    except Exception:  # a hint only: decord's own reason stands
+        return ""
+    if not any(stream.startswith("video") for stream in streams):
+        return f"; it has no video stream ({', '.join(streams) or 'no streams'})"
+    return f"; its streams: {', '.join(streams)} (a codec decord cannot decode? convert it to h264)"
 
 
 FLOAT_FRAMES_BYTES = 256 * 2**20  # frames converted to float at once: a 4K frame is ~100 MB as float32

@@ -23,6 +23,7 @@ def test_decoding_returns_exactly_the_sampled_frames(tmp_path):
     (lambda p: videos.container_video(p, "mpegts"), "an MPEG-TS file: decord returns exact frames only from"),
     (lambda p: videos.container_video(p, "avi"), "an AVI file: decord returns exact frames only from"),
     (videos.half_truncated_faststart_video, "cannot decode"),
+    (videos.audio_only_video, "cannot find video stream with wanted index: -1); it has no video stream (audio aac)"),
     (lambda p: videos.short_video(p, 3), "only 3 frames, need at least 8"),
 ])
 def test_every_kind_of_bad_video_raises_a_video_error_naming_the_file(tmp_path, make, reason):

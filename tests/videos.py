@@ -89,3 +89,18 @@ def container_video(path: Path, container: str, frames: int = 40) -> Path:
 def frame_indices(frames: np.ndarray) -> list[int]:
     """The index each frame of a container_video shows."""
     return (frames[:, :8].astype(np.float64).mean(axis=(1, 2, 3)) / 6).round().astype(int).tolist()
+
+
+def audio_only_video(path: Path) -> Path:
+    """An mp4 with one AAC stream and no video: decord says "cannot find video stream with wanted index"."""
+    import av
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="mp4") as output:
+        stream = output.add_stream("aac", rate=44100)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 44100
+        for _ in range(10):
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode())
+    return Path(path)
