@@ -62,7 +62,7 @@ def save_epoch_checkpoint(out: Path, model, optimizer, schedule, state: dict, rn
                           scaler: torch.amp.GradScaler | None = None) -> None:
     """Write the checkpoint beside the old one, then swap: a crash leaves one complete checkpoint."""
     folder, staging = Path(out) / CHECKPOINT, Path(out) / STAGING
-    _finish_interrupted_swap(Path(out))
+    finish_interrupted_swap(Path(out))
     _remove(staging)
     staging.mkdir(parents=True)
     buffer = io.BytesIO()  # through write_bytes_atomic: fsynced before state.json marks the folder complete
@@ -112,7 +112,7 @@ def restore_best_weights(out: Path, checkpoint: Path, state: dict) -> None:
         write_bytes_atomic(Path(out) / BEST_WEIGHTS, (Path(checkpoint) / "trainable.safetensors").read_bytes())
 
 
-def _finish_interrupted_swap(out: Path) -> None:
+def finish_interrupted_swap(out: Path) -> None:
     """Make the newest complete checkpoint `checkpoint/` again after a crash mid-swap (a resumed run
     may have started from `checkpoint.staging/`), before the next save deletes the staging folder."""
     newest = find_epoch_checkpoint(out)

@@ -35,8 +35,8 @@ from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
 from pipeline.decoder_crashes import CRASHES, CrashGuard, explained_worker_death, known_crashes, triage
 from pipeline.epoch_checkpoints import (
-    BEST_WEIGHTS, find_epoch_checkpoint, has_epoch_checkpoint, load_epoch_checkpoint, restore_best_weights, rng_states,
-    save_epoch_checkpoint, trainable_state,
+    BEST_WEIGHTS, find_epoch_checkpoint, finish_interrupted_swap, has_epoch_checkpoint, load_epoch_checkpoint,
+    restore_best_weights, rng_states, save_epoch_checkpoint, trainable_state,
 )
 from pipeline.files import read_json, write_bytes_atomic, write_folder_atomic
 from pipeline.fusion import FUSIONS, HeadConfig, build_head
@@ -259,6 +259,9 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                 state["best_loss"] = None
             if ranks.is_main:
                 restore_best_weights(out, checkpoint, state)
+                # a swap cut short is finished now, not at the next save: a run killed mid-swap in its last epoch has
+                # no next save, and would end with checkpoint.staging/ and checkpoint.old/ but no checkpoint/
+                finish_interrupted_swap(out)
         if on_event:
             on_event(f"resuming {checkpoint} after epoch {state['epoch']}" if checkpoint else
                      f"--resume: {out} has no complete checkpoint yet; starting from the beginning")

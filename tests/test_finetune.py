@@ -920,6 +920,19 @@ def test_resume_finds_a_checkpoint_left_mid_swap(tmp_path):
         assert find_epoch_checkpoint(tmp_path) == tmp_path / "checkpoint.staging"
 
 
+def test_a_resume_of_a_run_killed_mid_swap_in_its_last_epoch_ends_with_its_checkpoint_in_place(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+    (run / "checkpoint").rename(run / "checkpoint.staging")  # killed between the renames: the new one still staged,
+    shutil.copytree(run / "checkpoint.staging", run / "checkpoint.old")  # the previous one retired
+    for name in ("metrics.json", "predictions.jsonl"):  # killed before it finished, as it was
+        (run / name).unlink()
+    assert cli(*finetune_args(world / "data", world / "tiny", run, "--resume")).exit_code == 0
+    assert (run / "checkpoint" / "state.json").is_file()
+    assert not (run / "checkpoint.staging").exists() and not (run / "checkpoint.old").exists()
+    assert (run / "predictions.jsonl").read_bytes() == (world / "run" / "predictions.jsonl").read_bytes()
+
+
 def test_a_save_after_resuming_from_a_staging_checkpoint_never_leaves_only_an_older_one(tmp_path, monkeypatch):
     from transformers import get_cosine_schedule_with_warmup
 
