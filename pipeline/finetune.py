@@ -47,7 +47,7 @@ from pipeline.takes import load_takes, shared_takes, takes_sha256
 from pipeline.video import SAMPLING_NAMES, ClipSampling
 from pipeline.views import parse_view_setting
 from pipeline.weight_decay import decay_groups
-from pipeline.writer_lock import first_writer
+from pipeline.writer_lock import RUN_LOCK, first_writer
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,6 @@ def rank_share(order: list[int], ranks: Ranks) -> list[int]:
     return padded[ranks.rank :: ranks.world_size]
 
 
-RUN_LOCK = "run.lock"
 
 
 def run_finetune(

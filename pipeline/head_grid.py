@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cache import CacheError, FeatureCache
-from pipeline.checkpoints import save_head
+from pipeline.checkpoints import HEAD_INFO, save_head
 from pipeline.config import ConfigError, config_to_dict, save_config, with_absolute_paths
-from pipeline.files import write_json_atomic
+from pipeline.files import read_json, write_json_atomic
 from pipeline.fusion import HeadConfig
 from pipeline.head_training import (
     Cell, FeatureTable, FitHeadConfig, TrainingDiverged, grid_cells, head_config_for, load_complete_split,
@@ -25,6 +25,7 @@ from pipeline.head_training import (
 from pipeline.metrics import mark_incomplete, plot_grid, seed_spread, write_evaluation, write_submission
 from pipeline.takes import shared_takes
 from pipeline.views import parse_view_setting
+from pipeline.writer_lock import RUN_LOCK, first_writer
 
 
 def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[dict]:
@@ -50,6 +51,26 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
         if blind:  # scored with the train label prior, which can flatter or sink the accuracy
             console.print(f"[yellow]note:[/] {blind} of {len(val.records)} val takes have none of the views "
                           f"{list(names)} (view setting {setting!r}); they get the train label prior")
+    if foreign := another_runs_files(settings.out):
+        raise ConfigError(f"--out {settings.out} holds another run ({foreign}); a grid written there would replace or "
+                          "mix with its files: use another folder")
+    with first_writer(settings.out / RUN_LOCK, f"the fit-head run folder {settings.out}"):  # one grid writes it at a time
+        return _train_grid(settings, console, cells, cache, view_names, head_configs, train, val)
+
+
+def another_runs_files(out: Path) -> str | None:
+    """What in `out` shows it is not a fit-head grid's folder (a finetune run, a cell, an evaluation); None if nothing."""
+    if held := [name for name in (HEAD_INFO, "metrics.json", "checkpoint", "adapter", "backbone") if (out / name).exists()]:
+        return held[0]
+    try:
+        kind = read_json(out / "config.json").get("kind") if (out / "config.json").is_file() else FitHeadConfig.__name__
+    except ValueError:
+        kind = "unreadable"
+    return None if kind == FitHeadConfig.__name__ else f"config.json of kind {kind}"
+
+
+def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], cache: FeatureCache, view_names: dict,
+                head_configs: dict, train, val) -> list[dict]:
     for summary in ("grid.json", "grid.png"):  # a previous run's, about cells this run replaces: gone until this grid ends
         (settings.out / summary).unlink(missing_ok=True)
     if earlier := sorted({folder.name for folder in earlier_cells(settings.out)} - {cell.name for cell in cells}):

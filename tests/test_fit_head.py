@@ -17,6 +17,7 @@ from pipeline.config import read_saved_config
 from pipeline.fusion import FUSIONS, HeadConfig
 from pipeline.head_training import FeatureTable, FitHeadConfig, load_complete_split, predict_logits, stratified_holdout
 from stages.cli import app
+from pipeline.writer_lock import first_writer
 from tests.cachegen import DIM, FRAMES, split_view_cache
 
 TINY = ["--epochs", "20", "--lr", "2e-3", "--batch-size", "16", "--hidden", "48", "--heads", "4"]
@@ -154,6 +155,31 @@ def test_a_grid_into_an_out_folder_of_another_grid_names_the_cells_it_leaves_and
     assert "holds 5 cell folder(s) of an earlier grid that this one does not list (ego+exos__crossview__seed0, ego__crossview__seed0," in said
     assert [row["cell"] for row in read_json(out / "grid.json")["cells"]] == ["ego+exos__crossview__seed1"]
     assert read_json(out / "config.json")["cache"] == str((grid / "cache").resolve())  # readable from any folder
+
+
+def test_a_grid_into_a_folder_being_written_by_another_grid_stops_at_once(grid, tmp_path):
+    out = shutil.copytree(grid / "run", tmp_path / "run")
+    files = {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != "run.lock"}
+    with first_writer(out / "run.lock", "that folder"):  # another grid still training there
+        result = fit(grid / "cache", out, "--views", "ego+exos")
+    assert result.exit_code == 2 and "is being written by another run" in " ".join(result.output.split())
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != "run.lock"} == files
+
+
+@pytest.mark.parametrize("other", ["a finetune run", "a fit-head cell", "an evaluation"])
+def test_a_grid_into_another_runs_folder_is_refused_before_it_writes(grid, tmp_path, other):
+    """It replaced a finetune run's config.json (the run could not be evaluated any more) and mixed its files in."""
+    out = tmp_path / "other"
+    shutil.copytree(grid / "run" / "ego+exos__crossview__seed0", out)
+    if other == "a finetune run":
+        (out / "config.json").write_text(json.dumps({"kind": "FinetuneConfig", "root": "data"}))
+    elif other == "an evaluation":
+        for name in ("head.json", "head.safetensors", "config.json"):
+            (out / name).unlink()
+    files = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    result = fit(grid / "cache", out, "--views", "ego")
+    assert result.exit_code == 2 and "holds another run" in " ".join(result.output.split())
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == files
 
 
 def test_submission_is_the_challenge_format(grid, tmp_path):
