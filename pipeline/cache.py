@@ -355,7 +355,12 @@ class FeatureCache:
         array = zarr.open_array(store=self.root / STORE_NAME, path=f"{split}/tokens", mode="r")
         damaged = {}
         for shard in sorted(self.committed_shards(split)):
-            if problem := self._checked_shard(array, split, shard, self._marker(split, shard))[1]:
+            try:
+                marker = self._marker(split, shard)
+            except CacheError:
+                damaged[shard] = "its commit marker is unreadable"
+                continue
+            if problem := self._checked_shard(array, split, shard, marker)[1]:
                 damaged[shard] = problem
         return damaged
 
@@ -405,7 +410,12 @@ class FeatureCache:
         ]
 
     def _marker(self, split: str, shard: int) -> dict:
-        return read_json(self._marker_path(split, shard))
+        path = self._marker_path(split, shard)
+        try:
+            return read_json(path)
+        except ValueError as err:  # not JSON (or not UTF-8): overwritten by something else since it was committed
+            raise CacheError(f"{path}: the commit marker of shard {shard} of split {split} is unreadable ({err}); rerun "
+                             "the `skillpipe extract` command that wrote it: it extracts that shard again") from None
 
     def _marker_path(self, split: str, shard: int) -> Path:
         return self.root / "shards" / split / f"{shard:05d}.json"

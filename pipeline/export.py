@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.cache import CacheError, FeatureCache
+from pipeline.cache import CacheError, FeatureCache, written_by_the_cache
 from pipeline.config import ConfigError
 from pipeline.files import commit_file
 from pipeline.takes import LABEL_NAMES
@@ -46,6 +46,11 @@ def export_hdf5(cache: FeatureCache, out: Path, splits: list[str] | None = None)
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"{out} is an existing directory; give the output file's path, e.g. {out / 'features.h5'}")
+    if written_by_the_cache(cache.root, out):
+        raise ConfigError(f"--out {out} is among the files of the cache it exports ({cache.root}); write it elsewhere")
+    if out.exists() and not _is_an_export(out):
+        raise ConfigError(f"--out {out} exists and is not an export of a skillpipe cache: it is left as it is; give "
+                          "another file name, or delete it first")
     splits = _finished_splits(cache, splits)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(out)
@@ -57,6 +62,15 @@ def export_hdf5(cache: FeatureCache, out: Path, splits: list[str] | None = None)
         partial.unlink(missing_ok=True)
         raise
     return counts
+
+
+def _is_an_export(path: Path) -> bool:
+    """Whether `path` is an HDF5 file that export wrote (it carries the cache's fingerprint): one a rerun may replace."""
+    try:
+        with h5py.File(path, "r") as file:
+            return "fingerprint" in file.attrs
+    except OSError:  # not HDF5 at all
+        return False
 
 
 def _finished_splits(cache: FeatureCache, splits: list[str] | None) -> list[str]:

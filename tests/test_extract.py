@@ -531,13 +531,18 @@ def test_a_rerun_extracts_again_only_the_committed_shards_whose_data_was_damaged
     flipped.write_bytes(bytes([flipped.read_bytes()[0] ^ 1]) + flipped.read_bytes()[1:])
     with pytest.raises(CacheError, match="damaged"):
         FeatureCache.open(cache_dir).read("train")
+    overwritten = cache_dir / "shards" / "train" / "00001.json"
+    overwritten.write_bytes(b"\x89HDF\r\n")  # another tool's file written over a commit marker
+    with pytest.raises(CacheError, match="00001.json: the commit marker of shard 1 of split train is unreadable"):
+        FeatureCache.open(cache_dir).read("train")
     with pytest.warns(UserWarning) as warned:
         rerun = run_cli(*extract_args(dataset, cache_dir, backbone_dir))
     assert rerun.exit_code == 0, rerun.output
     said = " ".join(str(w.message) for w in warned)
     assert "shard 0 of split train is damaged (it is missing" in said and "shard 2 of split train is damaged (its checksum" in said
+    assert "shard 1 of split train is damaged (its commit marker is unreadable)" in said
     after = markers(cache_dir)
-    assert {name for name in before if after[name] != before[name]} == {"00000.json", "00002.json"}
+    assert {name for name in before if after[name] != before[name]} == {"00000.json", "00001.json", "00002.json"}
     np.testing.assert_array_equal(FeatureCache.open(cache_dir).read("train").tokens, first)
 
 
