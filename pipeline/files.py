@@ -40,6 +40,15 @@ def write_bytes_atomic(path: Path, data: bytes, create_only: bool = False) -> No
         raise
 
 
+def remove_temporary_files(folder: Path) -> list[Path]:
+    """Delete the temporary files of write_bytes_atomic (`.NAME.*.tmp`) that killed writers left in `folder` and its
+    subfolders one level down; returns them. Only while no other process writes there (a run holding its lock)."""
+    leftovers = [*Path(folder).glob(".*.tmp"), *Path(folder).glob("*/.*.tmp")]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
 def commit_file(finished: Path, target: Path, create_only: bool = False) -> None:
     """Rename the complete file `finished` to `target` durably: its bytes, then the rename, reach the disk.
 

@@ -38,7 +38,7 @@ from pipeline.epoch_checkpoints import (
     BEST_WEIGHTS, find_epoch_checkpoint, finish_interrupted_swap, has_epoch_checkpoint, load_epoch_checkpoint,
     restore_best_weights, rng_states, save_epoch_checkpoint, trainable_state,
 )
-from pipeline.files import read_json, write_bytes_atomic, write_folder_atomic
+from pipeline.files import read_json, remove_temporary_files, write_bytes_atomic, write_folder_atomic
 from pipeline.fusion import FUSIONS, HeadConfig, build_head
 from pipeline.head_training import TrainingDiverged, label_prior, stratified_holdout, warmup_steps_for
 from pipeline.metrics import mark_incomplete
@@ -267,6 +267,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     elif has_epoch_checkpoint(out):
         raise ConfigError(f"{out}: holds a checkpoint already; pass --resume to continue it, or use another --out")
     if ranks.is_main:
+        remove_temporary_files(out)  # of an earlier try killed mid-write: this run holds the folder's lock
         save_config(config, out / "config.json")
     triage(out)  # files that crashed the decoder in an earlier try of this run are recorded, then not decoded again
     barrier(ranks)

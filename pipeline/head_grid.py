@@ -16,7 +16,7 @@ from rich.table import Table
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoints import HEAD_INFO, save_head
 from pipeline.config import ConfigError, config_to_dict, save_config, with_absolute_paths
-from pipeline.files import read_json, write_json_atomic
+from pipeline.files import read_json, remove_temporary_files, write_json_atomic
 from pipeline.fusion import HeadConfig
 from pipeline.head_training import (
     Cell, FeatureTable, FitHeadConfig, TrainingDiverged, grid_cells, head_config_for, load_complete_split,
@@ -71,6 +71,7 @@ def another_runs_files(out: Path) -> str | None:
 
 def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], cache: FeatureCache, view_names: dict,
                 head_configs: dict, train, val) -> list[dict]:
+    remove_temporary_files(settings.out)  # of an earlier grid killed mid-write: this one holds the folder's lock
     for summary in ("grid.json", "grid.png"):  # a previous run's, about cells this run replaces: gone until this grid ends
         (settings.out / summary).unlink(missing_ok=True)
     if earlier := sorted({folder.name for folder in earlier_cells(settings.out)} - {cell.name for cell in cells}):

@@ -157,6 +157,15 @@ def test_a_grid_into_an_out_folder_of_another_grid_names_the_cells_it_leaves_and
     assert read_json(out / "config.json")["cache"] == str((grid / "cache").resolve())  # readable from any folder
 
 
+def test_a_rerun_removes_the_temporary_files_of_a_grid_killed_mid_write(grid, tmp_path):
+    out = shutil.copytree(grid / "run", tmp_path / "run")
+    left = [out / ".grid.json.k1ll3d.tmp", out / "ego__crossview__seed0" / ".metrics.json.k1ll3d.tmp"]
+    for path in left:
+        path.write_text("{")
+    assert fit(grid / "cache", out, "--views", "ego").exit_code == 0
+    assert not any(path.exists() for path in left)
+
+
 def test_a_grid_into_a_folder_being_written_by_another_grid_stops_at_once(grid, tmp_path):
     out = shutil.copytree(grid / "run", tmp_path / "run")
     files = {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != "run.lock"}
