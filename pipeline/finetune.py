@@ -258,18 +258,20 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                 state["best_loss"] = None
             if ranks.is_main:
                 restore_best_weights(out, checkpoint, state)
-                # a swap cut short is finished now, not at the next save: a run killed mid-swap in its last epoch has
-                # no next save, and would end with checkpoint.staging/ and checkpoint.old/ but no checkpoint/
-                finish_interrupted_swap(out)
         if on_event:
             on_event(f"resuming {checkpoint} after epoch {state['epoch']}" if checkpoint else
                      f"--resume: {out} has no complete checkpoint yet; starting from the beginning")
     elif has_epoch_checkpoint(out):
         raise ConfigError(f"{out}: holds a checkpoint already; pass --resume to continue it, or use another --out")
     if ranks.is_main:
-        remove_temporary_files(out)  # of an earlier try killed mid-write: this run holds the folder's lock
         save_config(config, out / "config.json")
     triage(out)  # files that crashed the decoder in an earlier try of this run are recorded, then not decoded again
+    barrier(ranks)  # every rank has read its checkpoint and triaged: rank 0 may tidy the folder
+    if ranks.is_main:
+        # a swap cut short is finished now, not at the next save: a run killed mid-swap in its last epoch has no next
+        # save, and would end with checkpoint.staging/ and checkpoint.old/ but no checkpoint/
+        finish_interrupted_swap(out)
+        remove_temporary_files(out)  # of an earlier try killed mid-write: this run holds the folder's lock
     barrier(ranks)
     guard = CrashGuard(out, known_crashes(out))
     if guard.crashes and on_event:
