@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 
 def _read_umask() -> int:
@@ -40,10 +40,10 @@ def write_bytes_atomic(path: Path, data: bytes, create_only: bool = False) -> No
         raise
 
 
-def remove_temporary_files(folder: Path) -> list[Path]:
-    """Delete the temporary files of write_bytes_atomic (`.NAME.*.tmp`) that killed writers left in `folder` and its
-    subfolders one level down; returns them. Only while no other process writes there (a run holding its lock)."""
-    leftovers = [*Path(folder).glob(".*.tmp"), *Path(folder).glob("*/.*.tmp")]
+def remove_temporary_files(folders: Iterable[Path]) -> list[Path]:
+    """Delete the temporary files of write_bytes_atomic (`.NAME.*.tmp`) that killed writers left in `folders` (not
+    their subfolders); returns them. Only while no other process writes there (a run holding its lock)."""
+    leftovers = [path for folder in folders for path in Path(folder).glob(".*.tmp")]
     for path in leftovers:
         path.unlink(missing_ok=True)
     return leftovers

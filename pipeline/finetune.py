@@ -33,10 +33,10 @@ from pipeline.config import ConfigError, config_to_dict, device_problem, output_
 from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error, summed_over_ranks
 from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
-from pipeline.decoder_crashes import CRASHES, CrashGuard, explained_worker_death, known_crashes, triage
+from pipeline.decoder_crashes import CRASHES, MARKERS, CrashGuard, explained_worker_death, known_crashes, triage
 from pipeline.epoch_checkpoints import (
-    BEST_WEIGHTS, find_epoch_checkpoint, finish_interrupted_swap, has_epoch_checkpoint, load_epoch_checkpoint,
-    restore_best_weights, rng_states, save_epoch_checkpoint, trainable_state,
+    BEST_WEIGHTS, CHECKPOINT, RETIRED, STAGING, find_epoch_checkpoint, finish_interrupted_swap, has_epoch_checkpoint,
+    load_epoch_checkpoint, restore_best_weights, rng_states, save_epoch_checkpoint, trainable_state,
 )
 from pipeline.files import read_json, remove_temporary_files, write_bytes_atomic, write_folder_atomic
 from pipeline.fusion import FUSIONS, HeadConfig, build_head
@@ -271,7 +271,9 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
         # a swap cut short is finished now, not at the next save: a run killed mid-swap in its last epoch has no next
         # save, and would end with checkpoint.staging/ and checkpoint.old/ but no checkpoint/
         finish_interrupted_swap(out)
-        remove_temporary_files(out)  # of an earlier try killed mid-write: this run holds the folder's lock
+        # of an earlier try killed mid-write (this run holds the folder's lock); not in folders a user made there, such
+        # as an evaluate --out RUN/eval
+        remove_temporary_files([out, *(out / name for name in (CHECKPOINT, STAGING, RETIRED, MARKERS, CRASHES))])
     barrier(ranks)
     guard = CrashGuard(out, known_crashes(out))
     if guard.crashes and on_event:

@@ -71,7 +71,8 @@ def another_runs_files(out: Path) -> str | None:
 
 def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], cache: FeatureCache, view_names: dict,
                 head_configs: dict, train, val) -> list[dict]:
-    remove_temporary_files(settings.out)  # of an earlier grid killed mid-write: this one holds the folder's lock
+    # of an earlier grid killed mid-write (this one holds the folder's lock); not in folders a user made there
+    remove_temporary_files([settings.out, *(settings.out / cell.name for cell in cells), *earlier_cells(settings.out)])
     for summary in ("grid.json", "grid.png"):  # a previous run's, about cells this run replaces: gone until this grid ends
         (settings.out / summary).unlink(missing_ok=True)
     if earlier := sorted({folder.name for folder in earlier_cells(settings.out)} - {cell.name for cell in cells}):
