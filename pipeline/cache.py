@@ -412,10 +412,15 @@ class FeatureCache:
     def _marker(self, split: str, shard: int) -> dict:
         path = self._marker_path(split, shard)
         try:
-            return read_json(path)
+            marker = read_json(path)
+            problem = None if isinstance(marker, dict) and isinstance(marker.get("records"), list) and isinstance(
+                marker.get("failures"), dict) else "not a commit marker's JSON"
         except ValueError as err:  # not JSON (or not UTF-8): overwritten by something else since it was committed
-            raise CacheError(f"{path}: the commit marker of shard {shard} of split {split} is unreadable ({err}); rerun "
-                             "the `skillpipe extract` command that wrote it: it extracts that shard again") from None
+            problem = str(err)
+        if problem:
+            raise CacheError(f"{path}: the commit marker of shard {shard} of split {split} is unreadable ({problem}); "
+                             "rerun the `skillpipe extract` command that wrote it: it extracts that shard again")
+        return marker
 
     def _marker_path(self, split: str, shard: int) -> Path:
         return self.root / "shards" / split / f"{shard:05d}.json"

@@ -43,7 +43,7 @@ def write_bytes_atomic(path: Path, data: bytes, create_only: bool = False) -> No
 def remove_temporary_files(folders: Iterable[Path]) -> list[Path]:
     """Delete the temporary files of write_bytes_atomic (`.NAME.*.tmp`) that killed writers left in `folders` (not
     their subfolders); returns them. Only while no other process writes there (a run holding its lock)."""
-    leftovers = [path for folder in folders for path in Path(folder).glob(".*.tmp")]
+    leftovers = [path for folder in folders for path in Path(folder).glob(".*.????????.tmp") if path.is_file()]
     for path in leftovers:
         path.unlink(missing_ok=True)
     return leftovers

@@ -62,17 +62,20 @@ def another_runs_files(out: Path) -> str | None:
     """What in `out` shows it is not a fit-head grid's folder (a finetune run, a cell, an evaluation); None if nothing."""
     if held := [name for name in (HEAD_INFO, "metrics.json", "checkpoint", "adapter", "backbone") if (out / name).exists()]:
         return held[0]
+    if not (out / "config.json").is_file():
+        return None
     try:
-        kind = read_json(out / "config.json").get("kind") if (out / "config.json").is_file() else FitHeadConfig.__name__
+        saved = read_json(out / "config.json")
     except ValueError:
-        kind = "unreadable"
-    return None if kind == FitHeadConfig.__name__ else f"config.json of kind {kind}"
+        saved = None
+    kind = saved.get("kind") if isinstance(saved, dict) else None
+    return None if kind == FitHeadConfig.__name__ else f"a config.json of {kind or 'another program'}"
 
 
 def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], cache: FeatureCache, view_names: dict,
                 head_configs: dict, train, val) -> list[dict]:
     # of an earlier grid killed mid-write (this one holds the folder's lock); not in folders a user made there
-    remove_temporary_files([settings.out, *(settings.out / cell.name for cell in cells), *earlier_cells(settings.out)])
+    remove_temporary_files([settings.out, *(settings.out / cell.name for cell in cells)])
     for summary in ("grid.json", "grid.png"):  # a previous run's, about cells this run replaces: gone until this grid ends
         (settings.out / summary).unlink(missing_ok=True)
     if earlier := sorted({folder.name for folder in earlier_cells(settings.out)} - {cell.name for cell in cells}):

@@ -14,6 +14,7 @@ shortest edge 224 (bilinear), centre crop 224x224, scale 1/255, normalise mean 0
 from __future__ import annotations
 
 import dataclasses
+import os
 import zlib
 from typing import BinaryIO
 from dataclasses import dataclass
@@ -112,8 +113,10 @@ MATROSKA_MAGIC = b"\x1a\x45\xdf\xa3"  # mkv, webm
 def _is_iso_bmff(file: BinaryIO, boxes: int = 8) -> bool:
     """Whether the top-level boxes from the file's start (at most `boxes`, sized as ISO-BMFF sizes them) reach one
     that only ISO-BMFF files have: QuickTime files may begin with other boxes (free, wide, junk, udta, ...)."""
-    offset = 0
+    offset, end = 0, os.fstat(file.fileno()).st_size
     for _ in range(boxes):
+        if offset + 8 > end:  # past the end: a size field that is not a box's
+            return False
         file.seek(offset)
         header = file.read(16)
         if len(header) < 8:

@@ -285,3 +285,13 @@ def test_new_records_for_a_committed_shard_must_name_its_own_takes(tmp_path):
     relabelled = [TakeRecord(r.take_uid, r.take_name, r.split, 3, r.scenario, r.present) for r in records(["a", "b", "c"])]
     cache.update_records("train", 0, relabelled)
     assert [r.label for r in cache.read("train").records] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("content", [b"\x89HDF\r\n", b"{}", b"[]", b"null"])
+def test_a_commit_marker_overwritten_by_another_file_is_named_as_unreadable(tmp_path, content):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    fill(cache, "train", ["a", "b", "c", "d"])
+    (tmp_path / "shards" / "train" / "00000.json").write_bytes(content)
+    with pytest.raises(CacheError, match="00000.json: the commit marker of shard 0 of split train is unreadable"):
+        cache.read("train")
+    assert cache.damaged_shards("train") == {0: "its commit marker is unreadable"}

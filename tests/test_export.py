@@ -80,23 +80,26 @@ def test_an_existing_directory_as_out_exits_2(tmp_path):
     assert not list(tmp_path.glob(".f.h5.*partial"))
 
 
-@pytest.mark.parametrize("existing", ["the cache's own cache.json", "another file", "an earlier export"])
+@pytest.mark.parametrize("existing", ["the cache's own cache.json", "a new file among the cache's", "another file",
+                                      "an earlier export"])
 def test_an_existing_out_file_is_replaced_only_if_it_is_an_earlier_export(tmp_path, existing):
     """It replaced any file: the exported cache's cache.json (the cache could not be opened after) or a user's."""
     cache = FeatureCache.open_or_create(tmp_path / "cache", spec())
     fill(cache, "train", ["t0", "t1"])
     out = {"the cache's own cache.json": tmp_path / "cache" / "cache.json", "another file": tmp_path / "notes.h5",
+           "a new file among the cache's": tmp_path / "cache" / "shards" / "train" / "00009.json",  # read as a marker
            "an earlier export": tmp_path / "f.h5"}[existing]
     if existing == "another file":
         out.write_text("a user's notes")
     elif existing == "an earlier export":
         assert export_cli(tmp_path, "--out", out).exit_code == 0
-    before = out.read_bytes()
+    before = out.read_bytes() if out.exists() else None
     result = export_cli(tmp_path, "--out", out)
     if existing == "an earlier export":
         assert result.exit_code == 0 and h5py.is_hdf5(out)
     else:
-        assert result.exit_code == 2 and str(out) in " ".join(result.output.split()) and out.read_bytes() == before
+        assert result.exit_code == 2 and str(out) in " ".join(result.output.split())
+        assert (out.read_bytes() if out.exists() else None) == before
     FeatureCache.open(tmp_path / "cache").read("train")  # the cache still reads
 
 

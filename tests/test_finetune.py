@@ -927,7 +927,7 @@ def test_a_resume_of_a_run_killed_mid_swap_in_its_last_epoch_ends_with_its_check
     shutil.copytree(run / "checkpoint.staging", run / "checkpoint.old")  # the previous one retired
     for name in ("metrics.json", "predictions.jsonl"):  # killed before it finished, as it was
         (run / name).unlink()
-    (run / ".metrics.json.k1ll3d.tmp").write_text("{")  # and while writing its metrics
+    (run / ".metrics.json.k1ll3d00.tmp").write_text("{")  # and while writing its metrics
     assert cli(*finetune_args(world / "data", world / "tiny", run, "--resume")).exit_code == 0
     assert (run / "checkpoint" / "state.json").is_file()
     assert not (run / "checkpoint.staging").exists() and not (run / "checkpoint.old").exists()

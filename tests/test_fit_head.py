@@ -159,11 +159,14 @@ def test_a_grid_into_an_out_folder_of_another_grid_names_the_cells_it_leaves_and
 
 def test_a_rerun_removes_the_temporary_files_of_a_grid_killed_mid_write(grid, tmp_path):
     out = shutil.copytree(grid / "run", tmp_path / "run")
-    left = [out / ".grid.json.k1ll3d.tmp", out / "ego__crossview__seed0" / ".metrics.json.k1ll3d.tmp"]
+    left = [out / ".grid.json.k1ll3d00.tmp", out / "ego__crossview__seed0" / ".metrics.json.k1ll3d00.tmp"]
     for path in left:
         path.write_text("{")
+    (out / "notes").mkdir()
+    kept = out / "notes" / ".draft.k1ll3d00.tmp"  # a folder the user made there: not the grid's to tidy
+    kept.write_text("mine")
     assert fit(grid / "cache", out, "--views", "ego").exit_code == 0
-    assert not any(path.exists() for path in left)
+    assert not any(path.exists() for path in left) and kept.read_text() == "mine"
 
 
 def test_a_grid_into_a_folder_being_written_by_another_grid_stops_at_once(grid, tmp_path):
@@ -175,12 +178,16 @@ def test_a_grid_into_a_folder_being_written_by_another_grid_stops_at_once(grid, 
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != "run.lock"} == files
 
 
-@pytest.mark.parametrize("other", ["a finetune run", "a fit-head cell", "an evaluation"])
+@pytest.mark.parametrize("other", ["a finetune run", "a finetune run under way", "a fit-head cell", "an evaluation"])
 def test_a_grid_into_another_runs_folder_is_refused_before_it_writes(grid, tmp_path, other):
     """It replaced a finetune run's config.json (the run could not be evaluated any more) and mixed its files in."""
     out = tmp_path / "other"
     shutil.copytree(grid / "run" / "ego+exos__crossview__seed0", out)
     if other == "a finetune run":
+        (out / "config.json").write_text(json.dumps({"kind": "FinetuneConfig", "root": "data"}))
+    elif other == "a finetune run under way":  # its config.json alone says so
+        shutil.rmtree(out)
+        out.mkdir()
         (out / "config.json").write_text(json.dumps({"kind": "FinetuneConfig", "root": "data"}))
     elif other == "an evaluation":
         for name in ("head.json", "head.safetensors", "config.json"):

@@ -23,6 +23,8 @@ def test_decoding_returns_exactly_the_sampled_frames(tmp_path):
     (lambda p: videos.container_video(p, "mpegts"), "an MPEG-TS file: decord returns exact frames only from"),
     (lambda p: videos.container_video(p, "avi"), "an AVI file: decord returns exact frames only from"),
     (videos.half_truncated_faststart_video, "cannot decode"),
+    (lambda p: p.write_bytes(b"\x00\x00\x00\x01free" + (2**63).to_bytes(8, "big") + b"\x00" * 16),
+     "not an mp4, mov, mkv or webm file (unknown header)"),  # a 64-bit box size far past the end
     (videos.audio_only_video, "cannot find video stream with wanted index: -1); it has no video stream (audio aac)"),
     (lambda p: videos.short_video(p, 3), "only 3 frames, need at least 8"),
 ])
