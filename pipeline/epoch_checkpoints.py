@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
 import shutil
 from collections.abc import Callable
@@ -176,6 +177,11 @@ def load_epoch_checkpoint(folder: Path, model, optimizer, schedule, config: dict
             state[key] = current  # a checkpoint from before the hash gains it: later resumes check it
     if state["world_size"] != ranks.world_size:
         raise ConfigError(f"{folder}: checkpoint written by {state['world_size']} process(es); resume with the same world size")
+    # checkpoints before the thirteenth session wrote NaN (no held-out takes) where JSON now gets null
+    if "holdout_losses" in state:
+        state["holdout_losses"] = [x if x is not None and math.isfinite(x) else None for x in state["holdout_losses"]]
+    if isinstance(state.get("best_loss"), float) and not math.isfinite(state["best_loss"]):
+        state["best_loss"] = None
     hashes = state.pop(FILE_HASHES, {})  # checkpoints before 2026-12-05 (twelfth session) record none
     trainable = _checked_bytes(folder / "trainable.safetensors", hashes)
     optimizer_state = _checked_bytes(folder / "optimizer.pt", hashes)

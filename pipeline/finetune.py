@@ -168,8 +168,6 @@ def rank_share(order: list[int], ranks: Ranks) -> list[int]:
     return padded[ranks.rank :: ranks.world_size]
 
 
-
-
 def run_finetune(
     config: FinetuneConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None, ranks: Ranks = Ranks(),
     on_event: Callable[[str], None] | None = None,
@@ -243,19 +241,15 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     state = {"epoch": -1, "best_loss": float("inf"), "best_epoch": -1, "holdout_losses": [], "train_losses": [],
              "world_size": ranks.world_size, "config": config_to_dict(config), "weights_sha256": weights_sha256,
              "train_takes_sha256": takes_sha256(train_takes, config.root, views)}
-    if not find_epoch_checkpoint(out) and (results := run_results(out)):
+    checkpoint = find_epoch_checkpoint(out)
+    if not checkpoint and (results := run_results(out)):
         raise ConfigError(f"{out}: holds a finished run ({', '.join(results)}) but no checkpoint to continue: a new run "
                           "there would leave those beside its own config.json until it ends; use another --out, or "
                           "delete them to train there again")
     if resume:
-        checkpoint = find_epoch_checkpoint(out)
         if checkpoint:
             state = load_epoch_checkpoint(checkpoint, model, optimizer, schedule, state["config"], ranks, device,
                                           weights_sha256, scaler, state["train_takes_sha256"])
-            # a checkpoint from before the thirteenth session wrote NaN for "no held-out takes"
-            state["holdout_losses"] = [x if x is not None and math.isfinite(x) else None for x in state["holdout_losses"]]
-            if not math.isfinite(state["best_loss"] if state["best_loss"] is not None else 0.0):
-                state["best_loss"] = None
             if ranks.is_main:
                 restore_best_weights(out, checkpoint, state)
         if on_event:
@@ -339,7 +333,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
             state["holdout_losses"].append(holdout_loss)
             if holdout_loss is not None and not math.isfinite(holdout_loss):
                 raise TrainingDiverged(f"{out}: held-out loss is {holdout_loss} after epoch {epoch}; training diverged")
-            if holdout_loss is None or state["best_loss"] is None or holdout_loss < state["best_loss"]:
+            if holdout_loss is None or holdout_loss < state["best_loss"]:
                 state["best_loss"], state["best_epoch"] = holdout_loss, epoch
         rngs = rng_states(ranks, device)  # every rank's: each resumes its own dropout and data seeds
         if ranks.is_main:
@@ -383,8 +377,8 @@ def group_gradient_factor(group_batches: int, world_size: int, batches_with_take
 
 def init_head_notes(config: FinetuneConfig, weights_sha256: str) -> list[str]:
     """What differs between the features the --init-head cell was fitted on and this run's: its clip sampling, its
-    frame count, an adapter, other backbone weights. Notes, not errors: any head is a starting point, but metrics of such a head
-    (say at --lr 0) are not those of the cell.
+    frame count, an adapter, other backbone weights. Notes, not errors: any head is a starting point, but metrics of
+    such a head (say at --lr 0) are not those of the cell.
 
     From the cell's own head.json, not its cache: a warm start needs only the cell, whose cache may be gone or rebuilt
     since. The weights are compared only at the same T (their hash is taken with the time embeddings resized to T)."""

@@ -172,7 +172,8 @@ def load_skill_model(checkpoint: Path, device: str = "cpu", spec: ModelSpec | No
         backbone = bb.load_adapter(backbone, spec.adapter)
     backbone = bb.prepare_for_inference(backbone, device, spec.precision, fused_attention=spec.compiled)
     head, info = load_head(checkpoint)
+    head_precision = info.get("precision") if spec.from_cache else None  # a finetune run's head: the run's autocast
     model = SkillModel(backbone, head, HeadConfig(**info["head"]), round_like_cache=spec.from_cache,
-                       compiled=spec.compiled, frozen_weights=spec.frozen_weights, head_precision=info.get("precision") if spec.from_cache else None,
+                       compiled=spec.compiled, frozen_weights=spec.frozen_weights, head_precision=head_precision,
                        label_prior=info.get("label_prior"), clips_per_forward=spec.clips_per_forward)
     return model.to(device).eval(), spec

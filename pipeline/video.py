@@ -119,8 +119,6 @@ def _is_iso_bmff(file: BinaryIO, boxes: int = 8) -> bool:
             return False
         file.seek(offset)
         header = file.read(16)
-        if len(header) < 8:
-            return False
         size, kind = int.from_bytes(header[:4], "big"), header[4:8]
         if kind in ISO_BMFF_MEDIA_BOXES:
             return True

@@ -31,6 +31,7 @@ UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 RUN_LOCK = "run.lock"  # a run folder's lock (finetune, fit-head), held by the run writing it
 
+
 def split_lock_path(cache_root: Path, split: str) -> Path:
     return Path(cache_root) / "locks" / f"{split}.lock"
 

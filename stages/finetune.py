@@ -76,7 +76,7 @@ def finetune(
                                  on_event=console.print if ranks.is_main else None)
     if not ranks.is_main:
         return
-    losses = [round(x, 4) for x in state["holdout_losses"] if x is not None and x == x]  # None (NaN before): none held out
+    losses = [round(x, 4) for x in state["holdout_losses"] if x is not None]  # None: no held-out takes
     chosen = (f"best epoch {state['best_epoch']} of 0-{settings.epochs - 1} (held-out losses {losses})" if losses
               else f"no held-out takes: last epoch {state['best_epoch']} kept")
     console.print(f"{chosen}; val accuracy {state['metrics']['accuracy']:.3f} over {state['metrics']['num_takes']} takes "
