@@ -344,6 +344,17 @@ class FeatureCache:
             raise self._changed_while_read(split)
         return CachedSplit(tokens, records)
 
+    def read_committed_shard(self, split: str, shard: int) -> tuple[np.ndarray, dict]:
+        """One committed shard's data ((k, V, 1 + T, D) float16) and marker; a CacheError if the data is damaged.
+
+        For its writer (extract --retry-failed keeps the views that had not failed), which holds the split's lock."""
+        array = zarr.open_array(store=self.root / STORE_NAME, path=f"{split}/tokens", mode="r")
+        marker = self._marker(split, shard)
+        data, problem = self._checked_shard(array, split, shard, marker)
+        if problem:
+            raise self._damaged(array, split, shard, marker, problem)
+        return data, marker
+
     def _unchanged(self, split: str, markers: list[tuple[int, dict]]) -> bool:
         """Whether these committed markers are still the ones read: a rewrite removes a shard's marker first and
         commits a new one (its own `commit`) last."""

@@ -4,7 +4,8 @@ Decoding runs in DataLoader worker processes (overlapping the model) when `worke
 are batched across the takes and views of one shard, never across shards, so a resumed run
 forms exactly the batches an uninterrupted run would and writes identical features. A file that
 crashes the decoder itself costs only its view (pipeline.decoder_crashes): the run goes on, and
-so does a rerun after a crash of the main process.
+so does a rerun after a crash of the main process. `--retry-failed` decodes only the failed views
+of a committed shard again and keeps the features of its other views.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class ExtractConfig:
     # with compile: the weights frozen into the graph (bb.compiled_encode_clips), x0.82-0.94 of the time per forward for ~20 s
     # more compile per process; None: as the cache was extracted, True for a new cache; ignored without compile
     frozen_weights: bool | None = None
-    # re-extract the committed shards that recorded failed views (after the files were fixed or fetched); the
-    # shard's other takes are recomputed too, as a shard is written whole
+    # decode again the failed views of committed shards (after the files were fixed or fetched); the shards' other
+    # views keep their committed features, so a file that broke since costs nothing already extracted
     retry_failed: bool = False
 
     def __post_init__(self):
@@ -226,18 +227,21 @@ class DecodedTake:
 
 
 class ShardTakes(IterableDataset):
-    """Decodes the takes of the given shards in order; worker w of W decodes takes w, w+W, ..."""
+    """Decodes the takes of the given shards in order; worker w of W decodes takes w, w+W, ...
+
+    `retry`: shard -> take_uid -> views; in those shards (committed, being retried) only these views are decoded."""
 
     def __init__(self, shards: list[tuple[int, list[Take]]], views: tuple[str, ...], sampling: ClipSampling,
-                 crash_guard: CrashGuard):
-        self.shards, self.views, self.sampling, self.crash_guard = shards, views, sampling, crash_guard
+                 crash_guard: CrashGuard, retry: dict[int, dict[str, tuple[str, ...]]]):
+        self.shards, self.views, self.sampling, self.crash_guard, self.retry = shards, views, sampling, crash_guard, retry
 
     def __iter__(self) -> Iterator[DecodedTake]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         items = [(shard, pos, take) for shard, takes in self.shards for pos, take in enumerate(takes)]
         for shard, position, take in items[worker::num_workers]:
-            yield decode_take(take, self.views, self.sampling, shard, position, self.crash_guard)
+            views = self.retry[shard].get(take.take_uid, ()) if shard in self.retry else self.views
+            yield decode_take(take, views, self.sampling, shard, position, self.crash_guard)
 
 
 def decode_take(take: Take, views: tuple[str, ...], sampling: ClipSampling, shard: int = 0, position: int = 0,
@@ -319,22 +323,23 @@ def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: Feature
     plan = cache.plan_split(config.split, [take.take_uid for take in takes], create=ranks.is_main)
     owned_shards = [(k, [by_uid[uid] for uid in uids]) for k, uids in enumerate(plan) if ranks.owns(k)]
     done = cache.committed_shards(config.split)
-    rewrite: set[int] = set()  # committed shards with failed views to extract again (--retry-failed)
+    # --retry-failed: committed shards with failed views -> take_uid -> those views, to decode again
+    retry: dict[int, dict[str, tuple[str, ...]]] = {}
     if config.retry_failed:
         for k, shard_takes in owned_shards:
-            if k in done and cache.shard_failures(config.split, k):
-                rewrite.add(k)
-                decoder_crashes.forget(config.cache, [take.take_uid for take in shard_takes])
-    pending = [(k, takes) for k, takes in owned_shards if k not in done or k in rewrite]
+            if k in done and (failed := cache.shard_failures(config.split, k)):
+                retry[k] = {uid: tuple(view for view in config.views if view in views) for uid, views in failed.items()}
+                decoder_crashes.forget(config.cache, list(failed))
+    pending = [(k, takes) for k, takes in owned_shards if k not in done or k in retry]
     summary = ExtractSummary(total_takes=sum(len(t) for _, t in owned_shards),
-                             skipped_takes=sum(len(t) for k, t in owned_shards if k in done and k not in rewrite))
+                             skipped_takes=sum(len(t) - len(retry.get(k, ())) for k, t in owned_shards if k in done))
     if on_start:
         on_start(summary.total_takes, summary.skipped_takes)
     started = time.perf_counter()
     crashes = triage(config.cache)  # files that crashed the decoder in an earlier run
     while pending:
         try:
-            _extract_shards(config, model, cache, pending, crashes, summary, on_take, rewrite)
+            _extract_shards(config, model, cache, pending, crashes, summary, on_take, retry)
             break
         except RuntimeError as err:
             if config.workers == 0 or not decoder_crashes.worker_died(err):  # decoding in this process, or another cause
@@ -348,7 +353,7 @@ def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: Feature
                 raise
             crashes = found  # record those views as failed and go on with the shards not yet committed
             done = cache.committed_shards(config.split)
-            pending = [(k, takes) for k, takes in pending if k not in done or k in rewrite]
+            pending = [(k, takes) for k, takes in pending if k not in done or k in retry]
     summary.seconds = time.perf_counter() - started
     barrier(ranks)
     if ranks.is_main:
@@ -364,12 +369,13 @@ def _as_is(item: DecodedTake) -> DecodedTake:
 
 def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: FeatureCache, pending: list[tuple[int, list[Take]]],
                     crashes: dict[tuple[str, str], str], summary: ExtractSummary, on_take: Callable[[int], None] | None,
-                    rewrite: set[int]) -> None:
+                    retry: dict[int, dict[str, tuple[str, ...]]]) -> None:
     """Decode (in DataLoader workers), encode and commit the pending shards, one whole shard at a time.
 
-    A shard in `rewrite` (committed before) is uncommitted just before it is written, then left out of it."""
+    A shard in `retry` (committed before) has only its failed views decoded; it is read, then uncommitted just before
+    it is written with its other views' features as they were, then left out of `retry`."""
     loader = DataLoader(
-        ShardTakes(pending, config.views, config.clip_sampling, CrashGuard(Path(config.cache), crashes)),
+        ShardTakes(pending, config.views, config.clip_sampling, CrashGuard(Path(config.cache), crashes), retry),
         batch_size=None,
         num_workers=config.workers,
         collate_fn=_as_is,  # a module-level function: spawned or forkserver workers pickle it
@@ -384,9 +390,12 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
         for shard, decoded in shards:
             shard_takes = takes_by_shard[shard]
             tokens = encode_shard(encode, model, decoded, config)
-            records = [_record(take, item, config.views) for take, item in zip(shard_takes, decoded)]
+            present = [{view for view in config.views if view in item.clips} for item in decoded]
+            if shard in retry:
+                _keep_committed_views(cache, config, shard, tokens, present)
+            records = [_record(take, views, config.views) for take, views in zip(shard_takes, present)]
             failures = {take.take_uid: item.failures for take, item in zip(shard_takes, decoded) if item.failures}
-            if shard in rewrite:  # only now, and first: a reader must not see it while it is rewritten
+            if shard in retry:  # only now, and first: a reader must not see it while it is rewritten
                 cache.uncommit_shard(config.split, shard)
             elif shard in cache.committed_shards(config.split):
                 # another writer committed it since the run started (say ranks orphaned by a killed torchrun):
@@ -394,14 +403,27 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
                 continue
             cache.write_shard(config.split, shard, tokens, records, failures,
                               {take.take_uid: video_files(take, config.views, config.root) for take in shard_takes})
-            rewrite.discard(shard)
-            for item in decoded:
-                summary.clips += len(item.clips)
-                summary.computed_takes += 1
-                if on_take:
-                    on_take(len(item.clips))
+            retried = retry.pop(shard, None)
+            for take, item in zip(shard_takes, decoded):
+                if retried is None or take.take_uid in retried:  # not the takes whose features were all kept
+                    summary.clips += len(item.clips)
+                    summary.computed_takes += 1
+                    if on_take:
+                        on_take(len(item.clips))
     finally:
         decoder_crashes.stop_workers(batches)
+
+
+def _keep_committed_views(cache: FeatureCache, config: ExtractConfig, shard: int, tokens: np.ndarray,
+                          present: list[set[str]]) -> None:
+    """Put the committed features of a retried shard's views that had not failed into `tokens` ((k, V, 1 + T, D)),
+    and add those views to `present` (one set per take)."""
+    kept, marker = cache.read_committed_shard(config.split, shard)  # checked: damage since the run began raises
+    for i, record in enumerate(marker["records"]):
+        for v, view in enumerate(config.views):
+            if record["present"][v]:
+                tokens[i, v] = kept[i, v]
+                present[i].add(view)
 
 
 def _group_by_shard(batches, sizes: dict[int, int]) -> Iterator[tuple[int, list[DecodedTake]]]:
@@ -431,12 +453,12 @@ def encode_shard(encode: Callable, model: torch.nn.Module, decoded: list[Decoded
     return out
 
 
-def _record(take: Take, decoded: DecodedTake, views: tuple[str, ...]) -> TakeRecord:
+def _record(take: Take, present: set[str], views: tuple[str, ...]) -> TakeRecord:
     return TakeRecord(
         take_uid=take.take_uid,
         take_name=take.take_name,
         split=take.split,
         label=int(take.label),
         scenario=take.scenario,
-        present=tuple(view in decoded.clips for view in views),
+        present=tuple(view in present for view in views),
     )

@@ -47,8 +47,8 @@ def extract(
     ),
     retry_failed: Optional[bool] = typer.Option(
         None, "--retry-failed/--no-retry-failed",
-        help="Re-extract the shards that recorded failed views, after fixing or fetching those files (their other "
-             "takes are recomputed too: a shard is written whole).",
+        help="Decode the failed views again, after fixing or fetching those files; the other views keep their "
+             "cached features.",
     ),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON config file; flags override it."),
 ) -> None:

@@ -169,8 +169,8 @@ def test_retry_failed_re_extracts_only_the_shards_with_failed_views_once_the_fil
     retried = run_cli(*args, "--retry-failed")
     assert retried.exit_code == 0, retried.output
     takes = len(load_takes(root, "train"))
-    rewritten = takes - 2 * ((takes - 1) // 2)  # the takes of the last shard of 2
-    assert f"computed {rewritten}, already cached {takes - rewritten};" in " ".join(retried.output.split())
+    # the take with the failed view; its shard's other take keeps its features
+    assert f"computed 1, already cached {takes - 1};" in " ".join(retried.output.split())
     after = markers(tmp_path / "cache")
     last = max(after)
     assert after[last] != before[last] and {k: v for k, v in after.items() if k != last} == {
@@ -182,6 +182,40 @@ def test_retry_failed_re_extracts_only_the_shards_with_failed_views_once_the_fil
     retried_split, clean_split = FeatureCache.open(tmp_path / "cache").read("train"), FeatureCache.open(clean).read("train")
     assert retried_split.present.all()
     np.testing.assert_array_equal(retried_split.tokens, clean_split.tokens)
+
+
+def test_retry_failed_decodes_only_the_failed_views_and_keeps_the_others_even_if_their_files_broke_since(
+        dataset, backbone_dir, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-r", str(dataset), str(root)], check=True)
+    first, second = load_takes(root, "train")[:2]  # shard 0 (of 2 takes)
+    good = first.videos["exo2"].read_bytes()
+    first.videos["exo2"].write_bytes(b"")
+    config = ExtractConfig(root=root, cache=tmp_path / "cache", backbone=str(backbone_dir), frames=FRAMES,
+                           views=("ego", "exo2"), workers=0, shard_size=2)
+    assert set(run_extraction(config).failures) == {first.take_uid}
+    before = FeatureCache.open(tmp_path / "cache").read("train")
+    first.videos["exo2"].write_bytes(good)  # fetched again
+    first.videos["ego"].write_bytes(b"")  # while files that had decoded broke since (a disk, a sync)
+    second.videos["exo2"].unlink()
+    decoded = []
+
+    def recording(path, sampling):
+        decoded.append(Path(path))
+        return decode_clip(path, sampling)
+
+    monkeypatch.setattr(extraction, "decode_clip", recording)
+    summary = run_extraction(dataclasses.replace(config, retry_failed=True))
+    assert decoded == [first.videos["exo2"]]  # nothing else, in any shard
+    assert summary.failures == {} and (summary.computed_takes, summary.clips) == (1, 1)
+    after = FeatureCache.open(tmp_path / "cache").read("train")
+    assert after.present.all() and [r.take_uid for r in after.records] == [r.take_uid for r in before.records]
+    kept = np.ones_like(before.present)
+    kept[0, 1] = False  # the first take's exo2: decoded now
+    np.testing.assert_array_equal(after.tokens[kept], before.tokens[kept])
+    clean = run_extraction(dataclasses.replace(config, cache=tmp_path / "clean", root=dataset))
+    assert clean.failures == {}
+    np.testing.assert_array_equal(after.tokens, FeatureCache.open(tmp_path / "clean").read("train").tokens)
 
 
 def test_an_interrupted_retry_keeps_the_commits_of_the_shards_it_had_not_reached(dataset, backbone_dir, tmp_path,
