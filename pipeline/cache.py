@@ -158,7 +158,8 @@ class FeatureCache:
                 raise CacheError(
                     f"{self.root}: split {split!r} was planned with a different set of takes "
                     f"({len(planned)} takes, now {len(take_uids)}); the annotation file changed. "
-                    "Use another --cache folder."
+                    f"Use another --cache folder, with `--reuse {self.root}` to copy the features of the takes "
+                    "they share instead of extracting them again."
                 )
             # never recreate a planned split's array: a rank that cannot see it yet (a shared
             # filesystem's attribute cache) would wipe the shards that other ranks committed

@@ -4,8 +4,9 @@ Decoding runs in DataLoader worker processes (overlapping the model) when `worke
 are batched across the takes and views of one shard, never across shards, so a resumed run
 forms exactly the batches an uninterrupted run would and writes identical features. A file that
 crashes the decoder itself costs only its view (pipeline.decoder_crashes): the run goes on, and
-so does a rerun after a crash of the main process. `--retry-failed` decodes only the failed views
-of a committed shard again and keeps the features of its other views.
+so does a rerun after a crash of the main process. Views whose features are known already are not
+decoded: `--retry-failed` decodes only the failed views of a committed shard again and keeps the
+others' features, and `--reuse OTHER` copies what another cache holds (pipeline.feature_reuse).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import warnings
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -30,6 +32,7 @@ from pipeline.cache_upkeep import refresh_committed_shards, uncommit_damaged_sha
 from pipeline.config import ConfigError, device_problem, output_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import CrashGuard, decoding, triage
 from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error
+from pipeline.feature_reuse import FeatureDonor
 from pipeline.skill_model import read_model_spec
 from pipeline.takes import VIEWS, Take, load_takes, video_files
 from pipeline.video import SAMPLING_NAMES, ClipSampling, VideoError, decode_clip, preprocess
@@ -69,6 +72,8 @@ class ExtractConfig:
     # decode again the failed views of committed shards (after the files were fixed or fetched); the shards' other
     # views keep their committed features, so a file that broke since costs nothing already extracted
     retry_failed: bool = False
+    # another cache whose features of the same takes, made the same way, are copied instead of extracted again
+    reuse: Path | None = None
 
     def __post_init__(self):
         # the other stages' view settings (ego+exos, exos, ego+exo2) name views too
@@ -87,6 +92,8 @@ class ExtractConfig:
         if not self.compile:  # a setting of the compiled forward (a compiled run's saved config may carry it)
             object.__setattr__(self, "frozen_weights", None)
         problems += filter(None, [device_problem(self.device), output_problem("cache", self.cache)])
+        if self.reuse is not None and Path(self.reuse).resolve() == Path(self.cache).resolve():
+            problems.append(f"reuse must be another cache than {self.cache}")
         if problems:
             raise ConfigError("ExtractConfig: " + "; ".join(problems))
 
@@ -105,6 +112,7 @@ class ExtractSummary:
     total_takes: int
     computed_takes: int = 0
     skipped_takes: int = 0  # already committed by an earlier run
+    reused_takes: int = 0  # every view copied from the --reuse cache
     clips: int = 0
     seconds: float = 0.0
     failures: dict = field(default_factory=dict)  # take_uid -> view -> reason, this split
@@ -226,21 +234,31 @@ class DecodedTake:
     failures: dict[str, str]  # view -> reason
 
 
+@dataclass
+class KnownFeatures:
+    """A pending shard's views that need no decoding: the committed ones of a shard that --retry-failed rewrites, or
+    another cache's (--reuse)."""
+
+    decode: dict[str, tuple[str, ...]]  # take_uid -> its views still to decode; a take not named decodes none
+    read: Callable[[], list[dict[str, np.ndarray]]]  # per take of the shard: view -> (1 + T, D) features
+    rewrite: bool  # a committed shard of this cache: uncommitted just before it is written
+
+
 class ShardTakes(IterableDataset):
     """Decodes the takes of the given shards in order; worker w of W decodes takes w, w+W, ...
 
-    `retry`: shard -> take_uid -> views; in those shards (committed, being retried) only these views are decoded."""
+    `only`: shard -> take_uid -> views; in those shards only these views are decoded (KnownFeatures.decode)."""
 
     def __init__(self, shards: list[tuple[int, list[Take]]], views: tuple[str, ...], sampling: ClipSampling,
-                 crash_guard: CrashGuard, retry: dict[int, dict[str, tuple[str, ...]]]):
-        self.shards, self.views, self.sampling, self.crash_guard, self.retry = shards, views, sampling, crash_guard, retry
+                 crash_guard: CrashGuard, only: dict[int, dict[str, tuple[str, ...]]]):
+        self.shards, self.views, self.sampling, self.crash_guard, self.only = shards, views, sampling, crash_guard, only
 
     def __iter__(self) -> Iterator[DecodedTake]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         items = [(shard, pos, take) for shard, takes in self.shards for pos, take in enumerate(takes)]
         for shard, position, take in items[worker::num_workers]:
-            views = self.retry[shard].get(take.take_uid, ()) if shard in self.retry else self.views
+            views = self.only[shard].get(take.take_uid, ()) if shard in self.only else self.views
             yield decode_take(take, views, self.sampling, shard, position, self.crash_guard)
 
 
@@ -298,6 +316,8 @@ def run_extraction(
                 held.enter_context(first_writer(lock, subject))
             model, weights_sha256 = load_extraction_model(config)
             spec = build_cache_spec(config, model, weights_sha256)
+            if ranks.is_main and config.reuse:
+                FeatureDonor(config.reuse, spec)  # refused (made otherwise, not a cache) before this cache is touched
             if ranks.is_main:
                 if not lock_first:
                     held.enter_context(first_writer(lock, subject))
@@ -323,23 +343,20 @@ def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: Feature
     plan = cache.plan_split(config.split, [take.take_uid for take in takes], create=ranks.is_main)
     owned_shards = [(k, [by_uid[uid] for uid in uids]) for k, uids in enumerate(plan) if ranks.owns(k)]
     done = cache.committed_shards(config.split)
-    # --retry-failed: committed shards with failed views -> take_uid -> those views, to decode again
-    retry: dict[int, dict[str, tuple[str, ...]]] = {}
-    if config.retry_failed:
-        for k, shard_takes in owned_shards:
-            if k in done and (failed := cache.shard_failures(config.split, k)):
-                retry[k] = {uid: tuple(view for view in config.views if view in views) for uid, views in failed.items()}
-                decoder_crashes.forget(config.cache, list(failed))
-    pending = [(k, takes) for k, takes in owned_shards if k not in done or k in retry]
-    summary = ExtractSummary(total_takes=sum(len(t) for _, t in owned_shards),
-                             skipped_takes=sum(len(t) - len(retry.get(k, ())) for k, t in owned_shards if k in done))
+    known = _known_features(config, cache, owned_shards, done)
+    pending = [(k, takes) for k, takes in owned_shards if k not in done or k in known]
+    summary = ExtractSummary(
+        total_takes=sum(len(t) for _, t in owned_shards),
+        skipped_takes=sum(len(t) - len(known[k].decode if k in known else ()) for k, t in owned_shards if k in done),
+        reused_takes=sum(len(t) - len(known[k].decode) for k, t in owned_shards if k in known and k not in done),
+    )
     if on_start:
-        on_start(summary.total_takes, summary.skipped_takes)
+        on_start(summary.total_takes, summary.skipped_takes + summary.reused_takes)
     started = time.perf_counter()
     crashes = triage(config.cache)  # files that crashed the decoder in an earlier run
     while pending:
         try:
-            _extract_shards(config, model, cache, pending, crashes, summary, on_take, retry)
+            _extract_shards(config, model, cache, pending, crashes, summary, on_take, known)
             break
         except RuntimeError as err:
             if config.workers == 0 or not decoder_crashes.worker_died(err):  # decoding in this process, or another cause
@@ -353,7 +370,7 @@ def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: Feature
                 raise
             crashes = found  # record those views as failed and go on with the shards not yet committed
             done = cache.committed_shards(config.split)
-            pending = [(k, takes) for k, takes in pending if k not in done or k in retry]
+            pending = [(k, takes) for k, takes in pending if k not in done or k in known and known[k].rewrite]
     summary.seconds = time.perf_counter() - started
     barrier(ranks)
     if ranks.is_main:
@@ -363,19 +380,50 @@ def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: Feature
     return summary
 
 
+def _known_features(config: ExtractConfig, cache: FeatureCache, owned_shards: list[tuple[int, list[Take]]],
+                    done: set[int]) -> dict[int, KnownFeatures]:
+    """Shard -> its views that need no decoding: with --retry-failed, a committed shard's views that did not fail;
+    with --reuse, a pending shard's views that the other cache holds."""
+    known = {}
+    donor = FeatureDonor(config.reuse, cache.spec) if config.reuse else None
+    for k, shard_takes in owned_shards:
+        if k in done and config.retry_failed and (failed := cache.shard_failures(config.split, k)):
+            decoder_crashes.forget(config.cache, list(failed))  # their files are decoded again, guarded as ever
+            known[k] = KnownFeatures({uid: tuple(view for view in config.views if view in views) for uid, views in failed.items()},
+                                     partial(_committed_views, cache, config, k), rewrite=True)
+        elif k not in done and donor and any(reusable := [donor.reusable_views(take, config.views, config.root)
+                                                          for take in shard_takes]):
+            decode = {take.take_uid: tuple(view for view in config.views if view not in views)
+                      for take, views in zip(shard_takes, reusable) if len(views) < len(config.views)}
+            known[k] = KnownFeatures(decode, partial(_donated_views, donor, shard_takes, reusable), rewrite=False)
+    return known
+
+
+def _committed_views(cache: FeatureCache, config: ExtractConfig, shard: int) -> list[dict[str, np.ndarray]]:
+    """The features of a committed shard's present views, per take (checked: damage since the run began raises)."""
+    data, marker = cache.read_committed_shard(config.split, shard)
+    return [{view: data[i, v] for v, view in enumerate(config.views) if record["present"][v]}
+            for i, record in enumerate(marker["records"])]
+
+
+def _donated_views(donor: FeatureDonor, takes: list[Take], reusable: list[set[str]]) -> list[dict[str, np.ndarray]]:
+    return [donor.features(take.take_uid, views) if views else {} for take, views in zip(takes, reusable)]
+
+
 def _as_is(item: DecodedTake) -> DecodedTake:
     return item
 
 
 def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: FeatureCache, pending: list[tuple[int, list[Take]]],
                     crashes: dict[tuple[str, str], str], summary: ExtractSummary, on_take: Callable[[int], None] | None,
-                    retry: dict[int, dict[str, tuple[str, ...]]]) -> None:
+                    known: dict[int, KnownFeatures]) -> None:
     """Decode (in DataLoader workers), encode and commit the pending shards, one whole shard at a time.
 
-    A shard in `retry` (committed before) has only its failed views decoded; it is read, then uncommitted just before
-    it is written with its other views' features as they were, then left out of `retry`."""
+    Of a shard in `known` only the views still to decode are decoded; its known features are read just before it is
+    written (a committed one of this cache uncommitted just before that), then it is left out of `known`."""
+    only = {k: entry.decode for k, entry in known.items()}
     loader = DataLoader(
-        ShardTakes(pending, config.views, config.clip_sampling, CrashGuard(Path(config.cache), crashes), retry),
+        ShardTakes(pending, config.views, config.clip_sampling, CrashGuard(Path(config.cache), crashes), only),
         batch_size=None,
         num_workers=config.workers,
         collate_fn=_as_is,  # a module-level function: spawned or forkserver workers pickle it
@@ -391,11 +439,14 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
             shard_takes = takes_by_shard[shard]
             tokens = encode_shard(encode, model, decoded, config)
             present = [{view for view in config.views if view in item.clips} for item in decoded]
-            if shard in retry:
-                _keep_committed_views(cache, config, shard, tokens, present)
+            entry = known.get(shard)
+            for i, features in enumerate(entry.read() if entry else ()):
+                for view, row in features.items():
+                    tokens[i, config.views.index(view)] = row
+                    present[i].add(view)
             records = [_record(take, views, config.views) for take, views in zip(shard_takes, present)]
             failures = {take.take_uid: item.failures for take, item in zip(shard_takes, decoded) if item.failures}
-            if shard in retry:  # only now, and first: a reader must not see it while it is rewritten
+            if entry and entry.rewrite:  # only now, and first: a reader must not see it while it is rewritten
                 cache.uncommit_shard(config.split, shard)
             elif shard in cache.committed_shards(config.split):
                 # another writer committed it since the run started (say ranks orphaned by a killed torchrun):
@@ -403,27 +454,15 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
                 continue
             cache.write_shard(config.split, shard, tokens, records, failures,
                               {take.take_uid: video_files(take, config.views, config.root) for take in shard_takes})
-            retried = retry.pop(shard, None)
+            known.pop(shard, None)
             for take, item in zip(shard_takes, decoded):
-                if retried is None or take.take_uid in retried:  # not the takes whose features were all kept
+                if entry is None or take.take_uid in entry.decode:  # not the takes whose every view was known
                     summary.clips += len(item.clips)
                     summary.computed_takes += 1
                     if on_take:
                         on_take(len(item.clips))
     finally:
         decoder_crashes.stop_workers(batches)
-
-
-def _keep_committed_views(cache: FeatureCache, config: ExtractConfig, shard: int, tokens: np.ndarray,
-                          present: list[set[str]]) -> None:
-    """Put the committed features of a retried shard's views that had not failed into `tokens` ((k, V, 1 + T, D)),
-    and add those views to `present` (one set per take)."""
-    kept, marker = cache.read_committed_shard(config.split, shard)  # checked: damage since the run began raises
-    for i, record in enumerate(marker["records"]):
-        for v, view in enumerate(config.views):
-            if record["present"][v]:
-                tokens[i, v] = kept[i, v]
-                present[i].add(view)
 
 
 def _group_by_shard(batches, sizes: dict[int, int]) -> Iterator[tuple[int, list[DecodedTake]]]:

@@ -37,7 +37,8 @@ def extract_with_progress(settings: ExtractConfig, console: Console | None = Non
     where = f"rank {ranks.rank}/{ranks.world_size} " if ranks.world_size > 1 else ""
     console.print(
         f"{where}{settings.split}: {summary.total_takes} takes; computed {summary.computed_takes}, "
-        f"already cached {summary.skipped_takes}; {summary.clips} clips in {summary.seconds:.1f} s "
+        f"already cached {summary.skipped_takes}"
+        f"{f', copied from --reuse {summary.reused_takes}' if settings.reuse else ''}; {summary.clips} clips in {summary.seconds:.1f} s "
         f"({rate:.2f} clips/s) -> {escape(str(settings.cache))}"
     )
     if summary.failures and ranks.is_main:

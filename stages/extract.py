@@ -50,13 +50,18 @@ def extract(
         help="Decode the failed views again, after fixing or fetching those files; the other views keep their "
              "cached features.",
     ),
+    reuse: Optional[Path] = typer.Option(
+        None, help="Another cache to copy features from: the takes it holds, made the same way from the same video "
+                   "files, are copied, not extracted again (say after the annotations added takes, or for fewer "
+                   "views). Its other settings must match this run's.",
+    ),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON config file; flags override it."),
 ) -> None:
     """Decode takes, run the backbone per view, and commit token features to a zarr cache (resumable)."""
     overrides = dict(
         root=root, split=split, cache=cache, backbone=backbone, frames=frames, sampling=sampling, views=views, adapter=adapter,
         device=device, precision=precision, batch_size=batch_size, workers=workers, shard_size=shard_size,
-        compile=compile, frozen_weights=frozen_weights, retry_failed=retry_failed,
+        compile=compile, frozen_weights=frozen_weights, retry_failed=retry_failed, reuse=reuse,
     )
     settings = load_config(ExtractConfig, config, overrides)
     if frozen_weights is not None and not settings.compile:

@@ -603,7 +603,7 @@ def test_a_rerun_after_the_annotations_changed_updates_labels_in_place_and_extra
         rerun = run_cli(*extract_args(root, cache_dir, backbone_dir))
     assert rerun.exit_code == 0, rerun.output
     said = " ".join(str(w.message) for w in warned)
-    assert f"1 cached take(s) of split train have another label" in said and relabelled in said
+    assert "1 cached take(s) of split train have another label" in said and relabelled in said
     assert f"other video files for {moved}" in said
     after = markers(cache_dir)
     last = max(before)
