@@ -618,3 +618,36 @@ def test_a_rerun_after_the_annotations_changed_updates_labels_in_place_and_extra
     np.testing.assert_array_equal(second.tokens[-1][[exo1, exo2]], first.tokens[-1][[exo2, exo1]])  # extracted again
     again = run_cli(*extract_args(root, cache_dir, backbone_dir))
     assert again.exit_code == 0 and markers(cache_dir) == after  # now in line: nothing to do
+
+
+def test_a_marker_written_before_video_files_were_recorded_takes_a_renamed_folder_as_a_new_name(dataset, backbone_dir,
+                                                                                                tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(dataset, root)
+    cache_dir = tmp_path / "cache"
+    config = ExtractConfig(root=root, cache=cache_dir, backbone=str(backbone_dir), frames=FRAMES, views=("ego",),
+                           workers=0, shard_size=2)
+    run_extraction(config)
+    for path in (cache_dir / "shards" / "train").glob("*.json"):  # as the markers of before the twelfth session
+        marker = read_json(path)
+        del marker["videos"], marker["data_bytes"]
+        write_json_atomic(path, marker)
+    first = FeatureCache.open(cache_dir).read("train")
+    renamed = first.records[0].take_uid
+    annotations = root / "annotations" / "proficiency_demonstrator_train.json"
+    document = json.loads(annotations.read_text())
+    record = next(r for r in document["annotations"] if r["take_uid"] == renamed)
+    old_name = record["video_paths"]["ego"].split("/")[1]
+    (root / "takes" / old_name).rename(root / "takes" / f"{old_name}_v2")
+    record["video_paths"] = {view: path.replace(f"takes/{old_name}/", f"takes/{old_name}_v2/")
+                             for view, path in record["video_paths"].items()}
+    annotations.write_text(json.dumps(document))
+    before = markers(cache_dir)
+    with pytest.warns(UserWarning, match="another label, scenario or folder"):
+        summary = run_extraction(config)
+    assert summary.computed_takes == 0  # the files are not compared: the name is updated in place
+    after = markers(cache_dir)
+    assert {name for name in before if after[name] != before[name]} == {"00000.json"}
+    second = FeatureCache.open(cache_dir).read("train")
+    assert second.records[0].take_name == f"{old_name}_v2" and second.records[1:] == first.records[1:]
+    np.testing.assert_array_equal(second.tokens, first.tokens)
