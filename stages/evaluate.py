@@ -17,10 +17,12 @@ from pipeline.checkpoints import HEAD_INFO
 from pipeline.config import ConfigError, output_problem
 from pipeline.decoder_crashes import CrashGuard, explained_worker_death, triage
 from pipeline.evaluation import evaluate_split, predict_takes
+from pipeline.files import remove_temporary_files
 from pipeline.fusion import VIEW_ORDER_DEPENDENT
 from pipeline.skill_model import ModelSpec, load_skill_model, read_model_spec
 from pipeline.takes import LABEL_NAMES, ProficiencyLabel, Take, load_takes, resolve_view_files, slots_by_another_camera
 from pipeline.views import FAILURES_EXIT, absent_views, parse_view_setting
+from pipeline.writer_lock import RUN_LOCK, first_writer
 
 
 def _another_runs_folder(out: Path) -> str | None:
@@ -77,14 +79,18 @@ def evaluate(
                 # a fit-head cell's head may run in another precision than its cache's backbone (None: the backbone's)
                 "head_precision": model.head_precision or spec.precision,
                 "backbone_forward": bb.COMPILED_FORWARDS[spec.frozen_weights] if spec.compiled else "eager"}
-    guard = CrashGuard(out, triage(out))  # videos that crashed the decoder in an earlier try: absent views now
-    try:
-        metrics = evaluate_split(model, takes, spec.views, spec.clip_sampling, spec.precision, out, settings, device,
-                                 workers, guard)
-    except RuntimeError as err:
-        if explained := explained_worker_death(out, err, "the same command"):
-            raise explained from err
-        raise
+    # one evaluate writes a folder at a time, so the temporary files of an earlier one that was killed mid-write can
+    # be told from a live writer's, and go
+    with first_writer(out / RUN_LOCK, f"the evaluate folder {out}"):
+        remove_temporary_files([out])
+        guard = CrashGuard(out, triage(out))  # videos that crashed the decoder in an earlier try: absent views now
+        try:
+            metrics = evaluate_split(model, takes, spec.views, spec.clip_sampling, spec.precision, out, settings, device,
+                                     workers, guard)
+        except RuntimeError as err:
+            if explained := explained_worker_death(out, err, "the same command"):
+                raise explained from err
+            raise
     console = Console()
     console.print(f"{split}: accuracy {metrics['accuracy']:.3f} over {metrics['num_takes']} takes -> {escape(str(out))}")
     if metrics["takes_with_absent_views"]:

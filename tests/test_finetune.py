@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from pipeline import backbone as bb
 from pipeline import evaluation
 from pipeline import finetune as finetune_module
+from pipeline import writer_lock
 from pipeline.cache import FeatureCache
 from pipeline.checkpoints import load_head
 from pipeline.config import ConfigError
@@ -210,6 +211,24 @@ def test_a_cell_kept_in_its_cache_folder_is_evaluated_into_its_own_folder(world,
     assert result.exit_code == 0, result.output  # until the thirteenth session: refused as inside the cache
     evaluated = [json.loads(line)["predicted"] for line in (cell / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert evaluated == [json.loads(line)["predicted"] for line in (fitted_cell / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_one_evaluate_writes_a_folder_at_a_time_and_the_next_removes_a_killed_ones_temporary_files(
+        world, fitted_cell, tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    killed = out / ".metrics.json.0a1b2c3d.tmp"  # write_bytes_atomic's name, left by an evaluate killed mid-write
+    killed.write_text("{")
+    users = out / ".notes.tmp"
+    users.write_text("mine")
+    with writer_lock.first_writer(out / writer_lock.RUN_LOCK, "that folder"):  # another evaluate, still running
+        refused = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(fitted_cell), "--root", str(world / "data"),
+                                           "--out", str(out)])
+        assert refused.exit_code == 2 and "is being written by another run" in " ".join(refused.output.split())
+        assert killed.exists() and not (out / "metrics.json").exists()
+    result = cli("evaluate", "--checkpoint", fitted_cell, "--root", world / "data", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert not killed.exists() and users.read_text() == "mine" and (out / "metrics.json").is_file()
 
 
 def test_evaluate_and_finetune_refuse_a_split_without_takes(world, tmp_path):
