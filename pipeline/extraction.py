@@ -310,14 +310,14 @@ def run_extraction(
     # that loading makes, which must not leave a folder behind
     lock_first = ranks.is_main and Path(config.cache).is_dir()
     with ExitStack() as held:  # the split's writer lock (pipeline.writer_lock), for the whole run
-        setup_error = None
+        setup_error, donor = None, None
         try:
             if lock_first:
                 held.enter_context(first_writer(lock, subject))
             model, weights_sha256 = load_extraction_model(config)
             spec = build_cache_spec(config, model, weights_sha256)
-            if ranks.is_main and config.reuse:
-                FeatureDonor(config.reuse, spec)  # refused (made otherwise, not a cache) before this cache is touched
+            if ranks.is_main and config.reuse:  # refused (made otherwise, not a cache) before this cache is touched
+                donor = FeatureDonor(config.reuse, spec)
             if ranks.is_main:
                 if not lock_first:
                     held.enter_context(first_writer(lock, subject))
@@ -326,24 +326,29 @@ def run_extraction(
                 cache.plan_split(config.split, [take.take_uid for take in takes])
                 uncommit_damaged_shards(cache, config.split)
                 refresh_committed_shards(cache, config.split, takes, config.views, config.root)
-                save_config(config, Path(config.cache) / f"extract-{config.split}.json")
+                # without --reuse: it changes no feature, only what is computed, and the other cache may be gone
+                # by the time this config is passed back (there is no flag to clear it)
+                save_config(dataclasses.replace(config, reuse=None), Path(config.cache) / f"extract-{config.split}.json")
         except (ConfigError, CacheError) as err:
             setup_error = err
         barrier_sharing_main_error(ranks, setup_error, (ConfigError, CacheError))
         if not ranks.is_main:
             held.enter_context(joining_writer(lock, subject))
-        return _extract_split(config, model, FeatureCache.open_or_create(config.cache, spec), takes, on_take, on_start, ranks)
+        if config.reuse and donor is None:  # the other ranks' own index
+            donor = FeatureDonor(config.reuse, spec)
+        return _extract_split(config, model, FeatureCache.open_or_create(config.cache, spec), takes, on_take, on_start,
+                              ranks, donor)
 
 
 def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: FeatureCache, takes: list[Take],
                    on_take: Callable[[int], None] | None, on_start: Callable[[int, int], None] | None,
-                   ranks: Ranks) -> ExtractSummary:
+                   ranks: Ranks, donor: FeatureDonor | None) -> ExtractSummary:
     """run_extraction once the split is planned and locked: this rank's pending shards, then the failure summary."""
     by_uid = {take.take_uid: take for take in takes}
     plan = cache.plan_split(config.split, [take.take_uid for take in takes], create=ranks.is_main)
     owned_shards = [(k, [by_uid[uid] for uid in uids]) for k, uids in enumerate(plan) if ranks.owns(k)]
     done = cache.committed_shards(config.split)
-    known = _known_features(config, cache, owned_shards, done)
+    known = _known_features(config, cache, owned_shards, done, donor)
     pending = [(k, takes) for k, takes in owned_shards if k not in done or k in known]
     summary = ExtractSummary(
         total_takes=sum(len(t) for _, t in owned_shards),
@@ -381,11 +386,10 @@ def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: Feature
 
 
 def _known_features(config: ExtractConfig, cache: FeatureCache, owned_shards: list[tuple[int, list[Take]]],
-                    done: set[int]) -> dict[int, KnownFeatures]:
+                    done: set[int], donor: FeatureDonor | None) -> dict[int, KnownFeatures]:
     """Shard -> its views that need no decoding: with --retry-failed, a committed shard's views that did not fail;
     with --reuse, a pending shard's views that the other cache holds."""
     known = {}
-    donor = FeatureDonor(config.reuse, cache.spec) if config.reuse else None
     for k, shard_takes in owned_shards:
         if k in done and config.retry_failed and (failed := cache.shard_failures(config.split, k)):
             decoder_crashes.forget(config.cache, list(failed))  # their files are decoded again, guarded as ever

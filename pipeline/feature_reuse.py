@@ -27,7 +27,10 @@ class FeatureDonor:
     """The committed, fully recorded takes of another cache (every split), to copy features from."""
 
     def __init__(self, root: Path, spec: CacheSpec):
-        self.cache = FeatureCache.open(root)
+        try:
+            self.cache = FeatureCache.open(root)
+        except CacheError as err:
+            raise CacheError(f"--reuse: {err}") from None
         differences = [line for line in spec_differences(asdict(self.cache.spec), asdict(spec), "--reuse cache has")
                        if line.split(":")[0] not in FREE_KEYS]
         if differences:
@@ -35,22 +38,28 @@ class FeatureDonor:
             raise CacheError(f"--reuse {root}: its features were made differently; refusing to copy them:\n{listing}")
         # take_uid -> (split, shard, row in shard, view -> its video file, where the view is present)
         self.takes: dict[str, tuple[str, int, int, dict[str, str]]] = {}
-        for split in self.cache.splits():
-            for shard in sorted(self.cache.committed_shards(split)):
-                try:
-                    marker = self.cache.shard_marker(split, shard)
-                except FileNotFoundError:  # uncommitted meanwhile by a run rewriting it: its takes are extracted here
-                    continue
-                except CacheError as err:
-                    warnings.warn(f"--reuse: {err}; its takes are extracted here", stacklevel=2)
-                    continue
-                for row, record in enumerate(marker["records"]):
-                    files = marker.get("videos", {}).get(record["take_uid"])  # markers before 2026-12-05 have none
-                    if files is not None:
-                        present = {view: files[view] for view, ok in zip(self.cache.spec.views, record["present"])
-                                   if ok and view in files}
-                        self.takes[record["take_uid"]] = (split, shard, row, present)
-        self._shard: tuple[tuple[str, int], np.ndarray, list[dict]] | None = None  # the last shard read (a split's takes come in order)
+        self.markers: dict[tuple[str, int], dict] = {}  # as indexed: a copy checks that its shard is still this one
+        try:
+            for split in self.cache.splits():
+                self._index_split(split)
+        except FileNotFoundError:  # a marker went between listing and reading it
+            raise self._changed() from None
+        self._shard: tuple[tuple[str, int], np.ndarray] | None = None  # the last shard read (takes come in row order)
+
+    def _index_split(self, split: str) -> None:
+        """Index the committed shards of `split` whose data is sound (every one is read: ~0.4 s for the 1,904 train
+        takes at T=16); a damaged one is left out with a warning, and its takes are extracted here."""
+        for shard, problem in (damaged := self.cache.damaged_shards(split)).items():
+            warnings.warn(f"--reuse {self.cache.root}: the data of shard {shard} of split {split} is damaged ({problem}); "
+                          "its takes are extracted here", stacklevel=3)
+        for shard in sorted(self.cache.committed_shards(split) - set(damaged)):
+            marker = self.markers[(split, shard)] = self.cache.shard_marker(split, shard)
+            for row, record in enumerate(marker["records"]):
+                files = marker.get("videos", {}).get(record["take_uid"])  # markers before 2026-12-05 have none
+                if files is not None:
+                    present = {view: files[view] for view, ok in zip(self.cache.spec.views, record["present"])
+                               if ok and view in files}
+                    self.takes[record["take_uid"]] = (split, shard, row, present)
 
     def reusable_views(self, take: Take, views: tuple[str, ...], root: Path) -> set[str]:
         """The views of `take` whose features the other cache holds, made from the same video files."""
@@ -60,15 +69,21 @@ class FeatureDonor:
         return {view for view in views if view in present and present[view] == files.get(view)}
 
     def features(self, take_uid: str, views: set[str]) -> dict[str, np.ndarray]:
-        """view -> (1 + T, D) float16 features of those (reusable) views; a CacheError if the other cache's data is
-        damaged."""
+        """view -> (1 + T, D) float16 features of those (reusable) views; a CacheError if the other cache changed since
+        it was indexed (a run writing it) or its data is damaged."""
         split, shard, row, _ = self.takes[take_uid]
         if self._shard is None or self._shard[0] != (split, shard):
-            data, marker = self.cache.read_committed_shard(split, shard)
-            self._shard = (split, shard), data, marker["records"]
-        _, data, records = self._shard
-        columns = {view: self.cache.spec.views.index(view) for view in views}
-        if records[row]["take_uid"] != take_uid or not all(records[row]["present"][v] for v in columns.values()):
-            raise CacheError(f"--reuse {self.cache.root}: shard {shard} of split {split} changed while this run read it "
-                             "(an extract run is rewriting it); rerun once that run has ended")
-        return {view: data[row, v] for view, v in columns.items()}
+            try:
+                data, marker = self.cache.read_committed_shard(split, shard)
+            except FileNotFoundError:
+                raise self._changed() from None
+            except CacheError as err:  # damaged since it was indexed: a rerun indexes it as damaged, and extracts those
+                raise CacheError(f"--reuse: {err}") from None
+            if marker != self.markers[(split, shard)]:  # rewritten since: its features may come from other files now
+                raise self._changed()
+            self._shard = (split, shard), data
+        return {view: self._shard[1][row, self.cache.spec.views.index(view)] for view in views}
+
+    def _changed(self) -> CacheError:
+        return CacheError(f"--reuse {self.cache.root}: it changed while this run read it (an extract run is writing it); "
+                          "rerun once that run has ended")

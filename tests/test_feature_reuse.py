@@ -2,7 +2,10 @@
 
 import dataclasses
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from pipeline.cache import CacheError, FeatureCache
 from pipeline.config import ConfigError
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, run_extraction
+from pipeline.feature_reuse import FeatureDonor
 from pipeline.takes import annotation_path, load_takes
 from pipeline.video import decode_clip
 from stages.cli import app
@@ -91,13 +95,13 @@ def test_a_release_with_a_new_take_extracts_only_that_take_and_equals_a_clean_ru
 def test_fewer_or_other_views_copy_the_views_the_other_cache_holds(config, dataset, tmp_path, decoded):
     run_extraction(config)
     decoded.clear()
-    other = dataclasses.replace(config, cache=tmp_path / "other", views=("exo1", "exo2"), reuse=config.cache)
+    other = dataclasses.replace(config, cache=tmp_path / "other", views=("exo2", "exo1"), reuse=config.cache)
     summary = run_extraction(other)
     takes = load_takes(dataset, "train")
     assert decoded == [take.videos["exo1"] for take in takes]  # exo2 is copied
     assert (summary.computed_takes, summary.reused_takes) == (len(takes), 0)  # each take decoded a view
     full, copied = FeatureCache.open(config.cache).read("train"), FeatureCache.open(other.cache).read("train")
-    np.testing.assert_array_equal(copied.tokens[:, 1], full.tokens[:, 1])
+    np.testing.assert_array_equal(copied.tokens[:, 0], full.tokens[:, 1])  # matched by name, not by position
     assert copied.present.all()
     decoded.clear()
     result = CliRunner().invoke(app, ["extract", "--root", str(dataset), "--cache", str(tmp_path / "ego"), "--backbone",
@@ -135,19 +139,77 @@ def test_a_cache_made_otherwise_is_refused_before_anything_is_written(config, tm
     with pytest.raises(CacheError, match=r"(?s)made differently.*fingerprint\.frames: --reuse cache has 2, this run has 4"):
         run_extraction(dataclasses.replace(config, cache=tmp_path / "new", reuse=config.cache))
     assert not (tmp_path / "new").exists()
-    with pytest.raises(CacheError, match="not a skillpipe feature cache"):
+    with pytest.raises(CacheError, match="--reuse: .* not a skillpipe feature cache"):
         run_extraction(dataclasses.replace(config, cache=tmp_path / "new", reuse=tmp_path))
     assert not (tmp_path / "new").exists()
     with pytest.raises(ConfigError, match="reuse must be another cache"):
         dataclasses.replace(config, reuse=config.cache)
 
 
-def test_damaged_data_in_the_other_cache_is_refused_naming_it(config, tmp_path):
+def test_damaged_data_in_the_other_cache_is_left_out_and_its_takes_extracted(config, tmp_path, decoded):
     run_extraction(config)
     shard_file = sorted(p for p in (config.cache / "features.zarr" / "train" / "tokens").rglob("*") if p.is_file()
-                        and p.name != "zarr.json")[0]
+                        and p.name != "zarr.json")[0]  # shard 0: the first two takes
     data = bytearray(shard_file.read_bytes())
     data[100] ^= 0xFF
     shard_file.write_bytes(bytes(data))
-    with pytest.raises(CacheError, match=r"data of committed shard \d+ of split train .* is damaged"):
-        run_extraction(dataclasses.replace(config, cache=tmp_path / "new", reuse=config.cache))
+    decoded.clear()
+    with pytest.warns(UserWarning, match=r"the data of shard 0 of split train is damaged \(its checksum fails"):
+        summary = run_extraction(dataclasses.replace(config, cache=tmp_path / "new", reuse=config.cache))
+    takes = load_takes(config.root, "train")
+    assert decoded == [take.videos[view] for take in takes[:2] for view in ("ego", "exo2")]
+    assert (summary.computed_takes, summary.reused_takes) == (2, len(takes) - 2)
+    run_extraction(dataclasses.replace(config, cache=tmp_path / "clean"))
+    np.testing.assert_array_equal(FeatureCache.open(tmp_path / "new").read("train").tokens,
+                                  FeatureCache.open(tmp_path / "clean").read("train").tokens)
+
+
+def test_the_other_cache_rewritten_while_it_is_read_stops_the_run(config, tmp_path):
+    """Its rerun extracted a take again from corrected files (same row, all present): copying would take the new
+    features under the old index."""
+    root = tmp_path / "root"
+    shutil.copytree(config.root, root)
+    donor_config = dataclasses.replace(config, root=root)
+    run_extraction(donor_config)
+    takes = load_takes(root, "train")
+    donor = FeatureDonor(config.cache, FeatureCache.open(config.cache).spec)
+    path = annotation_path(root, "train")
+    document = json.loads(path.read_text())
+    paths = next(a for a in document["annotations"] if a["take_uid"] == takes[1].take_uid)["video_paths"]
+    paths["ego"], paths["exo2"] = paths["exo2"], paths["ego"]
+    path.write_text(json.dumps(document))
+    with pytest.warns(UserWarning, match="other video files"):
+        run_extraction(donor_config)
+    with pytest.raises(CacheError, match="changed while this run read it"):
+        donor.features(takes[1].take_uid, {"ego"})
+    for marker in (config.cache / "shards" / "train").glob("*.json"):
+        marker.unlink()  # uncommitted by a run rewriting it
+    with pytest.raises(CacheError, match="changed while this run read it"):
+        donor.features(takes[4].take_uid, {"ego"})
+
+
+def test_reuse_is_left_out_of_the_saved_config(config, tmp_path):
+    run_extraction(config)
+    run_extraction(dataclasses.replace(config, cache=tmp_path / "new", reuse=config.cache))
+    saved = json.loads((tmp_path / "new" / "extract-train.json").read_text())
+    assert saved["reuse"] is None and saved["cache"] == str((tmp_path / "new").resolve())
+
+
+def test_torchrun_ranks_copy_and_extract_their_own_shards(config, dataset, tmp_path):
+    takes = load_takes(dataset, "train")
+    old_root = without_takes(dataset, tmp_path / "old", {takes[2].take_uid})
+    run_extraction(dataclasses.replace(config, root=old_root, cache=tmp_path / "old-cache", shard_size=3))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launched = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "stages.cli", "extract", "--root", str(dataset),
+         "--cache", str(config.cache), "--backbone", config.backbone, "--frames", str(FRAMES), "--views", "ego,exo2",
+         "--workers", "0", "--shard-size", "1", "--reuse", str(tmp_path / "old-cache")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    counts = re.findall(r"rank \d/2 train: \d+ takes; computed (\d+), already cached 0, copied from --reuse (\d+)",
+                        " ".join(launched.stdout.split()))
+    assert len(counts) == 2 and [sum(int(c[i]) for c in counts) for i in (0, 1)] == [1, len(takes) - 1]
+    run_extraction(dataclasses.replace(config, cache=tmp_path / "clean"))
+    np.testing.assert_array_equal(FeatureCache.open(config.cache).read("train").tokens,
+                                  FeatureCache.open(tmp_path / "clean").read("train").tokens)
