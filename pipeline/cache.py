@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+import zarr.errors
 from zarr.codecs import Crc32cCodec
 
 from pipeline import decoder_crashes
@@ -368,9 +369,15 @@ class FeatureCache:
         """Committed shards of `split` whose data is not what was committed: shard -> what is wrong.
 
         Reads every committed shard (its checksums): extract checks before resuming, and extracts them again."""
-        array = zarr.open_array(store=self.root / STORE_NAME, path=f"{split}/tokens", mode="r")
+        committed = sorted(self.committed_shards(split))
+        if not committed:
+            return {}
+        try:
+            array = zarr.open_array(store=self.root / STORE_NAME, path=f"{split}/tokens", mode="r")
+        except zarr.errors.NodeNotFoundError:  # the store or the split's array was deleted: no shard of it can be read
+            return {shard: f"the split's array {self._array_path(split)} is missing" for shard in committed}
         damaged = {}
-        for shard in sorted(self.committed_shards(split)):
+        for shard in committed:
             try:
                 marker = self._marker(split, shard)
             except CacheError:

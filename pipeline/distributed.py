@@ -13,11 +13,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from pipeline.config import ConfigError
+
+T = TypeVar("T")
 
 # How long a rank waits in a collective. torch's default (30 min gloo, 10 min nccl) is too short
 # here: a rerun of extract may leave one rank with hours of shards and the others with none, and
@@ -113,6 +116,15 @@ def barrier_sharing_main_error(ranks: Ranks, error: Exception | None, kinds: tup
             raise next(kind for kind in kinds if kind.__name__ == name)(f"(rank 0) {message}")
     if error is not None:
         raise error
+
+
+def shared_by_main(ranks: Ranks, value: T) -> T:
+    """Rank 0's `value` (pickled) on every rank; `value` itself in one process. Every rank must call it."""
+    if ranks.world_size == 1:
+        return value
+    box = [value if ranks.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def local_device(device: str) -> str:

@@ -31,7 +31,7 @@ from pipeline.cache import CacheError, CacheSpec, FeatureCache, TakeRecord
 from pipeline.cache_upkeep import refresh_committed_shards, uncommit_damaged_shards
 from pipeline.config import ConfigError, device_problem, output_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import CrashGuard, decoding, triage
-from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error
+from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error, shared_by_main
 from pipeline.feature_reuse import FeatureDonor
 from pipeline.skill_model import read_model_spec
 from pipeline.takes import VIEWS, Take, load_takes, video_files
@@ -332,10 +332,10 @@ def run_extraction(
         except (ConfigError, CacheError) as err:
             setup_error = err
         barrier_sharing_main_error(ranks, setup_error, (ConfigError, CacheError))
+        if config.reuse:  # rank 0's index: the other cache is read and checked once, and no rank fails alone here
+            donor = shared_by_main(ranks, donor)
         if not ranks.is_main:
             held.enter_context(joining_writer(lock, subject))
-        if config.reuse and donor is None:  # the other ranks' own index
-            donor = FeatureDonor(config.reuse, spec)
         return _extract_split(config, model, FeatureCache.open_or_create(config.cache, spec), takes, on_take, on_start,
                               ranks, donor)
 

@@ -28,6 +28,8 @@ from pipeline.writer_lock import RUN_LOCK, first_writer
 def _another_runs_folder(out: Path) -> str | None:
     """How `out` belongs to another run (one that is not an evaluate's): its folder, finished or under way (a finetune
     run, a fit-head cell or grid), or the adapter, backbone or checkpoint a run is read from; None if it does not."""
+    if (out / "cache.json").is_file():  # evaluate's crash records and temporary-file clean-up would mix with extract's
+        return "is a feature cache's folder"
     if held := [name for name in (HEAD_INFO, "grid.json", "config.json", "checkpoint") if (out / name).exists()]:
         return f"holds another run's results or settings ({held[0]})"
     for folder in (out, *out.resolve().parents):

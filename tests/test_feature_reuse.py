@@ -213,3 +213,15 @@ def test_torchrun_ranks_copy_and_extract_their_own_shards(config, dataset, tmp_p
     run_extraction(dataclasses.replace(config, cache=tmp_path / "clean"))
     np.testing.assert_array_equal(FeatureCache.open(config.cache).read("train").tokens,
                                   FeatureCache.open(tmp_path / "clean").read("train").tokens)
+
+
+def test_a_split_of_the_other_cache_whose_array_was_deleted_is_left_out_with_one_warning(config, tmp_path, decoded):
+    run_extraction(config)
+    run_extraction(dataclasses.replace(config, split="val"))
+    shutil.rmtree(config.cache / "features.zarr" / "val")
+    decoded.clear()
+    with pytest.warns(UserWarning, match=r"the data of \d+ shards of split val is damaged \(shard 0: the split's array "
+                                         r".* is missing\)") as warned:
+        summary = run_extraction(dataclasses.replace(config, cache=tmp_path / "new", reuse=config.cache))
+    assert len([w for w in warned if "--reuse" in str(w.message)]) == 1
+    assert decoded == [] and summary.reused_takes == len(load_takes(config.root, "train"))  # train copied as ever
