@@ -17,7 +17,6 @@ import time
 import warnings
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -32,7 +31,7 @@ from pipeline.cache_upkeep import refresh_committed_shards, uncommit_damaged_sha
 from pipeline.config import ConfigError, device_problem, output_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import CrashGuard, decoding, triage
 from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error, shared_by_main
-from pipeline.feature_reuse import FeatureDonor
+from pipeline.feature_reuse import FeatureDonor, KnownFeatures, known_features
 from pipeline.skill_model import read_model_spec
 from pipeline.takes import VIEWS, Take, load_takes, video_files
 from pipeline.video import SAMPLING_NAMES, ClipSampling, VideoError, decode_clip, preprocess
@@ -234,16 +233,6 @@ class DecodedTake:
     failures: dict[str, str]  # view -> reason
 
 
-@dataclass
-class KnownFeatures:
-    """A pending shard's views that need no decoding: the committed ones of a shard that --retry-failed rewrites, or
-    another cache's (--reuse)."""
-
-    decode: dict[str, tuple[str, ...]]  # take_uid -> its views still to decode; a take not named decodes none
-    read: Callable[[], list[dict[str, np.ndarray]]]  # per take of the shard: view -> (1 + T, D) features
-    rewrite: bool  # a committed shard of this cache: uncommitted just before it is written
-
-
 class ShardTakes(IterableDataset):
     """Decodes the takes of the given shards in order; worker w of W decodes takes w, w+W, ...
 
@@ -348,7 +337,7 @@ def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: Feature
     plan = cache.plan_split(config.split, [take.take_uid for take in takes], create=ranks.is_main)
     owned_shards = [(k, [by_uid[uid] for uid in uids]) for k, uids in enumerate(plan) if ranks.owns(k)]
     done = cache.committed_shards(config.split)
-    known = _known_features(config, cache, owned_shards, done, donor)
+    known = known_features(cache, config.split, config.views, config.root, owned_shards, done, config.retry_failed, donor)
     pending = [(k, takes) for k, takes in owned_shards if k not in done or k in known]
     summary = ExtractSummary(
         total_takes=sum(len(t) for _, t in owned_shards),
@@ -383,35 +372,6 @@ def _extract_split(config: ExtractConfig, model: torch.nn.Module, cache: Feature
     split_uids = set(by_uid)
     summary.failures = {uid: r for uid, r in cache.read_failures().items() if uid in split_uids}
     return summary
-
-
-def _known_features(config: ExtractConfig, cache: FeatureCache, owned_shards: list[tuple[int, list[Take]]],
-                    done: set[int], donor: FeatureDonor | None) -> dict[int, KnownFeatures]:
-    """Shard -> its views that need no decoding: with --retry-failed, a committed shard's views that did not fail;
-    with --reuse, a pending shard's views that the other cache holds."""
-    known = {}
-    for k, shard_takes in owned_shards:
-        if k in done and config.retry_failed and (failed := cache.shard_failures(config.split, k)):
-            decoder_crashes.forget(config.cache, list(failed))  # their files are decoded again, guarded as ever
-            known[k] = KnownFeatures({uid: tuple(view for view in config.views if view in views) for uid, views in failed.items()},
-                                     partial(_committed_views, cache, config, k), rewrite=True)
-        elif k not in done and donor and any(reusable := [donor.reusable_views(take, config.views, config.root)
-                                                          for take in shard_takes]):
-            decode = {take.take_uid: tuple(view for view in config.views if view not in views)
-                      for take, views in zip(shard_takes, reusable) if len(views) < len(config.views)}
-            known[k] = KnownFeatures(decode, partial(_donated_views, donor, shard_takes, reusable), rewrite=False)
-    return known
-
-
-def _committed_views(cache: FeatureCache, config: ExtractConfig, shard: int) -> list[dict[str, np.ndarray]]:
-    """The features of a committed shard's present views, per take (checked: damage since the run began raises)."""
-    data, marker = cache.read_committed_shard(config.split, shard)
-    return [{view: data[i, v] for v, view in enumerate(config.views) if record["present"][v]}
-            for i, record in enumerate(marker["records"])]
-
-
-def _donated_views(donor: FeatureDonor, takes: list[Take], reusable: list[set[str]]) -> list[dict[str, np.ndarray]]:
-    return [donor.features(take.take_uid, views) if views else {} for take, views in zip(takes, reusable)]
 
 
 def _as_is(item: DecodedTake) -> DecodedTake:

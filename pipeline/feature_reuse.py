@@ -1,4 +1,5 @@
-"""Features another cache already holds: `extract --reuse OTHER` copies them instead of decoding and encoding again.
+"""Features extract need not compute: another cache's (`extract --reuse OTHER` copies them instead of decoding and
+encoding again), and a retried shard's views that did not fail (`extract --retry-failed` keeps them).
 
 For a cache that cannot be added to because its split's take list changed (a new annotation release adds or drops
 takes) or because it holds other views: the new cache is extracted with `--reuse OLD`, and every take the two share
@@ -10,11 +11,14 @@ failed in the other cache, or that it lacks, is decoded as usual.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from pipeline import decoder_crashes
 from pipeline.cache import CacheError, CacheSpec, FeatureCache, spec_differences
 from pipeline.takes import Take, video_files
 
@@ -89,3 +93,43 @@ class FeatureDonor:
     def _changed(self) -> CacheError:
         return CacheError(f"--reuse {self.cache.root}: it changed while this run read it (an extract run is writing it); "
                           "rerun once that run has ended")
+
+
+@dataclass
+class KnownFeatures:
+    """A pending shard's views that need no decoding: the committed ones of a shard that --retry-failed rewrites, or
+    another cache's (--reuse)."""
+
+    decode: dict[str, tuple[str, ...]]  # take_uid -> its views still to decode; a take not named decodes none
+    read: Callable[[], list[dict[str, np.ndarray]]]  # per take of the shard: view -> (1 + T, D) features
+    rewrite: bool  # a committed shard of this cache: uncommitted just before it is written
+
+
+def known_features(cache: FeatureCache, split: str, views: tuple[str, ...], root: Path,
+                   owned_shards: list[tuple[int, list[Take]]], done: set[int], retry_failed: bool,
+                   donor: FeatureDonor | None) -> dict[int, KnownFeatures]:
+    """Shard -> its views that need no decoding: with `retry_failed`, a committed shard's views that did not fail;
+    with a `donor` (--reuse), a pending shard's views that the other cache holds."""
+    known = {}
+    for k, shard_takes in owned_shards:
+        if k in done and retry_failed and (failed := cache.shard_failures(split, k)):
+            decoder_crashes.forget(cache.root, list(failed))  # their files are decoded again, guarded as ever
+            known[k] = KnownFeatures({uid: tuple(view for view in views if view in failed_views)
+                                      for uid, failed_views in failed.items()},
+                                     partial(_committed_views, cache, split, views, k), rewrite=True)
+        elif k not in done and donor and any(reusable := [donor.reusable_views(take, views, root) for take in shard_takes]):
+            decode = {take.take_uid: tuple(view for view in views if view not in held)
+                      for take, held in zip(shard_takes, reusable) if len(held) < len(views)}
+            known[k] = KnownFeatures(decode, partial(_donated_views, donor, shard_takes, reusable), rewrite=False)
+    return known
+
+
+def _committed_views(cache: FeatureCache, split: str, views: tuple[str, ...], shard: int) -> list[dict[str, np.ndarray]]:
+    """The features of a committed shard's present views, per take (checked: damage since the run began raises)."""
+    data, marker = cache.read_committed_shard(split, shard)
+    return [{view: data[i, v] for v, view in enumerate(views) if record["present"][v]}
+            for i, record in enumerate(marker["records"])]
+
+
+def _donated_views(donor: FeatureDonor, takes: list[Take], reusable: list[set[str]]) -> list[dict[str, np.ndarray]]:
+    return [donor.features(take.take_uid, views) if views else {} for take, views in zip(takes, reusable)]
