@@ -43,6 +43,29 @@ def holder_text() -> str:
     return f"pid {os.getpid()} on host {socket.gethostname()}{launcher}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
 
 
+def writer_of(path: Path) -> str | None:
+    """Who holds the lock at `path` now, in its file's words; None when no run does (or the filesystem cannot lock).
+
+    It probes with an exclusive hold, released at once: a run starting in that instant is refused as if another run
+    held the lock, and can be started again."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return path.read_text(encoding="utf-8").strip() or "a run that has not written its name yet"
+    except OSError as err:
+        if err.errno not in UNSUPPORTED:
+            raise
+        return None
+    finally:
+        os.close(fd)
+
+
 def _busy(path: Path, subject: str) -> CacheError:
     try:
         holder = path.read_text(encoding="utf-8").strip() or "a run that has not written its name yet"

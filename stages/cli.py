@@ -15,7 +15,7 @@ from pipeline.cache import CacheError
 from pipeline.config import ConfigError
 from pipeline.head_training import TrainingDiverged
 from pipeline.takes import AnnotationError
-from stages import demo, evaluate, export, extract, finetune, fit_head
+from stages import demo, evaluate, export, extract, finetune, fit_head, status
 
 USAGE_ERROR = 2  # bad flags, config or annotations: nothing was computed
 USER_ERRORS = (ConfigError, CacheError, AnnotationError, FileNotFoundError, TrainingDiverged)
@@ -51,6 +51,7 @@ register("extract", extract.extract)
 register("demo-data", demo.demo_data)
 register("demo", demo.demo)
 register("export", export.export)
+register("status", status.status)
 register("fit-head", fit_head.fit_head)
 register("finetune", finetune.finetune)
 register("evaluate", evaluate.evaluate)

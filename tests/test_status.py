@@ -1,0 +1,102 @@
+"""`skillpipe status`: a cache's progress, failures, writer and damage, read without writing."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import writer_lock
+from pipeline.backbone import save_tiny_backbone
+from pipeline.cache import CacheError, FeatureCache
+from pipeline.demo_data import write_demo_dataset
+from pipeline.extraction import ExtractConfig, run_extraction
+from pipeline.takes import load_takes
+from stages.cli import app
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """train complete with one failed view, val with one of its two shards committed."""
+    folder = tmp_path_factory.mktemp("status")
+    root = folder / "data"
+    write_demo_dataset(root, takes=10, val_fraction=0.3, seed=5, frames=12)
+    load_takes(root, "train")[0].videos["exo2"].write_bytes(b"")
+    config = ExtractConfig(root=root, cache=folder / "cache", backbone=str(save_tiny_backbone(folder / "tiny", seed=0)),
+                           frames=4, views=("ego", "exo2"), workers=0, shard_size=2)
+    run_extraction(config)
+    val = dataclasses.replace(config, split="val")
+    written, write_shard = [], FeatureCache.write_shard
+
+    def interrupted_at_the_second(self, *args):
+        written.append(args)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        return write_shard(self, *args)
+
+    FeatureCache.write_shard = interrupted_at_the_second
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_extraction(val)
+    finally:
+        FeatureCache.write_shard = write_shard
+    return folder / "cache", len(load_takes(root, "train")), len(load_takes(root, "val"))
+
+
+def status(*args):
+    return CliRunner().invoke(app, ["status", *map(str, args)], catch_exceptions=False)
+
+
+def test_status_reports_each_splits_progress_failures_and_how_the_features_were_made(cache):
+    cache, num_train, num_val = cache
+    result = status("--cache", cache, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    train, val = report["splits"]
+    shards = -(-num_train // 2)
+    assert (train["split"], train["committed_takes"], train["planned_takes"], train["complete"]) == (
+        "train", num_train, num_train, True)
+    assert (train["committed_shards"], train["planned_shards"], train["takes_with_failed_views"]) == (shards, shards, 1)
+    assert (val["committed_takes"], val["planned_takes"], val["committed_shards"], val["complete"]) == (2, num_val, 1, False)
+    assert train["writer"] is None and train["damaged"] is None
+    assert report["made_with"]["frames"] == 4 and report["made_with"]["views"] == ["ego", "exo2"]
+    shown = " ".join(status("--cache", cache).output.split())
+    assert "complete" in shown and "unfinished" in shown and "no run" in shown and "--retry-failed" in shown
+
+
+def test_status_names_the_run_writing_a_split_and_leaves_its_lock_held(cache):
+    cache = cache[0]
+    lock = writer_lock.split_lock_path(cache, "val")
+    with writer_lock.first_writer(lock, "split 'val'"):
+        report = json.loads(status("--cache", cache, "--json").output)
+        assert f"pid {os.getpid()}" in report["splits"][1]["writer"] and report["splits"][0]["writer"] is None
+        with pytest.raises(CacheError, match="is being written by another run"):  # still held after the probe
+            with writer_lock.first_writer(lock, "split 'val'"):
+                pass
+    assert json.loads(status("--cache", cache, "--json").output)["splits"][1]["writer"] is None
+
+
+def test_status_check_names_damaged_shards(cache, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache[0], copy)
+    assert json.loads(status("--cache", copy, "--json", "--check").output)["splits"][0]["damaged"] == {}
+    marker = copy / "shards" / "train" / "00001.json"
+    marker.write_text("{")
+    shard_file = copy / "features.zarr" / "train" / "tokens" / "c" / "2" / "0" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[100] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+    report = json.loads(status("--cache", copy, "--json", "--check").output)
+    damaged = report["splits"][0]["damaged"]
+    assert set(damaged) == {"1", "2"} and "unreadable" in damaged["1"] and "checksum" in damaged["2"]
+    assert report["splits"][0]["unreadable_markers"] == [1] and not report["splits"][0]["complete"]
+    shown = " ".join(status("--cache", copy, "--check").output.split())
+    assert "train shard 2: its checksum fails" in shown and "train shard 1: its commit marker is unreadable" in shown
+    assert "train shard 1: its commit marker is unreadable" in " ".join(status("--cache", copy).output.split())
+
+
+def test_status_of_a_folder_that_is_not_a_cache_is_an_error(tmp_path):
+    result = CliRunner().invoke(app, ["status", "--cache", str(tmp_path)])
+    assert result.exit_code == 2 and "not a skillpipe feature cache" in result.output
