@@ -380,10 +380,13 @@ class FeatureCache:
         for shard in committed:
             try:
                 marker = self._marker(split, shard)
+            except FileNotFoundError:  # uncommitted since it was listed, by a run rewriting it (status, --reuse)
+                continue
             except CacheError:
                 damaged[shard] = "its commit marker is unreadable"
                 continue
-            if problem := self._checked_shard(array, split, shard, marker)[1]:
+            # a shard whose marker went or changed while its data was read is being rewritten, not damaged
+            if (problem := self._checked_shard(array, split, shard, marker)[1]) and self._unchanged(split, [(shard, marker)]):
                 damaged[shard] = problem
         return damaged
 

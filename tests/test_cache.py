@@ -100,6 +100,9 @@ def test_a_read_that_overlaps_a_rewrite_of_a_committed_shard_raises_rather_than_
     monkeypatch.setattr(FeatureCache, "_marker", rewrite_while_reading)
     with pytest.raises(CacheError, match="split train changed while it was read.*read it again"):
         FeatureCache.open(tmp_path).read("train")
+    if rewrite != "uncommitted":  # the rewrite again, now under a damage check (status --check, --reuse's index)
+        fill(cache, "train", uids)
+        assert FeatureCache.open(tmp_path).damaged_shards("train") == {}  # neither damaged nor a FileNotFoundError
 
 
 def test_a_different_fingerprint_is_refused_with_the_differences_named(tmp_path):
