@@ -68,10 +68,10 @@ def evaluate(
     if out.resolve() == checkpoint.resolve():  # its metrics.json and predictions.jsonl are the run's own results
         raise ConfigError(f"--out {out} is the checkpoint folder itself: evaluating there would overwrite the run's own "
                           f"metrics; write to another folder, e.g. {checkpoint / 'eval'}")
+    spec = _checked_spec(checkpoint, out, frames, views)  # first: its refusal names the model's input
     if problem := _another_runs_folder(out):
         raise ConfigError(f"--out {out} {problem}: evaluating there would replace or mix with its files; write to "
                           f"another folder, e.g. {checkpoint / 'eval'}")
-    spec = _checked_spec(checkpoint, out, frames, views)
     takes = load_takes(root, split)
     if not takes:
         raise ConfigError(f"{root}: the {split} annotations list no takes; nothing to evaluate")
