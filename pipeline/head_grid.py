@@ -48,9 +48,10 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
         if not train.present[:, slots].any():
             raise CacheError(f"{cache.root}: no train take has any of the views {list(names)} (view setting {setting!r})")
         blind = int((~val.present[:, slots].any(1)).sum())
-        if blind:  # scored with the train label prior, which can flatter or sink the accuracy
+        if blind:  # scored with the label prior of the train takes fitted, which can flatter or sink the accuracy
             console.print(f"[yellow]note:[/] {blind} of {len(val.records)} val takes have none of the views "
-                          f"{list(names)} (view setting {setting!r}); they get the train label prior")
+                          f"{list(names)} (view setting {setting!r}); they get the label prior of the train takes fitted "
+                          "(those with these views, less the held-out part)")
     if foreign := another_runs_files(settings.out):
         raise ConfigError(f"--out {settings.out} holds another run ({foreign}); a grid written there would replace or "
                           "mix with its files: use another folder")

@@ -98,7 +98,8 @@ def evaluate(
     if metrics["takes_with_absent_views"]:
         console.print(f"[yellow]{metrics['takes_with_absent_views']} takes had views that were missing or could not be "
                       f"decoded (see the warnings above and absent_views in predictions.jsonl); "
-                      f"{metrics['takes_without_views']} had none and got the train label prior")
+                      f"{metrics['takes_without_views']} had none and got the label prior of the train takes the "
+                      "model was fitted on")
         raise typer.Exit(FAILURES_EXIT)
 
 
