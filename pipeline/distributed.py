@@ -10,7 +10,7 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -108,14 +108,27 @@ def barrier_sharing_main_error(ranks: Ranks, error: Exception | None, kinds: tup
 
     The ranks waiting for rank 0's set-up (a refused lock, another cache's fingerprint) stop with its message, instead
     of a collective's "connection closed" traceback once it has exited."""
-    if ranks.world_size > 1:
-        shared = [None if error is None or not ranks.is_main else (type(error).__name__, str(error))]
+    if ranks.world_size > 1:  # the error's class and its bases by name: a PermissionError is shared as an OSError
+        shared = [None if error is None or not ranks.is_main else ([c.__name__ for c in type(error).__mro__], str(error))]
         dist.broadcast_object_list(shared, src=0)
         if shared[0] is not None and not ranks.is_main:
-            name, message = shared[0]
-            raise next(kind for kind in kinds if kind.__name__ == name)(f"(rank 0) {message}")
+            names, message = shared[0]
+            raise next(kind for name in names for kind in kinds if kind.__name__ == name)(f"(rank 0) {message}")
     if error is not None:
         raise error
+
+
+def run_on_main(ranks: Ranks, step: Callable[[], T], kinds: tuple[type[Exception], ...]) -> T | None:
+    """`step()` on rank 0 only (its result there, None elsewhere), then a barrier at which its error of one of `kinds`
+    stops every rank with its message (barrier_sharing_main_error). Every rank must call it."""
+    result, error = None, None
+    if ranks.is_main:
+        try:
+            result = step()
+        except kinds as err:
+            error = err
+    barrier_sharing_main_error(ranks, error, kinds)
+    return result
 
 
 def shared_by_main(ranks: Ranks, value: T) -> T:

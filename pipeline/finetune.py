@@ -30,7 +30,7 @@ from pipeline import backbone as bb
 from pipeline.cache import CacheError
 from pipeline.checkpoints import HEAD_INFO, HEAD_WEIGHTS, load_head, save_head
 from pipeline.config import ConfigError, config_to_dict, device_problem, output_problem, save_config, with_absolute_paths
-from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error, summed_over_ranks
+from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error, run_on_main, summed_over_ranks
 from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
 from pipeline.decoder_crashes import CRASHES, MARKERS, CrashGuard, explained_worker_death, known_crashes, triage
@@ -201,6 +201,20 @@ def run_finetune(
             raise
 
 
+# errors of rank 0's own steps (its folder, held-out scoring, checkpoints) that the other ranks stop with, by its message
+MAIN_STEP_ERRORS = (OSError, ConfigError, CacheError, TrainingDiverged)
+
+
+def _prepare_run_folder(out: Path, config: FinetuneConfig) -> None:
+    """Rank 0's, once every rank has read its checkpoint: save the run's config, finish a checkpoint swap cut short (a
+    run killed mid-swap in its last epoch has no next save, and would end with checkpoint.staging/ and
+    checkpoint.old/ but no checkpoint/), and delete the temporary files of an earlier try killed mid-write (this run
+    holds the folder's lock; not in folders a user made there, such as an evaluate --out RUN/eval)."""
+    save_config(config, out / "config.json")
+    finish_interrupted_swap(out)
+    remove_temporary_files([out, *(out / name for name in (CHECKPOINT, STAGING, RETIRED, MARKERS, CRASHES))])
+
+
 def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict], None] | None, ranks: Ranks,
                   on_event: Callable[[str], None] | None) -> dict:
     config = with_absolute_paths(config, backbone=bb.resolved_backbone(config.backbone))  # evaluate reads them back
@@ -257,18 +271,9 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                      f"--resume: {out} has no complete checkpoint yet; starting from the beginning")
     elif has_epoch_checkpoint(out):
         raise ConfigError(f"{out}: holds a checkpoint already; pass --resume to continue it, or use another --out")
-    if ranks.is_main:
-        save_config(config, out / "config.json")
     triage(out)  # files that crashed the decoder in an earlier try of this run are recorded, then not decoded again
     barrier(ranks)  # every rank has read its checkpoint and triaged: rank 0 may tidy the folder
-    if ranks.is_main:
-        # a swap cut short is finished now, not at the next save: a run killed mid-swap in its last epoch has no next
-        # save, and would end with checkpoint.staging/ and checkpoint.old/ but no checkpoint/
-        finish_interrupted_swap(out)
-        # of an earlier try killed mid-write (this run holds the folder's lock); not in folders a user made there, such
-        # as an evaluate --out RUN/eval
-        remove_temporary_files([out, *(out / name for name in (CHECKPOINT, STAGING, RETIRED, MARKERS, CRASHES))])
-    barrier(ranks)
+    run_on_main(ranks, lambda: _prepare_run_folder(out, config), MAIN_STEP_ERRORS)
     guard = CrashGuard(out, known_crashes(out))
     if guard.crashes and on_event:
         on_event(f"{len(guard.crashes)} video file(s) recorded in {out / CRASHES} crash the decoder: "
@@ -326,7 +331,8 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                               f"in epoch {epoch} (every view failed to decode, or is shorter than --frames {config.frames}: "
                               "see the warnings above); nothing can be learnt")
         state["epoch"] = epoch
-        if ranks.is_main:
+
+        def score_epoch() -> None:  # rank 0's
             # None without held-out takes (then the last epoch is kept): JSON has no NaN, and metrics.json and head.json
             # carry these losses (NaN until the thirteenth session, which strict JSON parsers refuse)
             holdout_loss = _holdout_loss(model, holdout_takes, views, config, device, guard) if holdout_takes else None
@@ -335,11 +341,15 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
                 raise TrainingDiverged(f"{out}: held-out loss is {holdout_loss} after epoch {epoch}; training diverged")
             if holdout_loss is None or holdout_loss < state["best_loss"]:
                 state["best_loss"], state["best_epoch"] = holdout_loss, epoch
-        rngs = rng_states(ranks, device)  # every rank's: each resumes its own dropout and data seeds
-        if ranks.is_main:
+
+        def save_epoch() -> None:  # rank 0's
             save_epoch_checkpoint(out, model, optimizer, schedule, state, rngs, scaler)
             if state["best_epoch"] == epoch:  # after the checkpoint, which a resume restores it from (restore_best_weights)
                 write_bytes_atomic(out / BEST_WEIGHTS, save_safetensors(trainable_state(model)))
+
+        run_on_main(ranks, score_epoch, MAIN_STEP_ERRORS)
+        rngs = rng_states(ranks, device)  # every rank's: each resumes its own dropout and data seeds
+        run_on_main(ranks, save_epoch, MAIN_STEP_ERRORS)
         barrier(ranks)
 
     if not ranks.is_main:

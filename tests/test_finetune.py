@@ -1393,3 +1393,17 @@ def test_a_run_with_gradient_accumulation_updates_once_per_group_and_averages_it
     batches = len(divisors)  # 8 fitted takes in batches of 4: one short group of 2, averaged over 2, not 3
     assert divisors == [(step, batches, 3) for step in range(batches)] and batches == 2
     assert updates == [batches]  # one update, after the epoch's last batch
+
+
+def test_an_error_in_a_step_rank_0_takes_alone_stops_every_rank_with_its_message(world, tmp_path):
+    """Rank 0 alone writes the run's config (and checkpoints, and scores held-out takes); the other ranks used to wait
+    for it at the next collective and die in gloo ('Connection closed by peer') once it had exited."""
+    run = tmp_path / "run"
+    (run / "config.json").mkdir(parents=True)  # rank 0's save_config fails: IsADirectoryError
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launched = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "stages.cli",
+                               *map(str, finetune_args(world / "data", world / "tiny", run))],
+                              capture_output=True, text=True, timeout=300)
+    said = " ".join((launched.stdout + launched.stderr).split())
+    assert launched.returncode == 1 and "Connection closed" not in said, said[-3000:]
+    assert "IsADirectoryError" in said and "OSError: (rank 0) [Errno 21] Is a directory" in said, said[-3000:]
