@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import uuid
@@ -427,6 +428,13 @@ class FeatureCache:
         return CacheError(f"{self.root}: split {split} changed while it was read: an extract run is rewriting committed "
                           "shards (--retry-failed, or a rerun updating them to the annotations or replacing damaged "
                           "data); read it again once that run has ended")
+
+    def commits_sha256(self, splits: tuple[str, ...]) -> str:
+        """A hash of what the splits' committed shards hold now: every marker's own commit id (a rewrite, or records
+        updated in place, makes a new one; a marker from before commit ids counts by its whole content)."""
+        listing = [[split, shard, marker.get("commit") or marker] for split in splits
+                   for shard in sorted(self.committed_shards(split)) for marker in [self._marker(split, shard)]]
+        return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
     def read_records(self, split: str) -> list[TakeRecord]:
         return [

@@ -84,13 +84,23 @@ def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], ca
                       f"one does not list ({', '.join(earlier[:4])}{', ...' if len(earlier) > 4 else ''}); they stay as "
                       "they are, and grid.json and grid.png describe this grid only")
     save_config(settings, settings.out / "config.json")
-    rows, tables = [], {}
+    rows, tables, kept = [], {}, 0
+    commits = cache.commits_sha256(("train", "val"))  # the cache as read: a cell fitted on another is not kept
     for cell in cells:
+        cell_config = dataclasses.replace(settings, views=(cell.views,), fusions=(cell.fusion,), seeds=(cell.seed,))
+        if settings.resume and (row := _finished_row(settings.out / cell.name, cell, cell_config, commits)):
+            rows.append(row)
+            kept += 1
+            continue
         kind = (cell.views, cell.fusion == "temporal")
         if kind not in tables:  # pooled once per view selection and input kind, shared by fusions and seeds
             tables[kind] = tuple(FeatureTable(split, cache.spec.views, view_names[cell.views], head_configs[cell], settings.device)
                                  for split in (train, val))
-        rows.append(_fit_cell(cell, cache, settings, head_configs[cell], view_names[cell.views], *tables[kind]))
+        rows.append(_fit_cell(cell, cell_config, cache, commits, settings, head_configs[cell], view_names[cell.views],
+                              *tables[kind]))
+    if settings.resume:
+        console.print(f"--resume: kept {kept} of {len(cells)} cell(s), complete and fitted with these settings on the "
+                      f"cache as it is now; trained {len(cells) - kept}")
     groups = _summarise(rows)
     write_json_atomic(settings.out / "grid.json", {"cells": rows, "groups": groups, "config": config_to_dict(settings)})
     baseline = _majority_baseline(train.labels, val.labels)
@@ -104,8 +114,26 @@ def earlier_cells(out: Path) -> list[Path]:
     return [folder for folder in out.iterdir() if (folder / "head.json").is_file()] if out.is_dir() else []
 
 
-def _fit_cell(cell: Cell, cache: FeatureCache, settings: FitHeadConfig, head_config: HeadConfig, names: tuple[str, ...],
-              train: FeatureTable, val: FeatureTable) -> dict:
+def _finished_row(folder: Path, cell: Cell, cell_config: FitHeadConfig, commits: str) -> dict | None:
+    """The grid row of a complete cell folder (its metrics.json, written last) fitted with `cell_config`'s settings
+    (--resume aside) on the cache with these `commits`; None if there is none such."""
+    try:
+        metrics = read_json(folder / "metrics.json")
+        settings = metrics["settings"]
+        same = ({**settings["config"], "resume": None} == {**config_to_dict(cell_config), "resume": None}
+                and settings.get("cache_commits") == commits)  # cells fitted before cache_commits: never kept
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, or not a cell's: fitted again
+        return None
+    return _row(cell, metrics["accuracy"], metrics["num_takes"], settings["best_epoch"], settings["train_seconds"]) if same else None
+
+
+def _row(cell: Cell, accuracy: float, num_takes: int, best_epoch: int, train_seconds: float) -> dict:
+    return {"cell": cell.name, "views": cell.views, "fusion": cell.fusion, "seed": cell.seed, "accuracy": accuracy,
+            "num_takes": num_takes, "best_epoch": best_epoch, "train_seconds": train_seconds}
+
+
+def _fit_cell(cell: Cell, cell_config: FitHeadConfig, cache: FeatureCache, commits: str, settings: FitHeadConfig,
+              head_config: HeadConfig, names: tuple[str, ...], train: FeatureTable, val: FeatureTable) -> dict:
     """Train one cell, evaluate it on val and write its folder; returns its grid row."""
     try:
         trained = train_head(train, head_config, settings, cell.seed)
@@ -114,13 +142,12 @@ def _fit_cell(cell: Cell, cache: FeatureCache, settings: FitHeadConfig, head_con
     probabilities = predict_probabilities(trained, val, settings.precision)
     folder = settings.out / cell.name
     mark_incomplete(folder)  # a rerun's: its old metrics must not vouch for the new head
-    cell_config = dataclasses.replace(settings, views=(cell.views,), fusions=(cell.fusion,), seeds=(cell.seed,))
     save_config(cell_config, folder / "config.json")
     cell_settings = {
         "views": cell.views, "view_names": list(names), "fusion": cell.fusion, "seed": cell.seed,
         "best_epoch": trained.best_epoch, "train_losses": trained.train_losses, "holdout_losses": trained.holdout_losses,
         "train_takes": int(train.usable.sum()), "train_seconds": round(trained.seconds, 3),
-        "config": config_to_dict(cell_config),
+        "config": config_to_dict(cell_config), "cache_commits": commits,
     }
     save_head(folder, trained.head, head_config, names, cache=str(cache.root.resolve()),
               cache_fingerprint=cache.spec.fingerprint, frames=cache.spec.frames, settings=cell_settings,
@@ -130,9 +157,7 @@ def _fit_cell(cell: Cell, cache: FeatureCache, settings: FitHeadConfig, head_con
                                val.present.cpu().numpy(), names, cell_settings, cell.name)
     if settings.submission:
         write_submission(settings.submission, val.take_uids, probabilities)
-    return {"cell": cell.name, "views": cell.views, "fusion": cell.fusion, "seed": cell.seed,
-            "accuracy": metrics["accuracy"], "num_takes": metrics["num_takes"], "best_epoch": trained.best_epoch,
-            "train_seconds": round(trained.seconds, 3)}
+    return _row(cell, metrics["accuracy"], metrics["num_takes"], trained.best_epoch, round(trained.seconds, 3))
 
 
 def _summarise(rows: list[dict]) -> list[dict]:

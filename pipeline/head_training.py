@@ -72,6 +72,11 @@ class FitHeadConfig:
     submission: Path | None = field(
         default=None, metadata={"help": "write the challenge submission JSON of the (single) cell here"}
     )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "keep the cells of an earlier run in --out that are complete and were fitted with these "
+                          "settings on the cache as it is now; train only the others (say seeds added to a grid)"},
+    )
 
     def __post_init__(self):
         unknown = [f for f in self.fusions if f not in FUSIONS]
@@ -94,6 +99,8 @@ class FitHeadConfig:
         for name, high in (("holdout", 0.5), ("warmup_ratio", 1.0), ("dropout", 1.0)):
             if not 0 <= getattr(self, name) < high:
                 raise ConfigError(f"FitHeadConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")
+        if self.resume and self.submission:
+            raise ConfigError("FitHeadConfig.resume: a --submission run is a single cell; run it without --resume")
         if self.compile and self.precision != "bf16":
             raise ConfigError("FitHeadConfig.compile: the compiled step trains in bf16; use precision bf16 or no compile")
         for problem in (device_problem(self.device), output_problem("out", self.out),

@@ -33,6 +33,7 @@ def fit_head(
     device: Optional[str] = typer.Option(None, help=field_help("device")),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help=field_help("compile")),
     submission: Optional[Path] = typer.Option(None, help=field_help("submission")),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help=field_help("resume")),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON file of FitHeadConfig fields; flags win."),
 ) -> None:
     """Train fusion heads on cached features over views x fusions x seeds; evaluate each on val."""
@@ -41,7 +42,7 @@ def fit_head(
         epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden, heads=heads, dropout=dropout, weight_decay=weight_decay,
         decay_norms_and_biases=decay_norms_and_biases,
         warmup_ratio=warmup_ratio, holdout=holdout, precision=precision, device=device, compile=compile,
-        submission=submission,
+        submission=submission, resume=resume,
     )
     run_grid(load_config(FitHeadConfig, config, overrides))
 

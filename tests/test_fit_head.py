@@ -1,5 +1,6 @@
 """`skillpipe fit-head` end to end on generated caches whose skill signal is split across views."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -335,3 +336,33 @@ def test_an_evaluation_rewritten_into_its_folder_drops_the_old_metrics_first(tmp
         metrics.write_evaluation(tmp_path, ["a", "b"], np.array([0, 1]), probabilities, ["Cooking", "Music"],
                                  np.ones((2, 1), bool), ("ego",), {}, "eval")
     assert (tmp_path / "predictions.jsonl").is_file() and not (tmp_path / "metrics.json").exists()
+
+
+def test_resume_keeps_the_complete_cells_fitted_alike_and_trains_only_the_others(tmp_path, monkeypatch):
+    cache = split_view_cache(tmp_path / "cache")
+    run = tmp_path / "run"
+    assert fit(cache.root, run, "--views", "ego", "--seed", "0", "--seed", "1").exit_code == 0
+    first = {row["cell"]: row for row in read_json(run / "grid.json")["cells"]}
+    trained, train_head = [], head_grid.train_head
+    monkeypatch.setattr(head_grid, "train_head", lambda table, head_config, settings, seed: trained.append(seed)
+                        or train_head(table, head_config, settings, seed))
+
+    def resumed(*extra):
+        trained.clear()
+        result = fit(cache.root, run, "--views", "ego", "--seed", "0", "--seed", "1", "--seed", "2", "--resume", *extra)
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    (run / "ego__crossview__seed1" / "metrics.json").unlink()  # a cell cut short
+    assert "kept 1 of 3 cell(s)" in resumed() and trained == [1, 2]  # the grid gained seed 2
+    rows = {row["cell"]: row for row in read_json(run / "grid.json")["cells"]}
+    assert rows["ego__crossview__seed0"] == first["ego__crossview__seed0"] and len(rows) == 3
+    assert rows["ego__crossview__seed1"]["accuracy"] == first["ego__crossview__seed1"]["accuracy"]  # deterministic
+    assert "kept 3 of 3" in resumed() and trained == []
+    marker = cache.shard_marker("train", 0)  # records updated in place (a corrected label): a new commit
+    cache.update_records("train", 0, [dataclasses.replace(TakeRecord.from_json(r), label=(r["label"] + 1) % 4)
+                                      for r in marker["records"]])
+    assert "kept 0 of 3" in resumed() and trained == [0, 1, 2]
+    assert "kept 0 of 3" in resumed("--lr", "3e-3") and trained == [0, 1, 2]  # other settings
+    refused = fit(cache.root, run, "--resume", "--submission", tmp_path / "submission.json")
+    assert refused.exit_code == 2 and "run it without --resume" in refused.output
