@@ -41,9 +41,8 @@ def made_with(cache: FeatureCache) -> dict:
 
 
 def split_status(cache: FeatureCache, split: str, check: bool = False) -> SplitStatus:
-    committed = sorted(cache.committed_shards(split))
-    takes, failed, unreadable = 0, 0, []
-    for shard in committed:
+    shards, takes, failed, unreadable = 0, 0, 0, []
+    for shard in sorted(cache.committed_shards(split)):
         try:
             marker = cache.shard_marker(split, shard)
         except FileNotFoundError:  # uncommitted meanwhile by a run rewriting it
@@ -51,11 +50,12 @@ def split_status(cache: FeatureCache, split: str, check: bool = False) -> SplitS
         except CacheError:
             unreadable.append(shard)
             continue
+        shards += 1
         takes += len(marker["records"])
         failed += len(marker["failures"])
     return SplitStatus(
         split=split, planned_takes=len(cache.planned_takes(split)), planned_shards=cache.planned_shards(split),
-        committed_shards=len(committed) - len(unreadable), committed_takes=takes, takes_with_failed_views=failed,
+        committed_shards=shards, committed_takes=takes, takes_with_failed_views=failed,
         writer=writer_of(split_lock_path(cache.root, split)), damaged=cache.damaged_shards(split) if check else None,
         unreadable_markers=unreadable,
     )

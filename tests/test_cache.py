@@ -301,3 +301,18 @@ def test_a_commit_marker_overwritten_by_another_file_is_named_as_unreadable(tmp_
     fill(cache, "val", ["v0"])  # a run ending on another split still writes the summary, and says what it left out
     with pytest.warns(UserWarning, match="00000.json: the commit marker .* is unreadable .*left out of"):
         cache.write_failures_summary()
+
+
+def test_read_committed_shard_returns_its_data_and_marker_or_names_the_damage(tmp_path):
+    cache = FeatureCache.open_or_create(tmp_path, spec())
+    uids = [f"t{i}" for i in range(6)]
+    written = fill(cache, "train", uids)
+    data, marker = cache.read_committed_shard("train", 1)
+    np.testing.assert_array_equal(data, np.stack([written[u] for u in uids[3:]]))
+    assert [r["take_uid"] for r in marker["records"]] == uids[3:]
+    file = _shard_file(tmp_path, "train", 1)
+    damaged = bytearray(file.read_bytes())
+    damaged[40] ^= 0xFF
+    file.write_bytes(bytes(damaged))
+    with pytest.raises(CacheError, match=r"committed shard 1 of split train \(takes t3 .. t5\) is damaged: its checksum"):
+        cache.read_committed_shard("train", 1)

@@ -483,3 +483,25 @@ def test_a_loaders_wait_covers_every_guarded_decode_of_an_item():
 
     assert loader_timeout(5, workers=1) == 5 * DECODE_TIMEOUT_S  # a take's 5 views, each under the child's own limit
     assert loader_timeout(5, workers=0) == 0  # no workers: the DataLoader takes no timeout
+
+
+def test_a_worker_killed_during_a_retry_goes_on_with_the_shards_left_to_rewrite_and_not_those_rewritten(
+        dataset, backbone_dir, clean, crash_on, tmp_path):
+    root = shutil.copytree(dataset, tmp_path / "root")
+    takes = load_takes(root, "train")
+    fixed, crashing = takes[0].videos[VIEWS[1]], takes[4].videos[VIEWS[1]]  # in shards 0 and 2
+    good = {path: path.read_bytes() for path in (fixed, crashing)}
+    for path in good:
+        path.write_bytes(b"")
+    cache_dir = tmp_path / "cache"
+    assert set(run_extraction(config(root, backbone_dir, cache_dir, workers=0)).failures) == {t.take_uid for t in (takes[0], takes[4])}
+    for path, data in good.items():
+        path.write_bytes(data)  # fetched again; one of them now kills the decoder
+    # shard 1 pending whole: the worker, two takes ahead at most, reaches the crash only after shard 0 is rewritten
+    FeatureCache.open(cache_dir).uncommit_shard("train", 1)
+    crash_on(crashing, here=True)
+    summary = run_extraction(dataclasses.replace(config(root, backbone_dir, cache_dir, workers=1), retry_failed=True))
+    assert list(summary.failures) == [takes[4].take_uid] and "crashed" in summary.failures[takes[4].take_uid][VIEWS[1]]
+    # takes 0 (one view), 2 and 3 (every view), 4 (its crashing view): shard 0 is not rewritten again after the crash
+    assert (summary.computed_takes, summary.clips) == (4, 1 + 2 * len(VIEWS))
+    assert_only_slot_missing(cache_dir, clean, 4, 1)

@@ -81,8 +81,11 @@ def test_a_release_with_a_new_take_extracts_only_that_take_and_equals_a_clean_ru
                                        "--backbone", config.backbone, "--frames", str(FRAMES), "--views", "ego,exo2"])
     assert refused.exit_code == 2 and f"--reuse {tmp_path / 'old-cache'}" in " ".join(refused.output.split())
     decoded.clear()
-    summary = run_extraction(dataclasses.replace(config, reuse=tmp_path / "old-cache"))
+    started = []
+    summary = run_extraction(dataclasses.replace(config, reuse=tmp_path / "old-cache"),
+                             on_start=lambda total, done: started.append((total, done)))
     assert decoded == [new.videos["ego"], new.videos["exo2"]]  # no other take is decoded
+    assert started == [(len(takes), len(takes) - 1)]  # the progress bar starts past the copied takes
     assert (summary.computed_takes, summary.reused_takes, summary.clips) == (1, len(takes) - 1, 2)
     clean = run_extraction(dataclasses.replace(config, cache=tmp_path / "clean"))
     assert clean.failures == {} and summary.failures == {}
@@ -225,3 +228,69 @@ def test_a_split_of_the_other_cache_whose_array_was_deleted_is_left_out_with_one
         summary = run_extraction(dataclasses.replace(config, cache=tmp_path / "new", reuse=config.cache))
     assert len([w for w in warned if "--reuse" in str(w.message)]) == 1
     assert decoded == [] and summary.reused_takes == len(load_takes(config.root, "train"))  # train copied as ever
+
+
+def test_damage_after_the_index_stops_the_copy_naming_the_file(config, tmp_path):
+    run_extraction(config)
+    donor = FeatureDonor(config.cache, FeatureCache.open(config.cache).spec)
+    shard_file = sorted(p for p in (config.cache / "features.zarr" / "train" / "tokens").rglob("*") if p.is_file()
+                        and p.name != "zarr.json")[0]
+    data = bytearray(shard_file.read_bytes())
+    data[100] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=rf"--reuse: {shard_file}: the data of committed shard 0 .* is damaged"):
+        donor.features(load_takes(config.root, "train")[0].take_uid, {"ego"})
+
+
+def test_a_marker_gone_while_the_other_cache_is_indexed_stops_the_run(config, tmp_path, monkeypatch):
+    run_extraction(config)
+    shard_marker = FeatureCache.shard_marker
+
+    def uncommitted_meanwhile(self, split, shard):
+        if shard == 1:
+            raise FileNotFoundError(shard)
+        return shard_marker(self, split, shard)
+
+    monkeypatch.setattr(FeatureCache, "shard_marker", uncommitted_meanwhile)
+    with pytest.raises(CacheError, match="changed while this run read it"):
+        FeatureDonor(config.cache, FeatureCache.open(config.cache).spec)
+
+
+def test_an_other_cache_from_before_video_files_were_recorded_gives_nothing_to_copy(config, tmp_path, decoded):
+    run_extraction(config)
+    for path in (config.cache / "shards" / "train").glob("*.json"):
+        marker = json.loads(path.read_text())
+        del marker["videos"]
+        path.write_text(json.dumps(marker))
+    decoded.clear()
+    summary = run_extraction(dataclasses.replace(config, cache=tmp_path / "new", reuse=config.cache))
+    takes = load_takes(config.root, "train")
+    assert summary.reused_takes == 0 and len(decoded) == 2 * len(takes)
+
+
+def test_a_rerun_with_reuse_goes_on_from_the_shards_committed_and_reports_its_progress(config, dataset, tmp_path,
+                                                                                       decoded, monkeypatch):
+    run_extraction(dataclasses.replace(config, views=("ego",)))  # the other cache: ego only
+    new = dataclasses.replace(config, cache=tmp_path / "new", reuse=config.cache)
+    written, write_shard = [], FeatureCache.write_shard
+
+    def interrupted_at_the_second(self, *args):
+        written.append(args)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        return write_shard(self, *args)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(FeatureCache, "write_shard", interrupted_at_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            run_extraction(new)
+    takes = load_takes(dataset, "train")
+    decoded.clear()
+    started = []
+    summary = run_extraction(new, on_start=lambda total, done: started.append((total, done)))
+    assert decoded == [take.videos["exo2"] for take in takes[2:]]  # shard 0 (2 takes) was committed: not again
+    assert (summary.skipped_takes, summary.reused_takes, summary.computed_takes) == (2, 0, len(takes) - 2)
+    assert started == [(len(takes), 2)]
+    retried = run_extraction(dataclasses.replace(new, reuse=None, retry_failed=True),
+                             on_start=lambda total, done: started.append((total, done)))
+    assert (retried.skipped_takes, retried.reused_takes, started[-1]) == (len(takes), 0, (len(takes), len(takes)))
