@@ -332,19 +332,19 @@ class FeatureCache:
         try:
             markers = [(shard, self._marker(split, shard)) for shard in shards]
         except FileNotFoundError:
-            raise self._changed_while_read(split) from None
+            raise self.changed_while_read(split) from None
         tokens = np.empty((sum(len(m["records"]) for _, m in markers), *shape), np.float16)
         records = []
         for shard, marker in markers:
             data, problem = self._checked_shard(array, split, shard, marker)
             if problem:  # damaged, or a rewrite began after the markers were read
                 if not self._unchanged(split, [(shard, marker)]):
-                    raise self._changed_while_read(split)
+                    raise self.changed_while_read(split)
                 raise self._damaged(array, split, shard, marker, problem)
             tokens[len(records) : len(records) + len(data)] = data
             records += [TakeRecord.from_json(r) for r in marker["records"]]
         if not self._unchanged(split, markers):
-            raise self._changed_while_read(split)
+            raise self.changed_while_read(split)
         return CachedSplit(tokens, records)
 
     def read_committed_shard(self, split: str, shard: int) -> tuple[np.ndarray, dict]:
@@ -424,7 +424,7 @@ class FeatureCache:
         """The file zarr keeps shard `shard` of the split's array in."""
         return self._array_path(split) / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
 
-    def _changed_while_read(self, split: str) -> CacheError:
+    def changed_while_read(self, split: str) -> CacheError:
         return CacheError(f"{self.root}: split {split} changed while it was read: an extract run is rewriting committed "
                           "shards (--retry-failed, or a rerun updating them to the annotations or replacing damaged "
                           "data); read it again once that run has ended")
@@ -432,8 +432,11 @@ class FeatureCache:
     def commits_sha256(self, splits: tuple[str, ...]) -> str:
         """A hash of what the splits' committed shards hold now: every marker's own commit id (a rewrite, or records
         updated in place, makes a new one; a marker from before commit ids counts by its whole content)."""
-        listing = [[split, shard, marker.get("commit") or marker] for split in splits
-                   for shard in sorted(self.committed_shards(split)) for marker in [self._marker(split, shard)]]
+        try:
+            listing = [[split, shard, marker.get("commit") or marker] for split in splits
+                       for shard in sorted(self.committed_shards(split)) for marker in [self._marker(split, shard)]]
+        except FileNotFoundError:  # uncommitted between the listing and the read, by a run rewriting it
+            raise self.changed_while_read(" or ".join(splits)) from None
         return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
     def read_records(self, split: str) -> list[TakeRecord]:

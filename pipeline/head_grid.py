@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cache import CacheError, FeatureCache
-from pipeline.checkpoints import HEAD_INFO, save_head
+from pipeline.checkpoints import HEAD_INFO, HEAD_WEIGHTS, save_head
 from pipeline.config import ConfigError, config_to_dict, save_config, with_absolute_paths
 from pipeline.files import read_json, remove_temporary_files, write_json_atomic
 from pipeline.fusion import HeadConfig
@@ -39,7 +39,11 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
     cache = FeatureCache.open(settings.cache)
     view_names = {setting: parse_view_setting(setting, cache.spec.views) for setting in settings.views}
     head_configs = {cell: head_config_for(cache, settings, cell.fusion, len(view_names[cell.views])) for cell in cells}
+    # the cache as read, for --resume: hashed on both sides of the reads, so that a cell never records another state
+    commits = cache.commits_sha256(("train", "val"))
     train, val = load_complete_split(cache, "train"), load_complete_split(cache, "val")
+    if cache.commits_sha256(("train", "val")) != commits:
+        raise cache.changed_while_read("train or val")
     if shared := shared_takes(train.records, val.records):
         raise CacheError(f"{cache.root}: {len(shared)} take(s) in both train and val, e.g. {shared[:3]}; "
                          "val would score training data")
@@ -56,7 +60,7 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
         raise ConfigError(f"--out {settings.out} holds another run ({foreign}); a grid written there would replace or "
                           "mix with its files: use another folder")
     with first_writer(settings.out / RUN_LOCK, f"the fit-head run folder {settings.out}"):  # one grid writes it at a time
-        return _train_grid(settings, console, cells, cache, view_names, head_configs, train, val)
+        return _train_grid(settings, console, cells, cache, commits, view_names, head_configs, train, val)
 
 
 def another_runs_files(out: Path) -> str | None:
@@ -73,7 +77,8 @@ def another_runs_files(out: Path) -> str | None:
     return None if kind == FitHeadConfig.__name__ else f"a config.json of {kind or 'another program'}"
 
 
-def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], cache: FeatureCache, view_names: dict,
+def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], cache: FeatureCache, commits: str,
+                view_names: dict,
                 head_configs: dict, train, val) -> list[dict]:
     # of an earlier grid killed mid-write (this one holds the folder's lock); not in folders a user made there
     remove_temporary_files([settings.out, *(settings.out / cell.name for cell in cells)])
@@ -83,12 +88,12 @@ def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], ca
         console.print(f"[yellow]note:[/] {settings.out} holds {len(earlier)} cell folder(s) of an earlier grid that this "
                       f"one does not list ({', '.join(earlier[:4])}{', ...' if len(earlier) > 4 else ''}); they stay as "
                       "they are, and grid.json and grid.png describe this grid only")
+    resume, settings = settings.resume, dataclasses.replace(settings, resume=False)  # a saved config never resumes
     save_config(settings, settings.out / "config.json")
     rows, tables, kept = [], {}, 0
-    commits = cache.commits_sha256(("train", "val"))  # the cache as read: a cell fitted on another is not kept
     for cell in cells:
         cell_config = dataclasses.replace(settings, views=(cell.views,), fusions=(cell.fusion,), seeds=(cell.seed,))
-        if settings.resume and (row := _finished_row(settings.out / cell.name, cell, cell_config, commits)):
+        if resume and (row := _finished_row(settings.out / cell.name, cell, cell_config, commits)):
             rows.append(row)
             kept += 1
             continue
@@ -98,7 +103,7 @@ def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], ca
                                  for split in (train, val))
         rows.append(_fit_cell(cell, cell_config, cache, commits, settings, head_configs[cell], view_names[cell.views],
                               *tables[kind]))
-    if settings.resume:
+    if resume:
         console.print(f"--resume: kept {kept} of {len(cells)} cell(s), complete and fitted with these settings on the "
                       f"cache as it is now; trained {len(cells) - kept}")
     groups = _summarise(rows)
@@ -115,8 +120,10 @@ def earlier_cells(out: Path) -> list[Path]:
 
 
 def _finished_row(folder: Path, cell: Cell, cell_config: FitHeadConfig, commits: str) -> dict | None:
-    """The grid row of a complete cell folder (its metrics.json, written last) fitted with `cell_config`'s settings
-    (--resume aside) on the cache with these `commits`; None if there is none such."""
+    """The grid row of a complete cell folder (its metrics.json, written last; its head and predictions there) fitted
+    with `cell_config`'s settings (--resume aside) on the cache with these `commits`; None if there is none such."""
+    if not all((folder / name).is_file() for name in (HEAD_WEIGHTS, HEAD_INFO, "predictions.jsonl")):
+        return None
     try:
         metrics = read_json(folder / "metrics.json")
         settings = metrics["settings"]

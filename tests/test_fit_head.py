@@ -366,3 +366,25 @@ def test_resume_keeps_the_complete_cells_fitted_alike_and_trains_only_the_others
     assert "kept 0 of 3" in resumed("--lr", "3e-3") and trained == [0, 1, 2]  # other settings
     refused = fit(cache.root, run, "--resume", "--submission", tmp_path / "submission.json")
     assert refused.exit_code == 2 and "run it without --resume" in refused.output
+    (run / "ego__crossview__seed1" / "head.safetensors").unlink()  # damaged from outside: fitted again
+    assert "kept 2 of 3" in resumed("--lr", "3e-3") and trained == [1]
+    assert not read_json(run / "config.json")["resume"] and not read_json(run / "ego__crossview__seed0" / "config.json")["resume"]
+    trained.clear()  # a saved config passed back resumes only when asked to
+    again = CliRunner().invoke(app, ["fit-head", "--config", str(run / "config.json")])
+    assert again.exit_code == 0 and "kept" not in again.output and trained == [0, 1, 2]
+
+
+def test_a_cache_changed_while_fit_head_reads_it_is_refused(tmp_path, monkeypatch):
+    cache = split_view_cache(tmp_path / "cache")
+    load = head_grid.load_complete_split
+
+    def changed_after_reading(cache, split):
+        data = load(cache, split)
+        if split == "val":  # a label corrected by an extract rerun just after both splits were read
+            marker = cache.shard_marker("train", 0)
+            cache.update_records("train", 0, [TakeRecord.from_json(r) for r in marker["records"]])
+        return data
+
+    monkeypatch.setattr(head_grid, "load_complete_split", changed_after_reading)
+    result = fit(cache.root, tmp_path / "run", "--views", "ego")
+    assert result.exit_code == 2 and "split train or val changed while it was read" in " ".join(result.output.split())
