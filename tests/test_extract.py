@@ -27,6 +27,7 @@ from pipeline.takes import VIEWS, load_takes
 from pipeline.video import ClipSampling, decode_clip, preprocess
 from stages.cli import app
 from tests import videos
+from tests.interrupts import killed_at_shard_write
 
 FRAMES = 4
 
@@ -218,8 +219,7 @@ def test_retry_failed_decodes_only_the_failed_views_and_keeps_the_others_even_if
     np.testing.assert_array_equal(after.tokens, FeatureCache.open(tmp_path / "clean").read("train").tokens)
 
 
-def test_an_interrupted_retry_keeps_the_commits_of_the_shards_it_had_not_reached(dataset, backbone_dir, tmp_path,
-                                                                                 monkeypatch):
+def test_an_interrupted_retry_keeps_the_commits_of_the_shards_it_had_not_reached(dataset, backbone_dir, tmp_path):
     root = tmp_path / "root"
     subprocess.run(["cp", "-r", str(dataset), str(root)], check=True)
     takes = load_takes(root, "train")
@@ -232,16 +232,7 @@ def test_an_interrupted_retry_keeps_the_commits_of_the_shards_it_had_not_reached
     run_extraction(config)
     for path, data in zip(broken, good):
         path.write_bytes(data)
-    written, write_shard = [], FeatureCache.write_shard
-
-    def interrupted_at_the_second(self, split, shard, *args):
-        written.append(shard)
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        return write_shard(self, split, shard, *args)
-
-    monkeypatch.setattr(FeatureCache, "write_shard", interrupted_at_the_second)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_shard_write(2) as written:
         run_extraction(dataclasses.replace(config, retry_failed=True))
     shards = len(FeatureCache.open(tmp_path / "cache").plan_split("train", [t.take_uid for t in takes]))
     assert FeatureCache.open(tmp_path / "cache").committed_shards("train") == set(range(shards)) - {written[1]}

@@ -22,6 +22,7 @@ from pipeline.feature_reuse import FeatureDonor
 from pipeline.takes import annotation_path, load_takes
 from pipeline.video import decode_clip
 from stages.cli import app
+from tests.interrupts import killed_at_shard_write
 
 FRAMES = 4
 
@@ -269,21 +270,11 @@ def test_an_other_cache_from_before_video_files_were_recorded_gives_nothing_to_c
 
 
 def test_a_rerun_with_reuse_goes_on_from_the_shards_committed_and_reports_its_progress(config, dataset, tmp_path,
-                                                                                       decoded, monkeypatch):
+                                                                                       decoded):
     run_extraction(dataclasses.replace(config, views=("ego",)))  # the other cache: ego only
     new = dataclasses.replace(config, cache=tmp_path / "new", reuse=config.cache)
-    written, write_shard = [], FeatureCache.write_shard
-
-    def interrupted_at_the_second(self, *args):
-        written.append(args)
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        return write_shard(self, *args)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(FeatureCache, "write_shard", interrupted_at_the_second)
-        with pytest.raises(KeyboardInterrupt):
-            run_extraction(new)
+    with killed_at_shard_write(2):
+        run_extraction(new)
     takes = load_takes(dataset, "train")
     decoded.clear()
     started = []

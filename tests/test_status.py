@@ -15,6 +15,7 @@ from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, run_extraction
 from pipeline.takes import load_takes
 from stages.cli import app
+from tests.interrupts import killed_at_shard_write
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +30,8 @@ def cache(tmp_path_factory):
     config = ExtractConfig(root=root, cache=folder / "cache", backbone=str(save_tiny_backbone(folder / "tiny", seed=0)),
                            frames=4, views=("ego", "exo2"), workers=0, shard_size=2)
     run_extraction(config)
-    val = dataclasses.replace(config, split="val")
-    written, write_shard = [], FeatureCache.write_shard
-
-    def interrupted_at_the_second(self, *args):
-        written.append(args)
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        return write_shard(self, *args)
-
-    FeatureCache.write_shard = interrupted_at_the_second
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_extraction(val)
-    finally:
-        FeatureCache.write_shard = write_shard
+    with killed_at_shard_write(2):
+        run_extraction(dataclasses.replace(config, split="val"))
     return folder / "cache", len(load_takes(root, "train")), len(load_takes(root, "val"))
 
 
