@@ -78,8 +78,7 @@ def another_runs_files(out: Path) -> str | None:
 
 
 def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], cache: FeatureCache, commits: str,
-                view_names: dict,
-                head_configs: dict, train, val) -> list[dict]:
+                view_names: dict, head_configs: dict, train, val) -> list[dict]:
     # of an earlier grid killed mid-write (this one holds the folder's lock); not in folders a user made there
     remove_temporary_files([settings.out, *(settings.out / cell.name for cell in cells)])
     for summary in ("grid.json", "grid.png"):  # a previous run's, about cells this run replaces: gone until this grid ends
@@ -121,14 +120,14 @@ def earlier_cells(out: Path) -> list[Path]:
 
 def _finished_row(folder: Path, cell: Cell, cell_config: FitHeadConfig, commits: str) -> dict | None:
     """The grid row of a complete cell folder (its metrics.json, written last; its head and predictions there) fitted
-    with `cell_config`'s settings (--resume aside) on the cache with these `commits`; None if there is none such."""
+    with `cell_config`'s settings on the cache with these `commits`; None if there is none such."""
     if not all((folder / name).is_file() for name in (HEAD_WEIGHTS, HEAD_INFO, "predictions.jsonl")):
         return None
     try:
         metrics = read_json(folder / "metrics.json")
         settings = metrics["settings"]
-        same = ({**settings["config"], "resume": None} == {**config_to_dict(cell_config), "resume": None}
-                and settings.get("cache_commits") == commits)  # cells fitted before cache_commits: never kept
+        # configs are saved with resume off (_train_grid); cells fitted before cache_commits: never kept
+        same = settings["config"] == config_to_dict(cell_config) and settings.get("cache_commits") == commits
     except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, or not a cell's: fitted again
         return None
     return _row(cell, metrics["accuracy"], metrics["num_takes"], settings["best_epoch"], settings["train_seconds"]) if same else None

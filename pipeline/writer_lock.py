@@ -57,7 +57,7 @@ def writer_of(path: Path) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     except BlockingIOError:
-        return path.read_text(encoding="utf-8").strip() or "a run that has not written its name yet"
+        return _holder(path)
     except OSError as err:
         if err.errno not in UNSUPPORTED:
             raise
@@ -66,13 +66,17 @@ def writer_of(path: Path) -> str | None:
         os.close(fd)
 
 
-def _busy(path: Path, subject: str) -> CacheError:
+def _holder(path: Path) -> str:
+    """Who holds the lock at `path`, as its holder wrote there (holder_text)."""
     try:
-        holder = path.read_text(encoding="utf-8").strip() or "a run that has not written its name yet"
+        return path.read_text(encoding="utf-8").strip() or "a run that has not written its name yet"
     except OSError:
-        holder = "unknown"
+        return "unknown"
+
+
+def _busy(path: Path, subject: str) -> CacheError:
     return CacheError(
-        f"{subject} is being written by another run ({holder}); only one run may write it at a time. Wait for that "
+        f"{subject} is being written by another run ({_holder(path)}); only one run may write it at a time. Wait for that "
         f"run to end or stop it, then rerun: what it has committed is kept. (Lock: {path})"
     )
 
