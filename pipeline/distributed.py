@@ -103,29 +103,36 @@ def summed_over_ranks(ranks: Ranks, value: float, device: torch.device) -> float
     return float(total.item())
 
 
-def barrier_sharing_main_error(ranks: Ranks, error: Exception | None, kinds: tuple[type[Exception], ...]) -> None:
-    """A barrier at which rank 0's `error` (one of the user-facing `kinds`) is raised on every rank, then each rank's own.
+class MainRankFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 failed in a step it takes alone with an error outside the shared kinds
+    (a bug, say): its traceback is rank 0's; the others stop with its one line instead of a collective's."""
 
-    The ranks waiting for rank 0's set-up (a refused lock, another cache's fingerprint) stop with its message, instead
-    of a collective's "connection closed" traceback once it has exited."""
+
+def barrier_sharing_main_error(ranks: Ranks, error: Exception | None, kinds: tuple[type[Exception], ...]) -> None:
+    """A barrier at which rank 0's `error` is raised on every rank, then each rank's own.
+
+    An error of one of the user-facing `kinds` is raised as that kind, any other as MainRankFailed. The ranks
+    waiting for rank 0's set-up (a refused lock, another cache's fingerprint) stop with its message, instead of a
+    collective's "connection closed" traceback once it has exited."""
     if ranks.world_size > 1:  # the error's class and its bases by name: a PermissionError is shared as an OSError
         shared = [None if error is None or not ranks.is_main else ([c.__name__ for c in type(error).__mro__], str(error))]
         dist.broadcast_object_list(shared, src=0)
         if shared[0] is not None and not ranks.is_main:
             names, message = shared[0]
-            raise next(kind for name in names for kind in kinds if kind.__name__ == name)(f"(rank 0) {message}")
+            kind = next((kind for name in names for kind in kinds if kind.__name__ == name), None)
+            raise kind(f"(rank 0) {message}") if kind else MainRankFailed(f"rank 0 failed: {names[0]}: {message}")
     if error is not None:
         raise error
 
 
 def run_on_main(ranks: Ranks, step: Callable[[], T], kinds: tuple[type[Exception], ...]) -> T | None:
-    """`step()` on rank 0 only (its result there, None elsewhere), then a barrier at which its error of one of `kinds`
-    stops every rank with its message (barrier_sharing_main_error). Every rank must call it."""
+    """`step()` on rank 0 only (its result there, None elsewhere), then a barrier at which its error stops every rank:
+    one of `kinds` with its message, any other as MainRankFailed (barrier_sharing_main_error). Every rank must call it."""
     result, error = None, None
     if ranks.is_main:
         try:
             result = step()
-        except kinds as err:
+        except Exception as err:  # noqa: BLE001 (shared, then raised again on rank 0 itself)
             error = err
     barrier_sharing_main_error(ranks, error, kinds)
     return result

@@ -318,7 +318,7 @@ def run_extraction(
                 # without --reuse: it changes no feature, only what is computed, and the other cache may be gone
                 # by the time this config is passed back (there is no flag to clear it)
                 save_config(dataclasses.replace(config, reuse=None), Path(config.cache) / f"extract-{config.split}.json")
-        except (ConfigError, CacheError) as err:
+        except Exception as err:  # noqa: BLE001 (rank 0's reaches every rank: ConfigError/CacheError as such)
             setup_error = err
         barrier_sharing_main_error(ranks, setup_error, (ConfigError, CacheError))
         if config.reuse:  # rank 0's index: the other cache is read and checked once, and no rank fails alone here

@@ -13,11 +13,13 @@ from rich.markup import escape
 
 from pipeline.cache import CacheError
 from pipeline.config import ConfigError
+from pipeline.distributed import MainRankFailed
 from pipeline.head_training import TrainingDiverged
 from pipeline.takes import AnnotationError
 from stages import demo, evaluate, export, extract, finetune, fit_head, status
 
 USAGE_ERROR = 2  # bad flags, config or annotations: nothing was computed
+FAILED = 1
 USER_ERRORS = (ConfigError, CacheError, AnnotationError, FileNotFoundError, TrainingDiverged)
 
 app = typer.Typer(
@@ -35,10 +37,11 @@ def _reporting_user_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except USER_ERRORS as err:
+        except (*USER_ERRORS, MainRankFailed) as err:
             # the message is text (paths may hold brackets), never rich markup
             Console(stderr=True, soft_wrap=True).print("[bold red]error:[/] " + escape(str(err)), highlight=False)
-            raise typer.Exit(USAGE_ERROR) from None
+            # rank 0 printed its own traceback for a MainRankFailed: the other ranks say one line each
+            raise typer.Exit(FAILED if isinstance(err, MainRankFailed) else USAGE_ERROR) from None
 
     return wrapper
 

@@ -51,6 +51,17 @@ def test_ranks_end_when_their_torchrun_launcher_is_killed_alone(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_an_error_outside_the_shared_kinds_in_rank_0s_step_reaches_the_other_ranks_as_main_rank_failed(tmp_path):
+    """Only the user-facing kinds were shared: a bug's RuntimeError on rank 0 left the others to die in gloo."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launched = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(REPO / "tests" / "torchrun_probe.py"),
+                               str(tmp_path), "main-fails"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              capture_output=True, text=True, timeout=120)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert (tmp_path / "rank0.error").read_text() == "RuntimeError: a bug"  # rank 0's own error, as it was
+    assert (tmp_path / "rank1.error").read_text() == "MainRankFailed: rank 0 failed: RuntimeError: a bug"
+
+
 def can_run_in_a_pid_namespace() -> bool:
     try:
         return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode == 0

@@ -391,6 +391,21 @@ def test_a_torchrun_refused_by_rank_0_stops_every_rank_with_its_message(dataset,
     assert len(re.findall(r"exitcode : 2", said)) >= 1
 
 
+def test_a_torchrun_whose_rank_0_fails_in_its_own_set_up_step_stops_every_rank_with_one_line(dataset, backbone_dir,
+                                                                                                 tmp_path):
+    """Rank 0 alone saves the run's config. An error there outside the user-facing kinds (here an OSError: the
+    config's path is a folder) used to leave rank 1 waiting at the barrier, then dying in gloo."""
+    (tmp_path / "cache" / "extract-train.json").mkdir(parents=True)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launched = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "stages.cli",
+                               *map(str, extract_args(dataset, tmp_path / "cache", backbone_dir))],
+                              capture_output=True, text=True, timeout=300)
+    said = " ".join((launched.stdout + launched.stderr).split())
+    assert launched.returncode == 1 and "Connection closed" not in said, said[-3000:]
+    assert "IsADirectoryError: [Errno 21]" in said  # rank 0's traceback
+    assert "error: rank 0 failed: IsADirectoryError: [Errno 21] Is a directory" in said, said[-3000:]  # rank 1's line
+
+
 def test_compiled_extract_matches_eager_and_has_its_own_fingerprint(dataset, backbone_dir, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert run_cli(*extract_args(dataset, eager, backbone_dir)).exit_code == 0
