@@ -46,8 +46,14 @@ def device_problem(device: str) -> str | None:
 
 
 def output_problem(name: str, path: Path | None, folder: bool = True) -> str | None:
-    """What is wrong with an output path (None: usable): a file where a folder goes, or the other way round."""
-    if path is None or not Path(path).exists() or Path(path).is_dir() == folder:
+    """What is wrong with an output path (None: usable): a file where a folder goes, or the other way round, or a
+    file among the folders above it (a mistyped path: nothing could be made there)."""
+    if path is None:
+        return None
+    if not Path(path).exists():
+        above = next((parent for parent in Path(path).parents if parent.exists()), None)
+        return None if above is None or above.is_dir() else f"{name} {path}: {above} is a file, not a folder"
+    if Path(path).is_dir() == folder:
         return None
     return f"{name} {path} is {'a file' if folder else 'a folder'}; it must be {'a folder' if folder else 'a file name'}"
 

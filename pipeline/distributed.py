@@ -10,6 +10,7 @@ import ctypes
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -105,20 +106,28 @@ def summed_over_ranks(ranks: Ranks, value: float, device: torch.device) -> float
 
 class MainRankFailed(RuntimeError):
     """Raised on the other ranks when rank 0 failed in a step it takes alone with an error outside the shared kinds
-    (a bug, say): its traceback is rank 0's; the others stop with its one line instead of a collective's."""
+    (a bug, a full disk): its traceback is rank 0's; the others stop with its one line instead of a collective's."""
+
+
+# How long the other ranks wait, once rank 0 has failed, for the launcher to stop them before they raise its error.
+# torchrun stops them as soon as rank 0 has exited: rank 0 is then the run's root cause, and its own error handling
+# (the traceback, a decoder crash's diagnosis, removing a folder it made) is never cut short by a rank that exited
+# first. Another launcher lets them raise it after this long.
+MAIN_ERROR_GRACE_S = 60.0
 
 
 def barrier_sharing_main_error(ranks: Ranks, error: Exception | None, kinds: tuple[type[Exception], ...]) -> None:
     """A barrier at which rank 0's `error` is raised on every rank, then each rank's own.
 
-    An error of one of the user-facing `kinds` is raised as that kind, any other as MainRankFailed. The ranks
-    waiting for rank 0's set-up (a refused lock, another cache's fingerprint) stop with its message, instead of a
-    collective's "connection closed" traceback once it has exited."""
+    An error of one of the user-facing `kinds` is raised as that kind, any other as MainRankFailed, after
+    MAIN_ERROR_GRACE_S. The ranks waiting for rank 0's set-up (a refused lock, another cache's fingerprint) stop with
+    its message, instead of a collective's "connection closed" traceback once it has exited."""
     if ranks.world_size > 1:  # the error's class and its bases by name: a PermissionError is shared as an OSError
         shared = [None if error is None or not ranks.is_main else ([c.__name__ for c in type(error).__mro__], str(error))]
         dist.broadcast_object_list(shared, src=0)
         if shared[0] is not None and not ranks.is_main:
             names, message = shared[0]
+            time.sleep(MAIN_ERROR_GRACE_S)
             kind = next((kind for name in names for kind in kinds if kind.__name__ == name), None)
             raise kind(f"(rank 0) {message}") if kind else MainRankFailed(f"rank 0 failed: {names[0]}: {message}")
     if error is not None:

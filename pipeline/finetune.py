@@ -30,7 +30,8 @@ from pipeline import backbone as bb
 from pipeline.cache import CacheError
 from pipeline.checkpoints import HEAD_INFO, HEAD_WEIGHTS, load_head, save_head
 from pipeline.config import ConfigError, config_to_dict, device_problem, output_problem, save_config, with_absolute_paths
-from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error, run_on_main, summed_over_ranks
+from pipeline.distributed import (MainRankFailed, Ranks, barrier, barrier_sharing_main_error, run_on_main,
+                                  summed_over_ranks)
 from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
 from pipeline.decoder_crashes import CRASHES, MARKERS, CrashGuard, explained_worker_death, known_crashes, triage
@@ -187,7 +188,7 @@ def run_finetune(
         if ranks.is_main:
             try:
                 held.enter_context(first_writer(out / RUN_LOCK, f"the run folder {out}"))
-            except CacheError as err:
+            except Exception as err:  # noqa: BLE001 (a held lock, or an --out under a file: shared, then raised)
                 refused = err
         barrier_sharing_main_error(ranks, refused, (CacheError,))  # the other ranks stop with its message
         try:
@@ -196,13 +197,15 @@ def run_finetune(
             if ranks.is_main and new_folder and [path.name for path in out.iterdir()] == [RUN_LOCK]:
                 (out / RUN_LOCK).unlink()  # refused before it wrote anything: leave no folder behind it
                 out.rmdir()
-            if isinstance(err, RuntimeError) and (explained := explained_worker_death(out, err, "finetune --resume")):
+            if (isinstance(err, RuntimeError) and not isinstance(err, MainRankFailed)  # rank 0 explains its own
+                    and (explained := explained_worker_death(out, err, "finetune --resume"))):
                 raise explained from err
             raise
 
 
-# errors of rank 0's own steps (its folder, held-out scoring, checkpoints) that the other ranks stop with, by its message
-MAIN_STEP_ERRORS = (OSError, ConfigError, CacheError, TrainingDiverged)
+# errors of rank 0's own steps (its folder, held-out scoring, checkpoints) that the other ranks raise as such, with its
+# message (the user-facing kinds: one line, exit 2); any other (a full disk, a bug) reaches them as MainRankFailed
+MAIN_STEP_ERRORS = (ConfigError, CacheError, TrainingDiverged)
 
 
 def _prepare_run_folder(out: Path, config: FinetuneConfig) -> None:
@@ -264,8 +267,7 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
         if checkpoint:
             state = load_epoch_checkpoint(checkpoint, model, optimizer, schedule, state["config"], ranks, device,
                                           weights_sha256, scaler, state["train_takes_sha256"])
-            if ranks.is_main:
-                restore_best_weights(out, checkpoint, state)
+            run_on_main(ranks, lambda: restore_best_weights(out, checkpoint, state), MAIN_STEP_ERRORS)
         if on_event:
             on_event(f"resuming {checkpoint} after epoch {state['epoch']}" if checkpoint else
                      f"--resume: {out} has no complete checkpoint yet; starting from the beginning")

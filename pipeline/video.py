@@ -147,11 +147,14 @@ def decode_clip(path: Path, sampling: ClipSampling) -> tuple[np.ndarray, int]:
     path, num_samples = Path(path), sampling.frames
     if not path.is_file():
         raise VideoError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise VideoError(path, "empty file (0 bytes)")
-    with open(path, "rb") as file:
-        if problem := container_problem(file):
-            raise VideoError(path, problem)
+    try:
+        if path.stat().st_size == 0:
+            raise VideoError(path, "empty file (0 bytes)")
+        with open(path, "rb") as file:
+            if problem := container_problem(file):
+                raise VideoError(path, problem)
+    except OSError as err:  # unreadable (permissions, a failing disk): a failed view as any other, not a stopped run
+        raise VideoError(path, f"cannot read ({type(err).__name__}: {err.strerror or err})") from err
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
         num_frames = len(reader)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError, device_problem, load_config, read_saved_config, save_config
+from pipeline.config import ConfigError, device_problem, load_config, output_problem, read_saved_config, save_config
 from pipeline.extraction import ExtractConfig
 from pipeline.head_training import FitHeadConfig
 
@@ -115,3 +115,13 @@ def test_an_unknown_field_in_a_config_file_names_the_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("root: r\nlrr: 0.1\n")
     with pytest.raises(ConfigError, match=f"unknown field\\(s\\) \\['lrr'\\] in config file {tmp_path / 'bad.yaml'}"):
         load_config(ExtractConfig, tmp_path / "bad.yaml", {})
+
+
+def test_an_output_path_under_a_file_is_refused_naming_the_file(tmp_path):
+    """A mistyped --out whose parent is a file used to pass, then fail deep in the run (under torchrun on rank 0
+    alone, taking its folder's lock)."""
+    (tmp_path / "afile").write_text("")
+    assert output_problem("out", tmp_path / "afile" / "run" / "deeper") == f"out {tmp_path / 'afile' / 'run' / 'deeper'}: {tmp_path / 'afile'} is a file, not a folder"
+    assert output_problem("submission", tmp_path / "afile" / "s.json", folder=False).endswith("afile is a file, not a folder")
+    assert output_problem("out", tmp_path / "new" / "run") is None and output_problem("out", tmp_path) is None
+    assert output_problem("out", tmp_path / "afile") == f"out {tmp_path / 'afile'} is a file; it must be a folder"

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.distributed import MAIN_ERROR_GRACE_S
+from tests.torchrun_output import root_cause
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,6 +63,20 @@ def test_an_error_outside_the_shared_kinds_in_rank_0s_step_reaches_the_other_ran
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert (tmp_path / "rank0.error").read_text() == "RuntimeError: a bug"  # rank 0's own error, as it was
     assert (tmp_path / "rank1.error").read_text() == "MainRankFailed: rank 0 failed: RuntimeError: a bug"
+
+
+def test_the_other_ranks_wait_for_rank_0_to_end_its_error_handling_and_torchrun_names_it_the_root_cause(tmp_path):
+    """With the error shared at once, rank 1 exited first: torchrun named it the root cause and killed rank 0 in the
+    middle of its own error handling (its traceback, or a decoder crash's diagnosis, could be lost)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    started = time.monotonic()
+    launched = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(REPO / "tests" / "torchrun_probe.py"),
+                               str(tmp_path), "main-fails-slowly"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              capture_output=True, text=True, timeout=300)
+    said = " ".join((launched.stdout + launched.stderr).split())
+    assert launched.returncode == 1 and (tmp_path / "rank0.error").read_text() == "RuntimeError: a bug", said[-3000:]
+    assert root_cause(said) == (0, 1) and not (tmp_path / "rank1.error").exists(), said[-3000:]  # stopped by torchrun
+    assert time.monotonic() - started < MAIN_ERROR_GRACE_S  # not after the grace
 
 
 def can_run_in_a_pid_namespace() -> bool:

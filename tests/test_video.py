@@ -37,6 +37,20 @@ def test_every_kind_of_bad_video_raises_a_video_error_naming_the_file(tmp_path, 
     assert reason in info.value.reason
 
 
+def test_an_unreadable_video_is_a_video_error_naming_the_file_not_a_stopped_run(tmp_path, monkeypatch):
+    """open() raised PermissionError (or an I/O error of a failing disk) out of decode_clip: extract stopped instead of
+    recording the view as failed. Simulated: the tests run as root, whom file modes do not stop."""
+    path = videos.good_video(tmp_path / "v.mp4", frames=30, size=(48, 64))
+
+    def unreadable(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr("pipeline.video.open", unreadable, raising=False)
+    with pytest.raises(VideoError) as info:
+        decode_clip(path, ClipSampling(8))
+    assert info.value.path == path and info.value.reason == "cannot read (PermissionError: Permission denied)"
+
+
 @pytest.mark.parametrize("container, suffix", [("mp4", "mp4"), ("mov", "mov"), ("matroska", "mkv")])
 def test_the_containers_decoded_are_those_whose_frames_come_out_exact(tmp_path, container, suffix):
     """MPEG-TS and AVI are refused (above): decord returned other frames from them, with no error. (webm is Matroska;
