@@ -58,6 +58,28 @@ def output_problem(name: str, path: Path | None, folder: bool = True) -> str | N
     return f"{name} {path} is {'a file' if folder else 'a folder'}; it must be {'a folder' if folder else 'a file name'}"
 
 
+def foreign_output(folder: Path | None, own_kind: str) -> str | None:
+    """What in an output folder shows that another kind of skillpipe output lives there, None if nothing: a feature
+    cache's cache.json, a fit-head grid's grid.json, or a config.json that another stage saved. `own_kind`: the
+    writing stage's config class name ("FeatureCache" for extract). Writing there would mix with its files or
+    replace them (a finetune run's config.json over a grid's)."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    if own_kind != "FeatureCache" and (folder / "cache.json").is_file():
+        return "cache.json: it is a feature cache"
+    if own_kind != "FitHeadConfig" and (folder / "grid.json").is_file():
+        return "grid.json: it is a fit-head grid"
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = None
+    kind = saved.get("kind") if isinstance(saved, dict) else None
+    return None if kind == own_kind else f"a config.json of {kind or 'another program'}"
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

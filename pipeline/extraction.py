@@ -28,7 +28,7 @@ from pipeline import backbone as bb
 from pipeline import decoder_crashes
 from pipeline.cache import CacheError, CacheSpec, FeatureCache, TakeRecord
 from pipeline.cache_upkeep import refresh_committed_shards, uncommit_damaged_shards
-from pipeline.config import ConfigError, device_problem, output_problem, save_config, with_absolute_paths
+from pipeline.config import ConfigError, device_problem, foreign_output, output_problem, save_config, with_absolute_paths
 from pipeline.decoder_crashes import CrashGuard, decoding, triage
 from pipeline.distributed import Ranks, barrier, barrier_sharing_main_error, shared_by_main
 from pipeline.feature_reuse import FeatureDonor, KnownFeatures, known_features
@@ -91,6 +91,8 @@ class ExtractConfig:
         if not self.compile:  # a setting of the compiled forward (a compiled run's saved config may carry it)
             object.__setattr__(self, "frozen_weights", None)
         problems += filter(None, [device_problem(self.device), output_problem("cache", self.cache)])
+        if foreign := foreign_output(self.cache, "FeatureCache"):
+            problems.append(f"cache {self.cache} holds another kind of output ({foreign}); use another folder")
         if self.reuse is not None and Path(self.reuse).resolve() == Path(self.cache).resolve():
             problems.append(f"reuse must be another cache than {self.cache}")
         if problems:

@@ -29,7 +29,8 @@ from transformers import get_cosine_schedule_with_warmup
 from pipeline import backbone as bb
 from pipeline.cache import CacheError
 from pipeline.checkpoints import HEAD_INFO, HEAD_WEIGHTS, load_head, save_head
-from pipeline.config import ConfigError, config_to_dict, device_problem, output_problem, save_config, with_absolute_paths
+from pipeline.config import (ConfigError, config_to_dict, device_problem, foreign_output, output_problem, save_config,
+                             with_absolute_paths)
 from pipeline.distributed import (MainRankFailed, Ranks, barrier, barrier_sharing_main_error, run_on_main,
                                   summed_over_ranks)
 from pipeline.evaluation import evaluate_split, take_logits
@@ -110,6 +111,9 @@ class FinetuneConfig:
         for problem in (device_problem(self.device), output_problem("out", self.out)):
             if problem:
                 raise ConfigError(f"FinetuneConfig.{problem}")
+        if foreign := foreign_output(self.out, type(self).__name__):
+            raise ConfigError(f"FinetuneConfig.out: {self.out} holds another kind of output ({foreign}); a run "
+                              "written there would replace or mix with its files: use another folder")
         for name, high in (("holdout", 0.5), ("warmup_ratio", 1.0), ("lora_dropout", 1.0)):
             if not 0 <= getattr(self, name) < high:
                 raise ConfigError(f"FinetuneConfig.{name}: must be in [0, {high}), got {getattr(self, name)}")

@@ -13,16 +13,16 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cache import CacheError, FeatureCache
+from pipeline.cache import CacheError, FeatureCache, written_by_the_cache
 from pipeline.checkpoints import HEAD_INFO, HEAD_WEIGHTS, save_head
-from pipeline.config import ConfigError, config_to_dict, save_config, with_absolute_paths
+from pipeline.config import ConfigError, config_to_dict, foreign_output, save_config, with_absolute_paths
 from pipeline.files import read_json, remove_temporary_files, write_json_atomic
 from pipeline.fusion import HeadConfig
 from pipeline.head_training import (
     Cell, FeatureTable, FitHeadConfig, TrainingDiverged, grid_cells, head_config_for, load_complete_split,
     predict_probabilities, train_head,
 )
-from pipeline.metrics import mark_incomplete, plot_grid, seed_spread, write_evaluation, write_submission
+from pipeline.metrics import is_a_submission, mark_incomplete, plot_grid, seed_spread, write_evaluation, write_submission
 from pipeline.takes import shared_takes
 from pipeline.views import parse_view_setting
 from pipeline.writer_lock import RUN_LOCK, first_writer
@@ -37,6 +37,12 @@ def run_grid(settings: FitHeadConfig, console: Console | None = None) -> list[di
         raise ConfigError(f"FitHeadConfig.submission: needs a grid of one cell, this one has {len(cells)}; "
                           "give a single --views, --fusion and --seed")
     cache = FeatureCache.open(settings.cache)
+    for flag, path in (("--out", settings.out), ("--submission", settings.submission)):
+        if path is not None and written_by_the_cache(cache.root, path):
+            raise ConfigError(f"{flag} {path} is among the files of the cache it reads ({cache.root}); write it elsewhere")
+    if settings.submission is not None and settings.submission.exists() and not is_a_submission(settings.submission):
+        raise ConfigError(f"--submission {settings.submission} exists and is not a submission: it is left as it is; "
+                          "give another file name, or delete it first")
     view_names = {setting: parse_view_setting(setting, cache.spec.views) for setting in settings.views}
     head_configs = {cell: head_config_for(cache, settings, cell.fusion, len(view_names[cell.views])) for cell in cells}
     # the cache as read, for --resume: hashed on both sides of the reads, so that a cell never records another state
@@ -67,14 +73,7 @@ def another_runs_files(out: Path) -> str | None:
     """What in `out` shows it is not a fit-head grid's folder (a finetune run, a cell, an evaluation); None if nothing."""
     if held := [name for name in (HEAD_INFO, "metrics.json", "checkpoint", "adapter", "backbone") if (out / name).exists()]:
         return held[0]
-    if not (out / "config.json").is_file():
-        return None
-    try:
-        saved = read_json(out / "config.json")
-    except ValueError:
-        saved = None
-    kind = saved.get("kind") if isinstance(saved, dict) else None
-    return None if kind == FitHeadConfig.__name__ else f"a config.json of {kind or 'another program'}"
+    return foreign_output(out, FitHeadConfig.__name__)
 
 
 def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], cache: FeatureCache, commits: str,

@@ -54,6 +54,18 @@ def submission(take_uids: list[str], probabilities: np.ndarray) -> dict:
     }
 
 
+SUBMISSION_KEYS = {"videos", "ego_model_predictions", "exo_model_predictions"}
+
+
+def is_a_submission(path: Path) -> bool:
+    """Whether the file at `path` is a submission JSON (one a rerun may replace)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and set(data) == SUBMISSION_KEYS
+
+
 def write_submission(path: Path, take_uids: list[str], probabilities: np.ndarray) -> None:
     write_json_atomic(path, submission(take_uids, probabilities))
 

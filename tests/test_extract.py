@@ -376,6 +376,18 @@ def test_torchrun_with_a_failed_view_on_rank_1_reports_it_from_rank_0_and_exits_
     assert set(failures) == {take.take_uid} and set(failures[take.take_uid]) == {"exo2"}
 
 
+@pytest.mark.parametrize("kind", ["FinetuneConfig", "FitHeadConfig"])
+def test_extract_into_a_run_folder_is_refused_before_it_writes(dataset, backbone_dir, tmp_path, kind):
+    """A finetune run's or a fit-head grid's folder was taken as a new cache: the cache's files mixed with the run's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": kind}))
+    result = CliRunner().invoke(app, extract_args(dataset, run, backbone_dir))
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"holds another kind of output (a config.json of {kind})" in said, said
+    assert [path.name for path in run.iterdir()] == ["config.json"]
+
+
 def test_a_torchrun_refused_by_rank_0_stops_every_rank_with_its_message(dataset, backbone_dir, tmp_path):
     """The other ranks used to wait for rank 0 at a barrier, then die in gloo ('Connection closed by peer'). Now they
     wait for torchrun to stop them once rank 0 has exited (it is the root cause), raising its error only after

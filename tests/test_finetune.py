@@ -905,6 +905,21 @@ def test_a_resumed_finished_run_is_not_complete_until_its_new_evaluation(world, 
     assert (run / "head.json").is_file() and not (run / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("other", ["grid.json", "cache.json", "config.json"])
+def test_a_run_into_a_fit_head_grid_or_a_feature_cache_is_refused_and_leaves_it_as_it_was(world, tmp_path, other):
+    """A grid's root holds no finished results, so it passed: the run replaced the grid's config.json and mixed its
+    files with the cells'; a feature cache's folder got the run's files among its own."""
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / other).write_text(json.dumps({"kind": "FitHeadConfig"} if other == "config.json" else {"format": 1}))
+    result = cli(*finetune_args(world / "data", world / "tiny", out))
+    said = " ".join(result.output.split())
+    expected = {"grid.json": "it is a fit-head grid", "cache.json": "it is a feature cache",
+                "config.json": "a config.json of FitHeadConfig"}[other]
+    assert result.exit_code == 2 and "holds another kind of output" in said and expected in said, said
+    assert [path.name for path in out.iterdir()] == [other]
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_run_into_a_finished_runs_folder_without_its_checkpoint_is_refused(world, tmp_path, resume):
     """Its old metrics.json and head would stand beside the new run's config.json, and evaluate would score the old

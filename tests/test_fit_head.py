@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,11 +180,12 @@ def test_a_grid_into_a_folder_being_written_by_another_grid_stops_at_once(grid, 
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != "run.lock"} == files
 
 
-@pytest.mark.parametrize("other", ["a finetune run", "a finetune run under way", "a fit-head cell", "an evaluation"])
+@pytest.mark.parametrize("other", ["a finetune run", "a finetune run under way", "a fit-head cell", "an evaluation",
+                                   "a feature cache"])
 def test_a_grid_into_another_runs_folder_is_refused_before_it_writes(grid, tmp_path, other):
     """It replaced a finetune run's config.json (the run could not be evaluated any more) and mixed its files in."""
     out = tmp_path / "other"
-    shutil.copytree(grid / "run" / "ego+exos__crossview__seed0", out)
+    shutil.copytree(grid / ("cache" if other == "a feature cache" else "run/ego+exos__crossview__seed0"), out)
     if other == "a finetune run":
         (out / "config.json").write_text(json.dumps({"kind": "FinetuneConfig", "root": "data"}))
     elif other == "a finetune run under way":  # its config.json alone says so
@@ -211,6 +213,26 @@ def test_submission_is_the_challenge_format(grid, tmp_path):
     np.testing.assert_array_equal(exo, np.repeat(ego[:, None], 4, axis=1))  # the fused prediction in every slot
     refused = fit(grid / "cache", tmp_path / "grid", "--seed", "0", "--seed", "1", "--submission", tmp_path / "s.json")
     assert refused.exit_code == 2 and "needs a grid of one cell, this one has 2" in refused.output
+    again = fit(grid / "cache", tmp_path / "run", "--views", "ego+exos", "--submission", tmp_path / "submission.json")
+    assert again.exit_code == 0, again.output  # an earlier submission is replaced
+
+
+@pytest.mark.parametrize("target", ["a file of the user's", "the cache's cache.json", "the cache folder as --out"])
+def test_a_submission_or_out_over_files_it_does_not_own_is_refused_and_they_stay(grid, tmp_path, target):
+    """--submission replaced any file: the cache's own cache.json, which left the cache unreadable."""
+    cache = Path(shutil.copytree(grid / "cache", tmp_path / "cache"))
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": 1}')
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    if target == "the cache folder as --out":
+        result = fit(cache, cache, "--views", "ego+exos")
+    else:
+        result = fit(cache, tmp_path / "run", "--views", "ego+exos", "--submission",
+                     mine if target == "a file of the user's" else cache / "cache.json")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, said
+    assert ("exists and is not a submission" if target == "a file of the user's" else "among the files of the cache") in said
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
 
 def test_missing_or_empty_cache_is_a_clear_error(tmp_path):
