@@ -13,6 +13,7 @@ from rich.table import Table
 
 from pipeline.cache import FeatureCache
 from pipeline.cache_status import SplitStatus, made_with, split_status
+from pipeline.views import FAILURES_EXIT
 
 
 def status(
@@ -22,13 +23,19 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Show each split's progress (takes and shards committed of those planned), its takes with failed views, the run
-    writing it now if any, and how the cache's features were made. Reads only."""
+    writing it now if any, and how the cache's features were made. Reads only. Exits 3 when it finds a damaged shard."""
     feature_cache = FeatureCache.open(cache)
     splits = [split_status(feature_cache, split, check) for split in feature_cache.splits()]
     if as_json:
         rows = [{**dataclasses.asdict(split), "complete": split.complete} for split in splits]
         print(json.dumps({"cache": str(cache), "made_with": made_with(feature_cache), "splits": rows}, indent=2))
-        return
+    else:
+        _print_status(cache, feature_cache, splits, check)
+    if any(split.damaged or split.unreadable_markers for split in splits):  # for scripts: a rerun of extract is due
+        raise typer.Exit(FAILURES_EXIT)
+
+
+def _print_status(cache: Path, feature_cache: FeatureCache, splits: list[SplitStatus], check: bool) -> None:
     console = Console()
     made = made_with(feature_cache)
     console.print(f"cache {escape(str(cache))}: " + ", ".join(f"{key} {_shown(value)}" for key, value in made.items()

@@ -71,21 +71,25 @@ def test_status_names_the_run_writing_a_split_and_leaves_its_lock_held(cache):
 def test_status_check_names_damaged_shards(cache, tmp_path):
     copy = tmp_path / "cache"
     shutil.copytree(cache[0], copy)
-    assert json.loads(status("--cache", copy, "--json", "--check").output)["splits"][0]["damaged"] == {}
+    intact = status("--cache", copy, "--json", "--check")
+    assert intact.exit_code == 0 and json.loads(intact.output)["splits"][0]["damaged"] == {}
     marker = copy / "shards" / "train" / "00001.json"
     marker.write_text("{")
     shard_file = copy / "features.zarr" / "train" / "tokens" / "c" / "2" / "0" / "0" / "0"
     data = bytearray(shard_file.read_bytes())
     data[100] ^= 0xFF
     shard_file.write_bytes(bytes(data))
-    report = json.loads(status("--cache", copy, "--json", "--check").output)
+    checked = status("--cache", copy, "--json", "--check")
+    assert checked.exit_code == 3  # for scripts: it exited 0 whatever it found
+    report = json.loads(checked.output)
     damaged = report["splits"][0]["damaged"]
     assert set(damaged) == {"1", "2"} and "unreadable" in damaged["1"] and "checksum" in damaged["2"]
     train = report["splits"][0]
     assert train["unreadable_markers"] == [1] and not train["complete"]
     assert train["committed_shards"] == train["planned_shards"] - 1 and train["committed_takes"] == train["planned_takes"] - 2
-    shown = " ".join(status("--cache", copy, "--check").output.split())
-    assert "train shard 2: its checksum fails" in shown and "train shard 1: its commit marker is unreadable" in shown
+    table = status("--cache", copy, "--check")
+    shown = " ".join(table.output.split())
+    assert table.exit_code == 3 and "train shard 2: its checksum fails" in shown and "train shard 1: its commit marker is unreadable" in shown
     unchecked = " ".join(status("--cache", copy).output.split())
     assert "train shard 1: its commit marker is unreadable" in unchecked and "Rerun the `skillpipe extract`" in unchecked
 
