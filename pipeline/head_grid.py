@@ -100,7 +100,7 @@ def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], ca
             tables[kind] = tuple(FeatureTable(split, cache.spec.views, view_names[cell.views], head_configs[cell], settings.device)
                                  for split in (train, val))
         rows.append(_fit_cell(cell, cell_config, cache, commits, settings, head_configs[cell], view_names[cell.views],
-                              *tables[kind]))
+                              *tables[kind], console))
     if resume:
         console.print(f"--resume: kept {kept} of {len(cells)} cell(s), complete and fitted with these settings on the "
                       f"cache as it is now; trained {len(cells) - kept}")
@@ -138,12 +138,16 @@ def _row(cell: Cell, accuracy: float, num_takes: int, best_epoch: int, train_sec
 
 
 def _fit_cell(cell: Cell, cell_config: FitHeadConfig, cache: FeatureCache, commits: str, settings: FitHeadConfig,
-              head_config: HeadConfig, names: tuple[str, ...], train: FeatureTable, val: FeatureTable) -> dict:
+              head_config: HeadConfig, names: tuple[str, ...], train: FeatureTable, val: FeatureTable,
+              console: Console) -> dict:
     """Train one cell, evaluate it on val and write its folder; returns its grid row."""
     try:
         trained = train_head(train, head_config, settings, cell.seed)
     except TrainingDiverged as err:  # the cells before it are written; this one has nothing worth keeping
         raise TrainingDiverged(f"{settings.out / cell.name}: {err}") from None
+    if settings.holdout > 0 and not trained.holdout_losses:  # a silent choice otherwise (finetune says it too)
+        console.print(f"[yellow]note:[/] cell {cell.name}: --holdout {settings.holdout} leaves no held-out takes among "
+                      f"its {int(train.usable.sum())} train takes; its last epoch is kept")
     probabilities = predict_probabilities(trained, val, settings.precision)
     folder = settings.out / cell.name
     mark_incomplete(folder)  # a rerun's: its old metrics must not vouch for the new head
@@ -188,6 +192,7 @@ def _print_grid(console: Console, groups: list[dict], num_val: int, baseline: fl
     for column in ("views", "fusion", "seeds", "accuracy (mean ± std over seeds)", "per seed", "s / cell"):
         table.add_column(column)
     for group in groups:
-        table.add_row(group["views"], group["fusion"], str(group["seeds"]), f"{group['mean']:.3f} ± {group['std']:.3f}",
+        spread = f" ± {group['std']:.3f}" if group["seeds"] > 1 else ""  # undefined for one seed
+        table.add_row(group["views"], group["fusion"], str(group["seeds"]), f"{group['mean']:.3f}{spread}",
                       " ".join(f"{a:.3f}" for a in group["accuracies"]), f"{group['train_seconds']:.1f}")
     console.print(table)

@@ -30,7 +30,9 @@ def demo_data(
 ) -> None:
     """Write a small synthetic dataset in the exact egoexo layout (annotations + 448px mp4s)."""
     summary = write_demo_dataset(out, takes=takes, seed=seed, frames=frames)
-    Console().print(f"wrote demo dataset to {escape(str(out))}: {summary}")
+    splits = "; ".join(f"{split} {count} takes ({', '.join(f'{label} {n}' for label, n in summary.labels[split].items())})"
+                       for split, count in summary.takes.items())
+    Console().print(f"wrote demo dataset to {escape(str(out))}: {splits}", highlight=False)
 
 
 def demo(

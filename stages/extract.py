@@ -27,7 +27,8 @@ def extract(
                    "from the 4T-frame window at the take's centre (~2 s at 30 fps; the reference draws it at random). "
                    "Default: the finetune run's (--adapter RUN or --backbone RUN/backbone), else uniform.",
     ),
-    views: Optional[str] = typer.Option(None, help="Comma-separated views to extract (default ego,exo1,exo2,exo3,exo4)."),
+    views: Optional[str] = typer.Option(None, help="Views to extract: ego, exos, ego+exos, ego+exo2 (+ joins views) or a comma list "
+                                                        "such as ego,exo1 (default ego,exo1,exo2,exo3,exo4)."),
     adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (or a finetune run holding adapter/)."),
     device: Optional[str] = typer.Option(None, help="cpu (default) or cuda[:N]."),
     precision: Optional[str] = typer.Option(None, help="bf16 (autocast, default) or fp32."),

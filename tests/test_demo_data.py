@@ -12,9 +12,11 @@ import decord
 import numpy as np
 import pytest
 from decord._ffi.base import DECORDError
+from typer.testing import CliRunner
 
 from pipeline.demo_data import render_scene, write_demo_dataset, write_video
 from pipeline.takes import LABEL_NAMES, SCENARIOS, VIEWS, load_takes, resolve_view_files
+from stages.cli import app
 from tests import videos
 
 FRAMES = 6
@@ -228,3 +230,12 @@ def test_the_demo_refuses_a_dataset_it_wrote_with_another_number_of_takes(tmp_pa
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--takes", "80"])
     assert result.exit_code == 2 and "holds a demo dataset of 8 takes, not --takes 80" in " ".join(result.output.split())
     assert not (tmp_path / "demo" / "cache").exists()
+
+
+def test_the_demo_data_command_says_what_it_wrote_per_split(tmp_path):
+    """It printed the summary's dataclass repr."""
+    result = CliRunner().invoke(app, ["demo-data", str(tmp_path / "data"), "--takes", "8", "--frames", "2"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "DemoSummary" not in said, said
+    counts = {split: len(load_takes(tmp_path / "data", split)) for split in ("train", "val")}
+    assert f"train {counts['train']} takes (Novice" in said and f"val {counts['val']} takes (" in said

@@ -217,6 +217,19 @@ def test_submission_is_the_challenge_format(grid, tmp_path):
     assert again.exit_code == 0, again.output  # an earlier submission is replaced
 
 
+def test_a_holdout_too_small_to_hold_out_any_take_is_said_and_one_seed_shows_no_spread(grid, tmp_path):
+    """fit-head kept the last epoch without a word (finetune says so); a single seed printed "± 0.000"."""
+    result = fit(grid / "cache", tmp_path / "run", "--views", "ego", "--holdout", "0.01")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert "note: cell ego__crossview__seed0: --holdout 0.01 leaves no held-out takes among its" in said
+    assert "its last epoch is kept" in said and "± 0.000" not in said
+    cell = read_json(tmp_path / "run" / "ego__crossview__seed0" / "metrics.json")
+    quiet = fit(grid / "cache", tmp_path / "held", "--views", "ego", "--holdout", "0.25")
+    assert quiet.exit_code == 0 and "no held-out takes" not in quiet.output
+    assert cell["num_takes"] == VAL
+
+
 @pytest.mark.parametrize("target", ["a file of the user's", "the cache's cache.json", "the cache folder as --out"])
 def test_a_submission_or_out_over_files_it_does_not_own_is_refused_and_they_stay(grid, tmp_path, target):
     """--submission replaced any file: the cache's own cache.json, which left the cache unreadable."""
