@@ -20,19 +20,24 @@ def extract_with_progress(settings: ExtractConfig, console: Console | None = Non
         TextColumn(f"extract {settings.split}"), BarColumn(), MofNCompleteColumn(), TextColumn("takes"),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, disable=not ranks.is_main) as progress:
-        task = progress.add_task("extract", total=None, rate="")
-        clips = [0]
+    # shown from the start of the work on: a run refused in its set-up (a wrong path, another cache) prints no bar
+    progress = Progress(*columns, console=console, disable=not ranks.is_main)
+    task = progress.add_task("extract", total=None, rate="")
+    clips = [0]
 
-        def on_start(total: int, skipped: int) -> None:
-            progress.reset(task, total=total, completed=skipped)
+    def on_start(total: int, skipped: int) -> None:
+        progress.start()
+        progress.reset(task, total=total, completed=skipped)
 
-        def on_take(num_clips: int) -> None:
-            clips[0] += num_clips
-            elapsed = progress.tasks[task].elapsed or 1e-9
-            progress.update(task, advance=1, rate=f"{clips[0] / elapsed:.2f} clips/s")
+    def on_take(num_clips: int) -> None:
+        clips[0] += num_clips
+        elapsed = progress.tasks[task].elapsed or 1e-9
+        progress.update(task, advance=1, rate=f"{clips[0] / elapsed:.2f} clips/s")
 
+    try:
         summary = run_extraction(settings, on_take=on_take, on_start=on_start, ranks=ranks)
+    finally:
+        progress.stop()
     rate = summary.clips / summary.seconds if summary.seconds else 0.0
     where = f"rank {ranks.rank}/{ranks.world_size} " if ranks.world_size > 1 else ""
     console.print(

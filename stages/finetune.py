@@ -62,18 +62,23 @@ def finetune(
         console = Console()
         columns = (TextColumn("finetune epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[rate]}"), TimeElapsedColumn())
-        with Progress(*columns, console=console, disable=not ranks.is_main) as progress:
-            task = progress.add_task("finetune", total=None, epoch=0, loss=0.0, lr=0.0, rate="")
+        # shown from the first step on: a run refused in its set-up, or a finished run resumed, prints no bar
+        progress = Progress(*columns, console=console, disable=not ranks.is_main)
+        task = progress.add_task("finetune", total=None, epoch=0, loss=0.0, lr=0.0, rate="")
 
-            def on_step(info: dict) -> None:
-                if info["step"] == 0:
-                    progress.reset(task, total=info["steps"])
-                elapsed = progress.tasks[task].elapsed or 1e-9
-                progress.update(task, advance=1, epoch=info["epoch"], loss=info["loss"], lr=info["lr"],
-                                rate=f"{(info['step'] + 1) / elapsed:.2f} it/s")
+        def on_step(info: dict) -> None:
+            if info["step"] == 0:
+                progress.start()
+                progress.reset(task, total=info["steps"])
+            elapsed = progress.tasks[task].elapsed or 1e-9
+            progress.update(task, advance=1, epoch=info["epoch"], loss=info["loss"], lr=info["lr"],
+                            rate=f"{(info['step'] + 1) / elapsed:.2f} it/s")
 
+        try:
             state = run_finetune(settings, resume=resume, on_step=on_step, ranks=ranks,
                                  on_event=console.print if ranks.is_main else None)
+        finally:
+            progress.stop()
     if not ranks.is_main:
         return
     losses = [round(x, 4) for x in state["holdout_losses"] if x is not None]  # None: no held-out takes

@@ -105,6 +105,7 @@ def test_a_different_fingerprint_is_refused_with_exit_2(dataset, backbone_dir, t
     assert "refusing to mix" in result.output and "fingerprint.frames: cache has 4, this run has 8" in result.output
     # listed once, and the weights hash (which follows T) is not named as if the backbone had changed
     assert "weights_sha256" not in result.output and "\n  - frames:" not in result.output
+    assert "takes" not in result.output  # no progress bar before the work begins ("extract train 0/? takes")
     other_precision = CliRunner().invoke(app, extract_args(dataset, tmp_path, backbone_dir, "--views", "ego",
                                                            "--precision", "fp32"))
     assert other_precision.exit_code == 2  # bf16 and fp32 features never mix in one cache

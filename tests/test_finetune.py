@@ -586,6 +586,7 @@ def test_torchrun_two_ranks_finetune_with_ddp(world, tmp_path):
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["num_takes"] == len(load_takes(world / "data", "val"))
     resumed_other_size = CliRunner().invoke(app, [str(a) for a in args] + ["--resume"])
     assert resumed_other_size.exit_code == 2 and "same world size" in resumed_other_size.output
+    assert "finetune epoch" not in resumed_other_size.output  # no progress bar before the first step
     # killed right after the first checkpoint, then resumed: every rank continues its own dropout and data seeds
     crashing = tmp_path / "crash_after_first_checkpoint.py"
     crashing.write_text(CRASH_AFTER_FIRST_CHECKPOINT)
