@@ -60,14 +60,15 @@ def output_problem(name: str, path: Path | None, folder: bool = True) -> str | N
 
 def foreign_output(folder: Path | None, own_kind: str) -> str | None:
     """What in an output folder shows that another kind of skillpipe output lives there, None if nothing: a feature
-    cache's cache.json, a fit-head grid's grid.json, or a config.json that another stage saved. `own_kind`: the
+    cache's cache.json, a fit-head grid's grid.json, or a config.json that another stage saved (in a folder that is
+    not a cache: an existing cache stays extractable whatever else its folder holds). `own_kind`: the
     writing stage's config class name ("FeatureCache" for extract). Writing there would mix with its files or
     replace them (a finetune run's config.json over a grid's)."""
     if folder is None:
         return None
     folder = Path(folder)
-    if own_kind != "FeatureCache" and (folder / "cache.json").is_file():
-        return "cache.json: it is a feature cache"
+    if (folder / "cache.json").is_file():  # a cache: anything else there is the user's (a grid kept beside it, say)
+        return None if own_kind == "FeatureCache" else "cache.json: it is a feature cache"
     if own_kind != "FitHeadConfig" and (folder / "grid.json").is_file():
         return "grid.json: it is a fit-head grid"
     if not (folder / "config.json").is_file():

@@ -129,7 +129,8 @@ def barrier_sharing_main_error(ranks: Ranks, error: Exception | None, kinds: tup
             names, message = shared[0]
             time.sleep(MAIN_ERROR_GRACE_S)
             kind = next((kind for name in names for kind in kinds if kind.__name__ == name), None)
-            raise kind(f"(rank 0) {message}") if kind else MainRankFailed(f"rank 0 failed: {names[0]}: {message}")
+            shared_error = kind(f"(rank 0) {message}") if kind else MainRankFailed(f"rank 0 failed: {names[0]}: {message}")
+            raise shared_error from error  # this rank's own, if it failed too
     if error is not None:
         raise error
 

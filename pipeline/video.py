@@ -145,9 +145,9 @@ def decode_clip(path: Path, sampling: ClipSampling) -> tuple[np.ndarray, int]:
     import decord  # imported lazily: a process that never decodes (fit-head) need not load it
 
     path, num_samples = Path(path), sampling.frames
-    if not path.is_file():
-        raise VideoError(path, "file not found")
     try:
+        if not path.is_file():
+            raise VideoError(path, "file not found")
         if path.stat().st_size == 0:
             raise VideoError(path, "empty file (0 bytes)")
         with open(path, "rb") as file:

@@ -389,6 +389,16 @@ def test_extract_into_a_run_folder_is_refused_before_it_writes(dataset, backbone
     assert [path.name for path in run.iterdir()] == ["config.json"]
 
 
+
+def test_a_cache_whose_folder_also_holds_a_fit_head_grid_is_still_extracted_into(dataset, backbone_dir, tmp_path):
+    """A grid once written into the cache's own folder (allowed until the fifteenth session) must not lock the cache."""
+    assert run_cli(*extract_args(dataset, tmp_path / "cache", backbone_dir, "--views", "ego")).exit_code == 0
+    (tmp_path / "cache" / "grid.json").write_text("{}")
+    (tmp_path / "cache" / "config.json").write_text(json.dumps({"kind": "FitHeadConfig"}))
+    val = run_cli(*[a if a != "train" else "val" for a in extract_args(dataset, tmp_path / "cache", backbone_dir, "--views", "ego")])
+    assert val.exit_code == 0 and "computed" in val.output
+
+
 def test_a_torchrun_refused_by_rank_0_stops_every_rank_with_its_message(dataset, backbone_dir, tmp_path):
     """The other ranks used to wait for rank 0 at a barrier, then die in gloo ('Connection closed by peer'). Now they
     wait for torchrun to stop them once rank 0 has exited (it is the root cause), raising its error only after

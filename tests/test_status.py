@@ -90,8 +90,14 @@ def test_status_check_names_damaged_shards(cache, tmp_path):
     table = status("--cache", copy, "--check")
     shown = " ".join(table.output.split())
     assert table.exit_code == 3 and "train shard 2: its checksum fails" in shown and "train shard 1: its commit marker is unreadable" in shown
-    unchecked = " ".join(status("--cache", copy).output.split())
+    unchecked_run = status("--cache", copy)
+    unchecked = " ".join(unchecked_run.output.split())
     assert "train shard 1: its commit marker is unreadable" in unchecked and "Rerun the `skillpipe extract`" in unchecked
+    assert unchecked_run.exit_code == 3  # an unreadable marker alone, without --check
+    (copy / "shards" / "train" / "00001.json").write_bytes((cache[0] / "shards" / "train" / "00001.json").read_bytes())
+    checked_damage = status("--cache", copy, "--check")  # a damaged shard alone
+    assert checked_damage.exit_code == 3 and "train shard 2: its checksum fails" in " ".join(checked_damage.output.split())
+    assert status("--cache", copy).exit_code == 0  # unchecked: its data is not read
 
 
 def test_status_of_a_folder_that_is_not_a_cache_is_an_error(tmp_path):

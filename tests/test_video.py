@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import decord
 import numpy as np
 import pytest
@@ -37,18 +39,29 @@ def test_every_kind_of_bad_video_raises_a_video_error_naming_the_file(tmp_path, 
     assert reason in info.value.reason
 
 
-def test_an_unreadable_video_is_a_video_error_naming_the_file_not_a_stopped_run(tmp_path, monkeypatch):
-    """open() raised PermissionError (or an I/O error of a failing disk) out of decode_clip: extract stopped instead of
-    recording the view as failed. Simulated: the tests run as root, whom file modes do not stop."""
+@pytest.mark.parametrize("failing", ["open", "stat"])
+def test_an_unreadable_video_is_a_video_error_naming_the_file_not_a_stopped_run(tmp_path, monkeypatch, failing):
+    """open() raised PermissionError, or stat() (in is_file) an I/O error of a failing disk, out of decode_clip: extract
+    stopped instead of recording the view as failed. Simulated: the tests run as root, whom file modes do not stop."""
     path = videos.good_video(tmp_path / "v.mp4", frames=30, size=(48, 64))
+    if failing == "open":
+        def unreadable(file, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(file))
 
-    def unreadable(file, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(file))
+        monkeypatch.setattr("pipeline.video.open", unreadable, raising=False)
+    else:
+        stat = Path.stat
 
-    monkeypatch.setattr("pipeline.video.open", unreadable, raising=False)
+        def failing_disk(self, *args, **kwargs):
+            if self == path:
+                raise OSError(5, "Input/output error", str(self))
+            return stat(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "stat", failing_disk)
     with pytest.raises(VideoError) as info:
         decode_clip(path, ClipSampling(8))
-    assert info.value.path == path and info.value.reason == "cannot read (PermissionError: Permission denied)"
+    reason = {"open": "PermissionError: Permission denied", "stat": "OSError: Input/output error"}[failing]
+    assert info.value.path == path and info.value.reason == f"cannot read ({reason})"
 
 
 @pytest.mark.parametrize("container, suffix", [("mp4", "mp4"), ("mov", "mov"), ("matroska", "mkv")])
