@@ -118,10 +118,18 @@ class FeatureCache:
         path = Path(root) / "cache.json"
         if not path.is_file():
             raise CacheError(f"{root}: not a skillpipe feature cache (no cache.json); run `skillpipe extract` first")
-        data = read_json(path)
-        if data.get("format") != CACHE_FORMAT:
-            raise CacheError(f"{root}: cache format {data.get('format')} is not supported (expected {CACHE_FORMAT})")
-        return cls(root, CacheSpec(**{**data, "views": tuple(data["views"])}))
+        try:
+            data = read_json(path)
+        except ValueError as err:
+            raise CacheError(f"{path}: not JSON ({err}); was it replaced by another file?") from None
+        if not isinstance(data, dict) or "format" not in data:
+            raise CacheError(f"{path}: not a skillpipe cache description (no \"format\"); was it replaced by another file?")
+        if data["format"] != CACHE_FORMAT:
+            raise CacheError(f"{root}: cache format {data['format']} is not supported (expected {CACHE_FORMAT})")
+        try:
+            return cls(root, CacheSpec(**{**data, "views": tuple(data["views"])}))
+        except (KeyError, TypeError) as err:  # a field missing or unknown
+            raise CacheError(f"{path}: not a complete skillpipe cache description ({err})") from None
 
     @classmethod
     def open_or_create(cls, root: Path, spec: CacheSpec) -> FeatureCache:

@@ -118,3 +118,18 @@ def test_a_marker_gone_while_status_reads_is_left_out_of_every_count(cache, monk
     train = json.loads(status("--cache", cache, "--json").output)["splits"][0]
     assert (train["committed_shards"], train["committed_takes"]) == (-(-num_train // 2) - 1, num_train - 2)
     assert train["takes_with_failed_views"] == 0 and not train["complete"]
+
+
+@pytest.mark.parametrize("text, said", [
+    ('{"videos": [], "ego_model_predictions": []}', 'not a skillpipe cache description (no "format")'),
+    ("{", "not JSON"),
+    ("[1, 2]", 'not a skillpipe cache description (no "format")'),
+    ('{"format": 1, "views": ["ego"]}', "not a complete skillpipe cache description"),
+])
+def test_a_cache_json_replaced_by_another_file_is_a_clear_error(cache, tmp_path, text, said):
+    """It read "cache format None is not supported", or raised a traceback for one that was not a JSON object."""
+    copy = tmp_path / "cache"
+    shutil.copytree(cache[0], copy)
+    (copy / "cache.json").write_text(text)
+    result = CliRunner().invoke(app, ["status", "--cache", str(copy)])
+    assert result.exit_code == 2 and said in " ".join(result.output.split()) and "cache.json" in result.output, result.output
