@@ -60,7 +60,8 @@ def evaluate(
     frames: Optional[int] = typer.Option(None, help="Must match the checkpoint if given."),
     views: Optional[str] = typer.Option(None, help="Must match the checkpoint if given."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    workers: int = typer.Option(0, min=0, help="Decoding processes."),
+    workers: int = typer.Option(1, min=0, help="Decoding processes, beside the model (0: decode in this process, where "
+                                               "a file that crashes the decoder ends the run; see the README)."),
 ) -> None:
     """Evaluate a trained model end to end (decode, backbone, head) on a split."""
     if problem := output_problem("--out", out):
