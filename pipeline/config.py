@@ -74,7 +74,7 @@ def foreign_output(folder: Path | None, own_kind: str) -> str | None:
     if not (folder / "config.json").is_file():
         return None
     try:
-        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        saved = read_json(folder / "config.json")
     except (OSError, ValueError):
         saved = None
     kind = saved.get("kind") if isinstance(saved, dict) else None

@@ -31,8 +31,7 @@ from pipeline.cache import CacheError
 from pipeline.checkpoints import HEAD_INFO, HEAD_WEIGHTS, load_head, save_head
 from pipeline.config import (ConfigError, config_to_dict, device_problem, foreign_output, output_problem, save_config,
                              with_absolute_paths)
-from pipeline.distributed import (MainRankFailed, Ranks, barrier, barrier_sharing_main_error, run_on_main,
-                                  summed_over_ranks)
+from pipeline.distributed import MainRankFailed, Ranks, barrier, run_on_main, summed_over_ranks
 from pipeline.evaluation import evaluate_split, take_logits
 from pipeline.clips import clip_loader
 from pipeline.decoder_crashes import CRASHES, MARKERS, CrashGuard, explained_worker_death, known_crashes, triage
@@ -188,13 +187,8 @@ def run_finetune(
     """
     out, new_folder = Path(config.out), not Path(config.out).exists()
     with ExitStack() as held:
-        refused = None
-        if ranks.is_main:
-            try:
-                held.enter_context(first_writer(out / RUN_LOCK, f"the run folder {out}"))
-            except Exception as err:  # noqa: BLE001 (a held lock, or an --out under a file: shared, then raised)
-                refused = err
-        barrier_sharing_main_error(ranks, refused, (CacheError,))  # the other ranks stop with its message
+        # rank 0 takes the lock; a refusal (another run holds it) stops the other ranks with its message
+        run_on_main(ranks, lambda: held.enter_context(first_writer(out / RUN_LOCK, f"the run folder {out}")), (CacheError,))
         try:
             return _run_finetune(config, resume, on_step, ranks, on_event)
         except BaseException as err:

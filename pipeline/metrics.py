@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.files import write_bytes_atomic, write_json_atomic
+from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
 from pipeline.takes import LABEL_NAMES
 from pipeline.views import absent_views
 
@@ -60,7 +60,7 @@ SUBMISSION_KEYS = {"videos", "ego_model_predictions", "exo_model_predictions"}
 def is_a_submission(path: Path) -> bool:
     """Whether the file at `path` is a submission JSON (one a rerun may replace)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = read_json(path)
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and set(data) == SUBMISSION_KEYS
