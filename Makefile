@@ -16,7 +16,8 @@ demo: $(STAMP)
 	.venv/bin/skillpipe demo --out cache/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	# -n auto: one worker per core (pytest-xdist); most tests wait on child processes, timeouts or compilers
+	$(PY) -m pytest -q -n auto tests
 
 bench: $(STAMP)
 	$(PY) -m bench
