@@ -65,7 +65,7 @@ class ClipBatches:
     def __iter__(self):
         batches = iter(self.loader)
         try:
-            for clips, present, labels, indices, notes in batches:
+            for clips, present, labels, indices, notes in decoder_crashes.worker_batches(batches):
                 for line in (line for take_notes in notes for line in take_notes.splitlines()):
                     if line not in _SAID:
                         _SAID.add(line)

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ from pipeline.video import ClipSampling
 MARKERS, CRASHES = "decoding", "decoder_crashes"
 FOLDERS = (MARKERS, CRASHES)  # what a run writes in its output folder
 DECODE_TIMEOUT_S = 600  # a take's decode that hangs this long counts as a crash too (worker and child)
+# errors fetching a batch's shared memory from the worker that sent it, when that worker is dying; and how long to
+# wait for it to be seen dead (its exit takes milliseconds; a live worker costs this wait, once, on an error path)
+HANDOVER_ERRORS = (ConnectionError, EOFError, FileNotFoundError)
+WORKER_EXIT_WAIT_S = 5.0
 
 # exit 0 when the file decodes or is refused with a VideoError; any other exit status means the
 # child itself could not run (a broken environment), which must not pass for "decodes fine"
@@ -73,6 +78,44 @@ def loader_timeout(decodes_per_item: int, workers: int) -> float:
     """A DataLoader's wait for one item whose decodes are guarded: a worker stuck in the decoder then fails
     the wait like a dead one, and triage names the file (recorded as hung by its child's own limit)."""
     return DECODE_TIMEOUT_S * decodes_per_item if workers else 0
+
+
+def worker_batches(batches) -> Iterator:
+    """The items of a DataLoader iterator; a worker that died while its batch was handed over is reported as
+    torch reports a dead worker ("DataLoader worker (pid(s) N) exited unexpectedly"), so that triage runs.
+
+    A batch's tensors travel as file descriptors that the main process fetches from their worker. A worker that
+    puts a batch on the queue and then dies (the decoder crashing on its next file) can close that connection
+    while it is still exiting: the fetch fails (ConnectionResetError), torch finds every worker still alive and
+    raises the connection error as it is, and the crash went unexplained (seen once in the test suite, on a busy
+    host). Here such an error waits a moment for a worker to be seen dead; if none dies, it is raised as it is.
+    """
+    while True:
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        except HANDOVER_ERRORS as err:
+            if "in DataLoader worker process" in str(err):  # the worker's own exception, re-raised: not a handover
+                raise
+            dead = _dead_workers(batches)
+            if not dead:
+                raise
+            raise RuntimeError(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) exited unexpectedly while its "
+                               f"batch was handed over ({type(err).__name__}: {err})") from err
+        yield item
+
+
+def _dead_workers(batches) -> list[int]:
+    """The pids of a DataLoader iterator's workers that are dead, or die within WORKER_EXIT_WAIT_S; [] without any."""
+    workers = getattr(batches, "_workers", [])
+    deadline = time.monotonic() + WORKER_EXIT_WAIT_S
+    while workers:
+        dead = [worker.pid for worker in workers if not worker.is_alive()]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.02)
+    return []
 
 
 def stop_workers(batches) -> None:

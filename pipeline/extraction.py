@@ -399,7 +399,7 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
     takes_by_shard = dict(pending)
     encode = bb.compiled_encode_clips(config.frozen_weights) if config.compile else bb.encode_clips
     batches = iter(loader)
-    shards = _group_by_shard(batches, {k: len(t) for k, t in pending})
+    shards = _group_by_shard(decoder_crashes.worker_batches(batches), {k: len(t) for k, t in pending})
     try:
         for shard, decoded in shards:
             shard_takes = takes_by_shard[shard]
