@@ -552,7 +552,7 @@ def fetch_after_the_handover_failed(tmp_path, linger_s: float) -> pytest.Excepti
 
 def test_a_worker_that_dies_while_its_batch_is_handed_over_is_reported_as_a_dead_worker(tmp_path):
     # seen in the suite on a busy host: a ConnectionResetError instead of the decoder crash named and recorded
-    raised = fetch_after_the_handover_failed(tmp_path, linger_s=0.5)
+    raised = fetch_after_the_handover_failed(tmp_path, linger_s=2.0)  # ample: the main process must fetch before the exit
     assert isinstance(raised.value, RuntimeError) and decoder_crashes.worker_died(raised.value), repr(raised.value)
     # raised here, or by torch's SIGCHLD handler while this waited for the worker's exit
     assert isinstance(raised.value.__cause__ or raised.value.__context__, decoder_crashes.HANDOVER_ERRORS)
