@@ -63,16 +63,13 @@ class ClipBatches:
         return len(self.loader)
 
     def __iter__(self):
-        batches = iter(self.loader)
-        try:
-            for clips, present, labels, indices, notes in decoder_crashes.worker_batches(batches):
+        with decoder_crashes.worker_batches(self.loader) as batches:  # as extract's
+            for clips, present, labels, indices, notes in batches:
                 for line in (line for take_notes in notes for line in take_notes.splitlines()):
                     if line not in _SAID:
                         _SAID.add(line)
                         warnings.warn(line, UserWarning, stacklevel=1)
                 yield clips, present, labels, indices
-        finally:  # as extract's
-            decoder_crashes.stop_workers(batches)
 
 
 def clip_loader(takes: list[Take], views, sampling: ClipSampling, batch_size: int, workers: int,

@@ -80,9 +80,11 @@ def loader_timeout(decodes_per_item: int, workers: int) -> float:
     return DECODE_TIMEOUT_S * decodes_per_item if workers else 0
 
 
-def worker_batches(batches) -> Iterator:
-    """The items of a DataLoader iterator; a worker that died while its batch was handed over is reported as
-    torch reports a dead worker ("DataLoader worker (pid(s) N) exited unexpectedly"), so that triage runs.
+@contextlib.contextmanager
+def worker_batches(loader) -> Iterator[Iterator]:
+    """The batches of a DataLoader whose workers decode under a guard; on leaving the block, the workers are stopped
+    (_stop_workers). A worker that died while its batch was handed over is reported as torch reports a dead worker
+    ("DataLoader worker (pid(s) N) exited unexpectedly"), so that triage runs.
 
     A batch's tensors travel as file descriptors that the main process fetches from their worker. A worker that
     puts a batch on the queue and then dies (the decoder crashing on its next file) can close that connection
@@ -90,6 +92,14 @@ def worker_batches(batches) -> Iterator:
     raises the connection error as it is, and the crash went unexplained (seen once in the test suite, on a busy
     host). Here such an error waits a moment for a worker to be seen dead; if none dies, it is raised as it is.
     """
+    batches = iter(loader)
+    try:
+        yield _handed_over(batches)
+    finally:
+        _stop_workers(batches)
+
+
+def _handed_over(batches) -> Iterator:
     while True:
         try:
             item = next(batches)
@@ -110,15 +120,14 @@ def _dead_workers(batches) -> list[int]:
     """The pids of a DataLoader iterator's workers that are dead, or die within WORKER_EXIT_WAIT_S; [] without any."""
     workers = getattr(batches, "_workers", [])
     deadline = time.monotonic() + WORKER_EXIT_WAIT_S
-    while workers:
+    while True:
         dead = [worker.pid for worker in workers if not worker.is_alive()]
-        if dead or time.monotonic() >= deadline:
+        if dead or not workers or time.monotonic() >= deadline:
             return dead
         time.sleep(0.02)
-    return []
 
 
-def stop_workers(batches) -> None:
+def _stop_workers(batches) -> None:
     """Stop a DataLoader iterator's workers now (its own, private, join-then-terminate), not when a traceback
     lets it go: triage must not see a worker stuck in the decoder alive."""
     shutdown = getattr(batches, "_shutdown_workers", None)  # absent without workers

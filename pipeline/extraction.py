@@ -398,10 +398,8 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
     )
     takes_by_shard = dict(pending)
     encode = bb.compiled_encode_clips(config.frozen_weights) if config.compile else bb.encode_clips
-    batches = iter(loader)
-    shards = _group_by_shard(decoder_crashes.worker_batches(batches), {k: len(t) for k, t in pending})
-    try:
-        for shard, decoded in shards:
+    with decoder_crashes.worker_batches(loader) as batches:
+        for shard, decoded in _group_by_shard(batches, {k: len(t) for k, t in pending}):
             shard_takes = takes_by_shard[shard]
             tokens = encode_shard(encode, model, decoded, config)
             present = [{view for view in config.views if view in item.clips} for item in decoded]
@@ -427,8 +425,6 @@ def _extract_shards(config: ExtractConfig, model: torch.nn.Module, cache: Featur
                     summary.computed_takes += 1
                     if on_take:
                         on_take(len(item.clips))
-    finally:
-        decoder_crashes.stop_workers(batches)
 
 
 def _group_by_shard(batches, sizes: dict[int, int]) -> Iterator[tuple[int, list[DecodedTake]]]:

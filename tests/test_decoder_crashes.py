@@ -536,18 +536,17 @@ class DiesAfterAHandover:
 
 def fetch_after_the_handover_failed(tmp_path, linger_s: float) -> pytest.ExceptionInfo:
     from torch.utils.data import DataLoader
-    stopped = tmp_path / "stopped"
-    batches = iter(DataLoader(DiesAfterAHandover(stopped, linger_s), batch_size=None, num_workers=1))
-    try:
-        deadline = time.monotonic() + 60
-        while not stopped.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with pytest.raises(Exception) as raised:
-            list(decoder_crashes.worker_batches(batches))
-        return raised
-    finally:
-        with contextlib.suppress(RuntimeError):  # torch's SIGCHLD handler, should the worker die only now
-            decoder_crashes.stop_workers(batches)
+    stopped, raised = tmp_path / "stopped", None
+    with contextlib.suppress(RuntimeError):  # torch's SIGCHLD handler, should the worker die only as it is stopped
+        with decoder_crashes.worker_batches(DataLoader(DiesAfterAHandover(stopped, linger_s), batch_size=None,
+                                                       num_workers=1)) as batches:
+            deadline = time.monotonic() + 60
+            while not stopped.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with pytest.raises(Exception) as raised:
+                list(batches)
+    assert raised is not None
+    return raised
 
 
 def test_a_worker_that_dies_while_its_batch_is_handed_over_is_reported_as_a_dead_worker(tmp_path):
@@ -560,5 +559,5 @@ def test_a_worker_that_dies_while_its_batch_is_handed_over_is_reported_as_a_dead
 
 def test_a_handover_error_while_every_worker_lives_on_is_raised_as_it_is(tmp_path, monkeypatch):
     monkeypatch.setattr(decoder_crashes, "WORKER_EXIT_WAIT_S", 0.2)
-    raised = fetch_after_the_handover_failed(tmp_path, linger_s=30)  # stop_workers ends it
+    raised = fetch_after_the_handover_failed(tmp_path, linger_s=30)  # ended as the workers are stopped
     assert isinstance(raised.value, decoder_crashes.HANDOVER_ERRORS), repr(raised.value)
