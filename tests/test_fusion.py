@@ -37,6 +37,42 @@ def test_pooled_attention_equals_multihead_attention_then_masked_mean():
     torch.testing.assert_close(ours(x, present), masked_mean(attended, present), atol=1e-6, rtol=1e-5)
 
 
+def textbook_crossview(head, features, present):
+    """The crossview head with its attention written as nn.MultiheadAttention computes it: every query view's output,
+    then the masked mean."""
+    attention = head.attention
+    batch, slots, dim = features.shape
+    x = head.norm(features)
+    q, k, v = attention.qkv(x).view(batch, slots, 3, attention.heads, -1).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    weights = attention.dropout(scores.masked_fill(~present[:, None, None, :], float("-inf")).softmax(-1))
+    per_query = attention.out((weights @ v).transpose(1, 2).reshape(batch, slots, dim))
+    return head.classifier(head.projector(masked_mean(per_query, present)))
+
+
+def test_crossview_training_matches_the_textbook_attention_in_output_and_every_gradient():
+    """In training: dropout on (the same masks, from the same seed), so the attention weights no longer sum to 1."""
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(fusion="crossview", **CONFIG)).train()
+    for p in head.parameters():
+        p.data += 0.1 * torch.randn_like(p)
+    features = 1 + 2 * torch.randn(6, 5, 32)
+    present = torch.ones(6, 5, dtype=torch.bool)
+    present[1, 3], present[4, :3] = False, False
+    direction = torch.randn(6, 4)
+    results = []
+    for forward in (lambda: head(features, present), lambda: textbook_crossview(head, features, present)):
+        head.zero_grad()
+        torch.manual_seed(1)
+        logits = forward()
+        (logits * direction).sum().backward()
+        results.append((logits.detach(), {name: p.grad.clone() for name, p in head.named_parameters()}))
+    (ours, our_grads), (textbook, textbook_grads) = results
+    torch.testing.assert_close(ours, textbook, atol=1e-5, rtol=1e-5)
+    for name, grad in textbook_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("fusion", sorted(set(FUSIONS) - {"concat"}))
 def test_an_absent_view_equals_the_take_without_that_slot(fusion):
     torch.manual_seed(0)
