@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from pipeline import backbone as bb
 from pipeline.clips import clip_loader
-from pipeline.decoder_crashes import CrashGuard
+from pipeline.decoder_crashes import CrashGuard, known_crashes, outside_the_file, triage, worker_died
 from pipeline.metrics import write_evaluation
 from pipeline.takes import Take
 from pipeline.video import ClipSampling
@@ -37,6 +38,27 @@ def predict_takes(model, takes: list[Take], views, sampling: ClipSampling, preci
     """(N, 4) class probabilities for `takes`, in order, and (N, V) bool: which views each take had."""
     logits, present = take_logits(model, takes, views, sampling, precision, device, batch_size, workers, crash_guard)
     return torch.softmax(logits, -1).numpy(), present
+
+
+def predict_past_decoder_crashes(model, takes: list[Take], views, sampling: ClipSampling, precision: str,
+                                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """predict_takes for `predict`, which has no output folder to record crashes in: decoding runs in a worker process
+    guarded in a scratch folder, and when a file kills (or hangs) the decoder, the takes are predicted again with that
+    view absent (warned with the file's name, as every failed view is). Each retry rules out one more file, so this
+    ends; a worker death that no file explains is raised. Take uids name the crash records: no path separators."""
+    with tempfile.TemporaryDirectory(prefix="skillpipe-predict-") as scratch:
+        while True:
+            known = known_crashes(Path(scratch))
+            try:
+                return predict_takes(model, takes, views, sampling, precision, device, workers=1,
+                                     crash_guard=CrashGuard(Path(scratch), known))
+            except RuntimeError as err:
+                if not worker_died(err):
+                    raise
+                cleared: list[str] = []
+                if not set(triage(Path(scratch), cleared)) - set(known):
+                    raise (outside_the_file(err, cleared, "predict decodes it again when run again.") if cleared
+                           else err) from err
 
 
 def evaluate_split(model, takes: list[Take], views, sampling: ClipSampling, precision: str, out: Path, settings: dict,

@@ -322,6 +322,28 @@ def test_evaluate_stops_on_a_decoder_crash_naming_the_file_and_the_rerun_goes_on
     assert not any(row["absent_views"] for row in rows)
 
 
+def test_predict_names_a_file_that_crashes_the_decoder_and_predicts_that_take_without_its_view(labelled, backbone_dir,
+                                                                                             crash_on, tmp_path):
+    """predict has no output folder to record the crash for a rerun: it predicts again at once, without that view
+    (until the seventeenth session it decoded in its own process, which the crash killed, naming nothing)."""
+    run = tmp_path / "run"
+    run_finetune(finetune_config(labelled, backbone_dir, run, workers=0))
+    first, second = load_takes(labelled, "val")[:2]
+    folders = [take.videos[VIEWS[0]].parents[3] for take in (first, second)]  # <take>/frame_aligned_videos/downscaled/448
+    command = ["predict", "--checkpoint", str(run), "--json", *map(str, folders)]
+    result = CliRunner().invoke(app, command, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    clean = json.loads(result.stdout[result.stdout.index("["):])
+    crash_on(first.videos[VIEWS[1]], here=True)
+    with pytest.warns(UserWarning, match=f"{first.videos[VIEWS[1]]}: the decoder crashed on this file .*treated as absent"):
+        result = CliRunner().invoke(app, command, catch_exceptions=False)
+    assert result.exit_code == FAILURES_EXIT, result.output
+    rows = json.loads(result.stdout[result.stdout.index("["):])
+    assert [row["take"] for row in rows] == [str(folder) for folder in folders]
+    assert [row["absent_views"] for row in rows] == [[VIEWS[1]], []]
+    assert rows[1] == clean[1]  # the other take: predicted as before
+
+
 def test_a_stop_without_a_dead_worker_is_not_blamed_on_a_file(dataset, crash_on, tmp_path):
     assert decoder_crashes.explained_worker_death(tmp_path, RuntimeError("out of patience"), "rerun") is None
     take = load_takes(dataset, "train")[0]
