@@ -81,6 +81,13 @@ def foreign_output(folder: Path | None, own_kind: str) -> str | None:
     return None if kind == own_kind else f"a config.json of {kind or 'another program'}"
 
 
+def flag_for(cls: type, name: str) -> str:
+    """The command-line flag that sets field `name` of the stage config `cls`: the field's "flag" metadata where the
+    flag is named otherwise (`--fusion`, repeated, fills `fusions`), else `--name-with-hyphens`."""
+    spec = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return spec.metadata.get("flag", "--" + name.replace("_", "-"))
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -138,7 +138,7 @@ def build_model(config: FinetuneConfig) -> tuple[SkillModel, tuple[str, ...], st
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model_config = backbone.config
     if model_config.hidden_size % config.heads:
-        raise ConfigError(f"FinetuneConfig.heads={config.heads} must divide the backbone's feature size {model_config.hidden_size}")
+        raise ConfigError(f"FinetuneConfig.heads: {config.heads} must divide the backbone's feature size {model_config.hidden_size}")
     head_config = HeadConfig(
         fusion=config.fusion, dim=model_config.hidden_size, num_views=len(views), frames=config.frames,
         num_patches=(model_config.image_size // model_config.patch_size) ** 2, hidden=config.hidden, heads=config.heads,

@@ -43,8 +43,10 @@ class FitHeadConfig:
     views: tuple[str, ...] = field(
         default=("ego+exos",), metadata={"help": "view settings of the grid: ego, exos, ego+exos, ego+exo2, ..."}
     )
-    fusions: tuple[str, ...] = field(default=("crossview",), metadata={"help": f"fusion variants: {', '.join(FUSIONS)}"})
-    seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "seeds of the grid (initialisation, dropout, data order)"})
+    fusions: tuple[str, ...] = field(default=("crossview",), metadata={"help": f"fusion variants: {', '.join(FUSIONS)}",
+                                                                        "flag": "--fusion"})
+    seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "seeds of the grid (initialisation, dropout, data order)",
+                                                           "flag": "--seed"})
     epochs: int = field(default=10, metadata={"help": "training epochs; the best one by held-out loss is kept"})
     lr: float = field(
         default=1e-4, metadata={"help": "peak learning rate; a head on frozen features: 5x the reference's end-to-end 2e-5"}
@@ -145,7 +147,7 @@ def load_complete_split(cache: FeatureCache, split: str) -> CachedSplit:
 
 def head_config_for(cache: FeatureCache, config: FitHeadConfig, fusion: str, num_views: int) -> HeadConfig:
     if cache.spec.hidden_size % config.heads:
-        raise ConfigError(f"FitHeadConfig.heads={config.heads} must divide the feature size {cache.spec.hidden_size}")
+        raise ConfigError(f"FitHeadConfig.heads: {config.heads} must divide the feature size {cache.spec.hidden_size}")
     return HeadConfig(
         fusion=fusion, dim=cache.spec.hidden_size, num_views=num_views, frames=cache.spec.frames,
         num_patches=cache.spec.num_patches, hidden=config.hidden, heads=config.heads, dropout=config.dropout,

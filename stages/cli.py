@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 import sys
 import warnings
 from typing import Callable
@@ -12,9 +14,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.cache import CacheError
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, flag_for
 from pipeline.distributed import MainRankFailed
-from pipeline.head_training import TrainingDiverged
+from pipeline.extraction import ExtractConfig
+from pipeline.finetune import FinetuneConfig
+from pipeline.head_training import FitHeadConfig, TrainingDiverged
 from pipeline.takes import AnnotationError
 from stages import demo, evaluate, export, extract, finetune, fit_head, status
 
@@ -22,12 +26,26 @@ USAGE_ERROR = 2  # bad flags, config or annotations: nothing was computed
 FAILED = 1
 USER_ERRORS = (ConfigError, CacheError, AnnotationError, FileNotFoundError, TrainingDiverged)
 
+STAGE_CONFIGS = {config.__name__: config for config in (ExtractConfig, FitHeadConfig, FinetuneConfig)}
+
 app = typer.Typer(
     help="Skill-level estimation from multi-view EgoExo4D video: extract features, fit heads, fine-tune.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def with_flags(message: str) -> str:
+    """A config error's `FitHeadConfig.fusions` (the field, as a config file spells it) preceded by the flag that sets
+    it: `--fusion (FitHeadConfig.fusions)`."""
+    def labelled(match: re.Match) -> str:
+        config = STAGE_CONFIGS.get(match[1])
+        if config is None or match[2] not in {f.name for f in dataclasses.fields(config)}:
+            return match[0]
+        return f"{flag_for(config, match[2])} ({match[0]})"
+
+    return re.sub(r"\b(\w+Config)\.(\w+)", labelled, message)
 
 
 def _reporting_user_errors(command: Callable) -> Callable:
@@ -39,7 +57,8 @@ def _reporting_user_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except (*USER_ERRORS, MainRankFailed) as err:
             # the message is text (paths may hold brackets), never rich markup
-            Console(stderr=True, soft_wrap=True).print("[bold red]error:[/] " + escape(str(err)), highlight=False)
+            message = with_flags(str(err)) if isinstance(err, ConfigError) else str(err)
+            Console(stderr=True, soft_wrap=True).print("[bold red]error:[/] " + escape(message), highlight=False)
             # rank 0 printed its own traceback for a MainRankFailed: the other ranks say one line each
             raise typer.Exit(FAILED if isinstance(err, MainRankFailed) else USAGE_ERROR) from None
 

@@ -3,10 +3,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 
-from pipeline.config import ConfigError, device_problem, load_config, output_problem, read_saved_config, save_config
+from pipeline.config import (ConfigError, device_problem, flag_for, load_config, output_problem, read_saved_config,
+                             save_config)
 from pipeline.extraction import ExtractConfig
+from pipeline.finetune import FinetuneConfig
 from pipeline.head_training import FitHeadConfig
+from stages.cli import app, with_flags
 
 
 @pytest.mark.parametrize("suffix,text", [
@@ -125,3 +129,19 @@ def test_an_output_path_under_a_file_is_refused_naming_the_file(tmp_path):
     assert output_problem("submission", tmp_path / "afile" / "s.json", folder=False).endswith("afile is a file, not a folder")
     assert output_problem("out", tmp_path / "new" / "run") is None and output_problem("out", tmp_path) is None
     assert output_problem("out", tmp_path / "afile") == f"out {tmp_path / 'afile'} is a file; it must be a folder"
+
+
+@pytest.mark.parametrize("command, config", [("extract", ExtractConfig), ("fit-head", FitHeadConfig),
+                                             ("finetune", FinetuneConfig)])
+def test_every_config_field_is_named_by_a_flag_of_its_stage(command, config):
+    """Errors name a field by its flag (stages.cli.with_flags): each field's flag must be one its command takes."""
+    options = {option for param in typer.main.get_command(app).commands[command].params for option in param.opts}
+    for field in dataclasses.fields(config):
+        assert flag_for(config, field.name) in options, (command, field.name)
+
+
+def test_config_errors_name_the_flag_and_the_field_and_leave_other_names_alone():
+    assert with_flags("FitHeadConfig.seeds: repeated values [1, 1]") == "--seed (FitHeadConfig.seeds): repeated values [1, 1]"
+    assert with_flags("FinetuneConfig.lora_r: must be >= 1") == "--lora-r (FinetuneConfig.lora_r): must be >= 1"
+    untouched = "config file /runs/FitHeadConfig.json: cannot parse; OtherConfig.seeds; FitHeadConfig: lr must be > 0"
+    assert with_flags(untouched) == untouched

@@ -297,11 +297,11 @@ def test_a_view_no_train_take_has_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--fusion", "sum"], "FitHeadConfig.fusions: unknown ['sum']"),
-    (["--heads", "5"], "FitHeadConfig.heads=5 must divide the feature size 32"),
-    (["--holdout", "0.5"], "FitHeadConfig.holdout: must be in [0, 0.5)"),
-    (["--seed", "1", "--seed", "1"], "FitHeadConfig.seeds: repeated values"),
-    (["--submission", "."], "FitHeadConfig.submission . is a folder; it must be a file name"),
+    (["--fusion", "sum"], "--fusion (FitHeadConfig.fusions): unknown ['sum']"),
+    (["--heads", "5"], "--heads (FitHeadConfig.heads): 5 must divide the feature size 32"),
+    (["--holdout", "0.5"], "--holdout (FitHeadConfig.holdout): must be in [0, 0.5)"),
+    (["--seed", "1", "--seed", "1"], "--seed (FitHeadConfig.seeds): repeated values"),
+    (["--submission", "."], "--submission (FitHeadConfig.submission) . is a folder; it must be a file name"),
     (["--lr", "nan"], "FitHeadConfig: lr must be > 0 and weight_decay >= 0, both finite"),
     (["--weight-decay", "inf"], "FitHeadConfig: lr must be > 0 and weight_decay >= 0, both finite"),
 ])
@@ -313,7 +313,7 @@ def test_bad_settings_are_clear_errors(grid, tmp_path, flags, message):
 def test_an_output_that_is_a_file_is_refused_before_training(grid, tmp_path):
     (tmp_path / "run").write_text("")
     result = fit(grid / "cache", tmp_path / "run")
-    assert result.exit_code == 2 and "FitHeadConfig.out" in result.output and "is a file; it must be a folder" in result.output
+    assert result.exit_code == 2 and "--out (FitHeadConfig.out)" in result.output and "is a file; it must be a folder" in result.output
 
 
 def test_a_diverged_cell_is_an_error_not_a_result(grid, tmp_path):
