@@ -146,7 +146,7 @@ def build_config(cls: type[Config], values: dict[str, Any], sources: dict[str, s
         if name not in coerced and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        flags = ", ".join(f"--{name.replace('_', '-')}" for name in missing)
+        flags = ", ".join(flag_for(cls, name) for name in missing)
         raise ConfigError(f"{cls.__name__}: required field(s) not set: {missing} (give {flags} or set them in --config)")
     try:
         return cls(**coerced)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import re
@@ -70,7 +71,7 @@ class CrashGuard:
         reason = self.crashes.get((take_uid, view))
         if reason is None:
             return None
-        record = _read_record(Path(self.root) / CRASHES / f"{take_uid}.{view}.json")
+        record = _read_record(record_path(self.root, take_uid, view))
         return reason if record is None or record.get("path") == os.path.abspath(path) else None
 
 
@@ -194,6 +195,20 @@ def known_crashes(cache_root: Path) -> dict[tuple[str, str], str]:
     return {(r["take_uid"], r["view"]): r["reason"] for r in records if r and _unchanged(r)}
 
 
+def record_path(cache_root: Path, take_uid: str, view: str) -> Path:
+    """Where the crash record of a take's view is kept: `<root>/decoder_crashes/<take_uid>.<view>.json`."""
+    return Path(cache_root) / CRASHES / f"{_file_stem(take_uid)}.{view}.json"
+
+
+def _file_stem(take_uid: str) -> str:
+    """The take uid itself where it can be a file name (EgoExo4D's are UUIDs); else (predict's take folders, which are
+    paths; a name too long for a file system) a hash of it. A record holds the uid itself, which is what it is read by."""
+    unusable = take_uid in ("", ".", "..") or "/" in take_uid or "\0" in take_uid or len(take_uid.encode()) > 128
+    if not unusable:
+        return take_uid
+    return "uid-" + hashlib.sha256(take_uid.encode()).hexdigest()[:32]
+
+
 def _read_record(path: Path) -> dict | None:
     try:
         return read_json(path)
@@ -217,7 +232,7 @@ def _unchanged(record: dict) -> bool:
 def forget(cache_root: Path, take_uids: list[str]) -> None:
     """Drop the crash records of these takes' files, so that they are decoded again (guarded as ever)."""
     for uid in take_uids:
-        for record in (Path(cache_root) / CRASHES).glob(f"{glob.escape(uid)}.*.json"):
+        for record in (Path(cache_root) / CRASHES).glob(f"{glob.escape(_file_stem(uid))}.*.json"):
             record.unlink(missing_ok=True)
 
 
@@ -239,7 +254,7 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
             # the frames that were being decoded: markers written before sampling methods (or finetune's moved
             # windows) existed lack the keys, and were uniform (or centred)
             sampling = ClipSampling(suspect["frames"], suspect.get("sampling", "uniform"), suspect.get("position"))
-            video, record = Path(suspect["path"]), f"{suspect['take_uid']}.{suspect['view']}.json"
+            video, record = Path(suspect["path"]), record_path(cache_root, suspect["take_uid"], suspect["view"])
         except FileNotFoundError:  # claimed meanwhile by another process on this host
             continue
         except (ValueError, KeyError, TypeError) as err:  # written whole and renamed in: only an OS crash cuts one
@@ -266,7 +281,7 @@ def triage(cache_root: Path, cleared: list[str] | None = None) -> dict[tuple[str
                 commit_file(claim, marker, create_only=True)
             raise
         if reason:
-            write_json_atomic(Path(cache_root) / CRASHES / record, suspect | {"reason": reason})
+            write_json_atomic(record, suspect | {"reason": reason})
         elif cleared is not None:
             cleared.append(suspect["path"])
         claim.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -17,19 +18,26 @@ from pipeline.video import ClipSampling
 
 
 @torch.inference_mode()
-def take_logits(model, takes: list[Take], views, sampling: ClipSampling, precision: str, device: str = "cpu",
-                batch_size: int = 2, workers: int = 0, crash_guard: CrashGuard | None = None
-                ) -> tuple[torch.Tensor, np.ndarray]:
-    """(N, 4) fp32 logits for `takes`, in order, on the CPU, and (N, V) bool: which views each take had
+def logit_batches(model, takes: list[Take], views, sampling: ClipSampling, precision: str, device: str = "cpu",
+                  batch_size: int = 2, workers: int = 0, crash_guard: CrashGuard | None = None
+                  ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """Per batch of `takes`, in order: (B, 4) fp32 logits on the CPU and (B, V) bool, which views each take had
     (decoded under `crash_guard` when given: pipeline.decoder_crashes)."""
     model.eval()
     device = torch.device(device)
-    outputs, present_flags = [torch.zeros(0, 4)], [np.zeros((0, len(views)), dtype=bool)]
     for clips, present, _, _ in clip_loader(takes, views, sampling, batch_size, workers, crash_guard=crash_guard):
         with bb.autocast_context(device, enabled=precision == "bf16"):
-            outputs.append(model(clips.to(device), present.to(device)).float().cpu())
-        present_flags.append(present.numpy())
-    return torch.cat(outputs), np.concatenate(present_flags)
+            logits = model(clips.to(device), present.to(device)).float().cpu()
+        yield logits, present.numpy()
+
+
+def take_logits(model, takes: list[Take], views, sampling: ClipSampling, precision: str, device: str = "cpu",
+                batch_size: int = 2, workers: int = 0, crash_guard: CrashGuard | None = None
+                ) -> tuple[torch.Tensor, np.ndarray]:
+    """(N, 4) fp32 logits for `takes`, in order, on the CPU, and (N, V) bool: which views each take had."""
+    batches = list(logit_batches(model, takes, views, sampling, precision, device, batch_size, workers, crash_guard))
+    return (torch.cat([torch.zeros(0, 4), *(logits for logits, _ in batches)]),
+            np.concatenate([np.zeros((0, len(views)), dtype=bool), *(present for _, present in batches)]))
 
 
 def predict_takes(model, takes: list[Take], views, sampling: ClipSampling, precision: str, device: str = "cpu",
@@ -41,17 +49,23 @@ def predict_takes(model, takes: list[Take], views, sampling: ClipSampling, preci
 
 
 def predict_past_decoder_crashes(model, takes: list[Take], views, sampling: ClipSampling, precision: str,
-                                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                                 device: str = "cpu", batch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """predict_takes for `predict`, which has no output folder to record crashes in: decoding runs in a worker process
-    guarded in a scratch folder, and when a file kills (or hangs) the decoder, the takes are predicted again with that
-    view absent (warned with the file's name, as every failed view is). Each retry rules out one more file, so this
-    ends; a worker death that no file explains is raised. Take uids name the crash records: no path separators."""
+    guarded in a scratch folder, and when a file kills (or hangs) the decoder, the takes from the batch it was in on
+    are predicted again with that view absent (warned with the file's name, as every failed view is). Each retry rules
+    out one more file, so this ends; a worker death that no file explains is raised."""
+    logits, present = [torch.zeros(0, 4)], [np.zeros((0, len(views)), dtype=bool)]
+    done = 0  # takes predicted: whole batches, so a retry groups the rest into the same batches as one run would
     with tempfile.TemporaryDirectory(prefix="skillpipe-predict-") as scratch:
         while True:
             known = known_crashes(Path(scratch))
             try:
-                return predict_takes(model, takes, views, sampling, precision, device, workers=1,
-                                     crash_guard=CrashGuard(Path(scratch), known))
+                for batch_logits, batch_present in logit_batches(model, takes[done:], views, sampling, precision, device,
+                                                                 batch_size, 1, CrashGuard(Path(scratch), known)):
+                    logits.append(batch_logits)
+                    present.append(batch_present)
+                    done += len(batch_logits)
+                return torch.softmax(torch.cat(logits), -1).numpy(), np.concatenate(present)
             except RuntimeError as err:
                 if not worker_died(err):
                     raise

@@ -113,7 +113,7 @@ def predict(
     """Predict the proficiency level of takes given as folders of view files."""
     model, spec = load_skill_model(checkpoint, device)
     takes = []
-    for number, folder in enumerate(take_dirs, 1):
+    for folder in take_dirs:
         try:
             files = resolve_view_files(folder)
         except ValueError as err:  # the folder's files do not map to views: the user's input, not a bug
@@ -122,14 +122,13 @@ def predict(
             warnings.warn(f"{folder}: {', '.join(moved)}: this model's {model.head_config.fusion} head tells view slots "
                           "apart, and the annotations it was trained on may have put that camera in another slot "
                           "(predict fills a free slot in camera order)", stacklevel=2)
-        # the uid names the take in warnings and its crash records (a file name): its number and folder name
-        takes.append(Take(f"{number}-{Path(folder).name}", Path(folder).name, "", ProficiencyLabel.NOVICE, "predict", files))
+        takes.append(Take(str(folder), Path(folder).name, "", ProficiencyLabel.NOVICE, "predict", files))
     probabilities, present = predict_past_decoder_crashes(model, takes, spec.views, spec.clip_sampling, spec.precision,
                                                           device)
     absent = absent_views(present, spec.views)
-    rows = [{"take": str(folder), "predicted": LABEL_NAMES[int(p.argmax())],
+    rows = [{"take": str(t.take_uid), "predicted": LABEL_NAMES[int(p.argmax())],
              "probabilities": dict(zip(LABEL_NAMES, (round(float(x), 4) for x in p))), "absent_views": missing}
-            for folder, p, missing in zip(take_dirs, probabilities, absent)]
+            for t, p, missing in zip(takes, probabilities, absent)]
     if as_json:
         print(json.dumps(rows, indent=2))
     else:

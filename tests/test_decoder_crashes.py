@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import decoder_crashes
+from pipeline import decoder_crashes, evaluation
 from pipeline.backbone import save_tiny_backbone
 from pipeline.cache import FeatureCache
 from pipeline.demo_data import write_demo_dataset
@@ -323,25 +323,41 @@ def test_evaluate_stops_on_a_decoder_crash_naming_the_file_and_the_rerun_goes_on
 
 
 def test_predict_names_a_file_that_crashes_the_decoder_and_predicts_that_take_without_its_view(labelled, backbone_dir,
-                                                                                             crash_on, tmp_path):
-    """predict has no output folder to record the crash for a rerun: it predicts again at once, without that view
-    (until the seventeenth session it decoded in its own process, which the crash killed, naming nothing)."""
+                                                                                             crash_on, tmp_path,
+                                                                                             monkeypatch):
+    """predict has no output folder to record the crash for a rerun: it goes on at once, from the batch that crashed,
+    without that view (until the seventeenth session it decoded in its own process, which the crash killed, naming
+    nothing)."""
     run = tmp_path / "run"
     run_finetune(finetune_config(labelled, backbone_dir, run, workers=0))
-    first, second = load_takes(labelled, "val")[:2]
-    folders = [take.videos[VIEWS[0]].parents[3] for take in (first, second)]  # <take>/frame_aligned_videos/downscaled/448
+    # batches of 2, the last take alone; a DataLoader worker is given a batch's takes once the batch two before it was
+    # taken from it, so the first batch was received before the worker can reach the last take and crash
+    takes = load_takes(labelled, "val")[:2] + load_takes(labelled, "train")[:3]
+    folders = [take.videos[VIEWS[0]].parents[3] for take in takes]  # <take>/frame_aligned_videos/downscaled/448
     command = ["predict", "--checkpoint", str(run), "--json", *map(str, folders)]
     result = CliRunner().invoke(app, command, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     clean = json.loads(result.stdout[result.stdout.index("["):])
-    crash_on(first.videos[VIEWS[1]], here=True)
-    with pytest.warns(UserWarning, match=f"{first.videos[VIEWS[1]]}: the decoder crashed on this file .*treated as absent"):
+    predicted = []  # how many takes each pass over the takes was given
+    passes = evaluation.logit_batches
+    monkeypatch.setattr(evaluation, "logit_batches", lambda model, takes, *a: predicted.append(len(takes)) or passes(model, takes, *a))
+    broken = takes[4].videos[VIEWS[1]]
+    crash_on(broken, here=True)
+    with pytest.warns(UserWarning, match=f"take {folders[4]}, view {VIEWS[1]}: {broken}: the decoder crashed .*treated as absent"):
         result = CliRunner().invoke(app, command, catch_exceptions=False)
     assert result.exit_code == FAILURES_EXIT, result.output
+    assert predicted[0] == 5 and predicted[1] in (3, 1)  # the first batch (and maybe the second) not predicted again
     rows = json.loads(result.stdout[result.stdout.index("["):])
     assert [row["take"] for row in rows] == [str(folder) for folder in folders]
-    assert [row["absent_views"] for row in rows] == [[VIEWS[1]], []]
-    assert rows[1] == clean[1]  # the other take: predicted as before
+    assert [row["absent_views"] for row in rows] == [[]] * 4 + [[VIEWS[1]]]
+    assert rows[:4] == clean[:4]
+
+
+def test_a_take_uid_that_cannot_be_a_file_name_gets_a_record_named_by_its_hash(tmp_path):
+    for uid in ("/data/takes/basketball_1", "x" * 200, ".."):
+        path = decoder_crashes.record_path(tmp_path, uid, "ego")
+        assert path.parent == tmp_path / decoder_crashes.CRASHES and path.name.startswith("uid-") and len(path.name) < 100
+    assert decoder_crashes.record_path(tmp_path, "0a1b-uuid", "exo2").name == "0a1b-uuid.exo2.json"  # as always
 
 
 def test_a_stop_without_a_dead_worker_is_not_blamed_on_a_file(dataset, crash_on, tmp_path):
