@@ -214,6 +214,11 @@ def _coerce(value: Any, hint: Any) -> Any:
             raise TypeError(f"expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise TypeError(f"expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"expected a number, got {value!r}")
         return float(value)

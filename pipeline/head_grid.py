@@ -89,11 +89,12 @@ def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], ca
     resume, settings = settings.resume, dataclasses.replace(settings, resume=False)  # a saved config never resumes
     save_config(settings, settings.out / "config.json")
     rows, tables, kept = [], {}, 0
-    for cell in cells:
+    for number, cell in enumerate(cells, 1):
         cell_config = dataclasses.replace(settings, views=(cell.views,), fusions=(cell.fusion,), seeds=(cell.seed,))
         if resume and (row := _finished_row(settings.out / cell.name, cell, cell_config, commits)):
             rows.append(row)
             kept += 1
+            console.print(f"cell {number}/{len(cells)} {cell.name}: kept (accuracy {row['accuracy']:.3f})", highlight=False)
             continue
         kind = (cell.views, cell.fusion == "temporal")
         if kind not in tables:  # pooled once per view selection and input kind, shared by fusions and seeds
@@ -101,6 +102,8 @@ def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], ca
                                  for split in (train, val))
         rows.append(_fit_cell(cell, cell_config, cache, commits, settings, head_configs[cell], view_names[cell.views],
                               *tables[kind], console))
+        console.print(f"cell {number}/{len(cells)} {cell.name}: accuracy {rows[-1]['accuracy']:.3f}, trained in "
+                      f"{rows[-1]['train_seconds']:.1f} s", highlight=False)
     if resume:
         console.print(f"--resume: kept {kept} of {len(cells)} cell(s), complete and fitted with these settings on the "
                       f"cache as it is now; trained {len(cells) - kept}")

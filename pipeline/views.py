@@ -23,6 +23,8 @@ def parse_view_setting(setting: str, available: tuple[str, ...] = VIEWS) -> tupl
             names.append(part)
         else:
             raise ConfigError(f"view setting {setting!r}: unknown view {part!r} (use ego, exos, or {', '.join(VIEWS)})")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"view setting {setting!r} names a view twice: {names}")
     missing = [name for name in names if name not in available]
     if missing:
         raise ConfigError(f"view setting {setting!r} needs {missing}, which the cache does not contain (cache views: {list(available)})")

@@ -25,6 +25,13 @@ from stages import demo, evaluate, export, extract, finetune, fit_head, status
 USAGE_ERROR = 2  # bad flags, config or annotations: nothing was computed
 FAILED = 1
 USER_ERRORS = (ConfigError, CacheError, AnnotationError, FileNotFoundError, TrainingDiverged)
+INTERRUPTED = 130  # as a shell reports a process stopped by Ctrl-C (128 + SIGINT)
+# what an interrupted stage kept, and how to go on
+ON_INTERRUPT = {
+    "extract": "the shards committed so far are kept; the same command goes on from there",
+    "fit-head": "the cells finished so far are kept; the same command with --resume trains only the others",
+    "finetune": "the last finished epoch's checkpoint is kept; the same command with --resume goes on from it",
+}
 
 STAGE_CONFIGS = {config.__name__: config for config in (ExtractConfig, FitHeadConfig, FinetuneConfig)}
 
@@ -48,13 +55,18 @@ def with_flags(message: str) -> str:
     return re.sub(r"\b(\w+Config)\.(\w+)", labelled, message)
 
 
-def _reporting_user_errors(command: Callable) -> Callable:
-    """Turn a user's mistake into one clear message and exit code 2 instead of a traceback."""
+def _reporting_user_errors(command: Callable, name: str) -> Callable:
+    """Turn a user's mistake into one clear message and exit code 2 instead of a traceback; Ctrl-C into a line saying
+    what was kept (exit 130)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            kept = ON_INTERRUPT.get(name)
+            Console(stderr=True, soft_wrap=True).print(f"interrupted{': ' + kept if kept else ''}", highlight=False)
+            raise typer.Exit(INTERRUPTED) from None
         except (*USER_ERRORS, MainRankFailed) as err:
             # the message is text (paths may hold brackets), never rich markup
             message = with_flags(str(err)) if isinstance(err, ConfigError) else str(err)
@@ -66,7 +78,7 @@ def _reporting_user_errors(command: Callable) -> Callable:
 
 
 def register(name: str, command: Callable) -> None:
-    app.command(name, help=command.__doc__)(_reporting_user_errors(command))
+    app.command(name, help=command.__doc__)(_reporting_user_errors(command, name))
 
 
 register("extract", extract.extract)

@@ -133,7 +133,8 @@ def predict(
         print(json.dumps(rows, indent=2))
     else:
         table = Table(title=f"predictions of {checkpoint}")
-        for column in ("take", "predicted", *LABEL_NAMES, "absent views"):
+        table.add_column("take", overflow="fold")  # a folder path: every character tells takes apart
+        for column in ("predicted", *LABEL_NAMES, "absent views"):
             table.add_column(column)
         for row in rows:
             table.add_row(row["take"], row["predicted"], *(f"{row['probabilities'][n]:.3f}" for n in LABEL_NAMES),

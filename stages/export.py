@@ -24,4 +24,5 @@ def export(
     if format != "hdf5":
         raise ConfigError(f"--format {format!r} is not supported (supported: hdf5)")
     counts = export_hdf5(FeatureCache.open(cache), out, split)
-    Console().print(f"exported {counts} takes from {escape(str(cache))} -> {escape(str(out))}")
+    takes = ", ".join(f"{count} {name}" for name, count in counts.items())
+    Console().print(f"exported {takes} takes from {escape(str(cache))} -> {escape(str(out))}")

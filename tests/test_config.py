@@ -145,3 +145,13 @@ def test_config_errors_name_the_flag_and_the_field_and_leave_other_names_alone()
     assert with_flags("FinetuneConfig.lora_r: must be >= 1") == "--lora-r (FinetuneConfig.lora_r): must be >= 1"
     untouched = "config file /runs/FitHeadConfig.json: cannot parse; OtherConfig.seeds; FitHeadConfig: lr must be > 0"
     assert with_flags(untouched) == untouched
+
+
+def test_a_float_written_without_a_dot_in_yaml_is_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-3` as a string; a float field takes it as the number it means."""
+    (tmp_path / "fit.yaml").write_text("cache: c\nout: o\nlr: 1e-3\nweight_decay: 5E-2\n")
+    config = load_config(FitHeadConfig, tmp_path / "fit.yaml")
+    assert (config.lr, config.weight_decay) == (0.001, 0.05)
+    (tmp_path / "fit.yaml").write_text("cache: c\nout: o\nlr: fast\n")
+    with pytest.raises(ConfigError, match="FitHeadConfig.lr from config file .*expected a number, got 'fast'"):
+        load_config(FitHeadConfig, tmp_path / "fit.yaml")

@@ -18,6 +18,7 @@ from pipeline.checkpoints import load_head
 from pipeline.config import read_saved_config
 from pipeline.fusion import FUSIONS, HeadConfig
 from pipeline.head_training import FeatureTable, FitHeadConfig, load_complete_split, predict_logits, stratified_holdout
+import stages.fit_head
 from stages.cli import app
 from pipeline.writer_lock import first_writer
 from tests.cachegen import DIM, FRAMES, split_view_cache
@@ -76,6 +77,10 @@ def test_every_fusion_variant_learns_the_split_view_signal(variants, fusion):
 
 def test_grid_files(grid):
     run = grid / "run"
+    said = (grid / "output.txt").read_text()  # a line per cell as it ends, then the table
+    assert [line.split(":")[0] for line in said.splitlines() if line.startswith("cell ")] == [
+        f"cell {number}/6 {views}__crossview__seed{seed}"
+        for number, (views, seed) in enumerate(((v, s) for v in ("ego", "exos", "ego+exos") for s in (0, 1)), 1)]
     summary = read_json(run / "grid.json")
     rows = summary["cells"]
     assert [(r["views"], r["seed"]) for r in rows] == [(v, s) for v in ("ego", "exos", "ego+exos") for s in (0, 1)]
@@ -302,6 +307,7 @@ def test_a_view_no_train_take_has_is_a_clear_error(tmp_path):
     (["--holdout", "0.5"], "--holdout (FitHeadConfig.holdout): must be in [0, 0.5)"),
     (["--seed", "1", "--seed", "1"], "--seed (FitHeadConfig.seeds): repeated values"),
     (["--submission", "."], "--submission (FitHeadConfig.submission) . is a folder; it must be a file name"),
+    (["--views", "exos+exo2"], "view setting 'exos+exo2' names a view twice"),
     (["--lr", "nan"], "FitHeadConfig: lr must be > 0 and weight_decay >= 0, both finite"),
     (["--weight-decay", "inf"], "FitHeadConfig: lr must be > 0 and weight_decay >= 0, both finite"),
 ])
@@ -371,6 +377,16 @@ def test_an_evaluation_rewritten_into_its_folder_drops_the_old_metrics_first(tmp
         metrics.write_evaluation(tmp_path, ["a", "b"], np.array([0, 1]), probabilities, ["Cooking", "Music"],
                                  np.ones((2, 1), bool), ("ego",), {}, "eval")
     assert (tmp_path / "predictions.jsonl").is_file() and not (tmp_path / "metrics.json").exists()
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch):
+    def interrupted(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages.fit_head, "run_grid", interrupted)
+    result = fit(tmp_path / "cache", tmp_path / "run")
+    assert result.exit_code == 130 and "interrupted: the cells finished so far are kept; the same command with --resume" \
+        in " ".join(result.output.split())
 
 
 def test_resume_keeps_the_complete_cells_fitted_alike_and_trains_only_the_others(tmp_path, monkeypatch):
