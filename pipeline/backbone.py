@@ -72,6 +72,8 @@ def load_backbone(name_or_dir: str, num_frames: int) -> TimesformerModel:
     """A TimeSformer from the hub or a local folder, set up for `num_frames` frames, in eval mode."""
     path = local_backbone_dir(name_or_dir)
     if path:
+        if not path.exists():
+            raise ConfigError(f"{path}: no such folder (a backbone is a hub id or a folder written by save_pretrained)")
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path}: not a TimeSformer folder (no config.json; expected save_pretrained output)")
         name_or_dir = str(path)

@@ -86,8 +86,11 @@ class ExtractConfig:
         unknown = [v for v in self.views if v not in VIEWS]
         if unknown or not self.views or len(set(self.views)) != len(self.views):
             problems.append(f"views must be distinct names from {list(VIEWS)}, got {list(self.views)}")
-        if any(size is not None and size < 1 for size in (self.batch_size, self.shard_size)) or self.workers < 0:
-            problems.append("batch_size and shard_size must be >= 1, workers >= 0")
+        problems += [f"{name} must be >= 1, got {size}" for name, size in (("batch_size", self.batch_size),
+                                                                           ("shard_size", self.shard_size))
+                     if size is not None and size < 1]
+        if self.workers < 0:
+            problems.append(f"workers must be >= 0, got {self.workers}")
         if not self.compile:  # a setting of the compiled forward (a compiled run's saved config may carry it)
             object.__setattr__(self, "frozen_weights", None)
         problems += filter(None, [device_problem(self.device), output_problem("cache", self.cache)])
@@ -96,7 +99,7 @@ class ExtractConfig:
         if self.reuse is not None and Path(self.reuse).resolve() == Path(self.cache).resolve():
             problems.append(f"reuse must be another cache than {self.cache}")
         if problems:
-            raise ConfigError("ExtractConfig: " + "; ".join(problems))
+            raise ConfigError("; ".join(f"ExtractConfig.{problem}" for problem in problems))  # each begins with its field
 
     @property
     def clip_sampling(self) -> ClipSampling:

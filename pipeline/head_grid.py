@@ -91,7 +91,8 @@ def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], ca
     rows, tables, kept = [], {}, 0
     for number, cell in enumerate(cells, 1):
         cell_config = dataclasses.replace(settings, views=(cell.views,), fusions=(cell.fusion,), seeds=(cell.seed,))
-        if resume and (row := _finished_row(settings.out / cell.name, cell, cell_config, commits)):
+        row, why_not = _finished_row(settings.out / cell.name, cell, cell_config, commits) if resume else (None, "")
+        if row:
             rows.append(row)
             kept += 1
             console.print(f"cell {number}/{len(cells)} {cell.name}: kept (accuracy {row['accuracy']:.3f})", highlight=False)
@@ -103,7 +104,7 @@ def _train_grid(settings: FitHeadConfig, console: Console, cells: list[Cell], ca
         rows.append(_fit_cell(cell, cell_config, cache, commits, settings, head_configs[cell], view_names[cell.views],
                               *tables[kind], console))
         console.print(f"cell {number}/{len(cells)} {cell.name}: accuracy {rows[-1]['accuracy']:.3f}, trained in "
-                      f"{rows[-1]['train_seconds']:.1f} s", highlight=False)
+                      f"{rows[-1]['train_seconds']:.1f} s" + (f" (not kept: {why_not})" if why_not else ""), highlight=False)
     if resume:
         console.print(f"--resume: kept {kept} of {len(cells)} cell(s), complete and fitted with these settings on the "
                       f"cache as it is now; trained {len(cells) - kept}")
@@ -120,19 +121,27 @@ def earlier_cells(out: Path) -> list[Path]:
     return [folder for folder in out.iterdir() if (folder / "head.json").is_file()] if out.is_dir() else []
 
 
-def _finished_row(folder: Path, cell: Cell, cell_config: FitHeadConfig, commits: str) -> dict | None:
+def _finished_row(folder: Path, cell: Cell, cell_config: FitHeadConfig, commits: str) -> tuple[dict | None, str]:
     """The grid row of a complete cell folder (its metrics.json, written last; its head and predictions there) fitted
-    with `cell_config`'s settings on the cache with these `commits`; None if there is none such."""
-    if not all((folder / name).is_file() for name in (HEAD_WEIGHTS, HEAD_INFO, "predictions.jsonl")):
-        return None
+    with `cell_config`'s settings on the cache with these `commits`, and ""; else None and why it is not one."""
+    if not folder.is_dir():
+        return None, ""  # a new cell: nothing to say
+    if missing := [name for name in (HEAD_WEIGHTS, HEAD_INFO, "predictions.jsonl", "metrics.json")
+                   if not (folder / name).is_file()]:
+        return None, f"incomplete, no {missing[0]}"
     try:
         metrics = read_json(folder / "metrics.json")
         settings = metrics["settings"]
-        # configs are saved with resume off (_train_grid); cells fitted before cache_commits: never kept
-        same = settings["config"] == config_to_dict(cell_config) and settings.get("cache_commits") == commits
-    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, or not a cell's: fitted again
-        return None
-    return _row(cell, metrics["accuracy"], metrics["num_takes"], settings["best_epoch"], settings["train_seconds"]) if same else None
+        saved, commits_then = settings["config"], settings.get("cache_commits")
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # not a cell's: fitted again
+        return None, "its metrics.json is not a cell's"
+    wanted = config_to_dict(cell_config)  # configs are saved with resume off (_train_grid)
+    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in wanted.items() if saved.get(key) != value]
+    if changed := changed + [f"{key} {saved[key]!r} -> none" for key in saved if key not in wanted]:
+        return None, "fitted with other settings: " + ", ".join(changed)
+    if commits_then != commits:  # cells fitted before cache_commits were recorded: never kept
+        return None, "fitted on the cache as it was before its shards changed"
+    return _row(cell, metrics["accuracy"], metrics["num_takes"], settings["best_epoch"], settings["train_seconds"]), ""
 
 
 def _row(cell: Cell, accuracy: float, num_takes: int, best_epoch: int, train_seconds: float) -> dict:

@@ -443,3 +443,11 @@ def check_own_graphs(tiny_dir):
 
 def save_and_load_other_seed(folder):
     return load_backbone(str(save_tiny_backbone(folder, seed=1, num_frames=8)), 2)
+
+
+def test_a_backbone_folder_that_does_not_exist_is_named_as_such(tmp_path):
+    with pytest.raises(backbone.ConfigError, match=f"{tmp_path / 'tinyy'}: no such folder"):
+        load_backbone(str(tmp_path / "tinyy"), 8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(backbone.ConfigError, match="not a TimeSformer folder"):
+        load_backbone(str(tmp_path / "empty"), 8)

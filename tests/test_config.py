@@ -48,7 +48,8 @@ def test_a_saved_config_is_a_config_file_for_its_own_stage_only(tmp_path):
 @pytest.mark.parametrize("values,message", [
     ({"root": "r", "frames": "eight"}, "ExtractConfig.frames from command line: expected an integer"),
     ({"root": "r", "split": "test"}, "'test' is not one of"),
-    ({"root": "r", "views": "ego,cam9"}, "views must be distinct names"),
+    ({"root": "r", "views": "ego,cam9"}, "ExtractConfig.views must be distinct names"),
+    ({"root": "r", "workers": -1, "shard_size": 0}, "ExtractConfig.shard_size must be >= 1, got 0; ExtractConfig.workers must"),
     ({"root": "r", "views": "ego+cam9"}, "view setting 'ego+cam9': unknown view 'cam9'"),
     ({"root": "r", "frames": True}, "ExtractConfig.frames from command line: expected an integer, got True"),
     ({"root": "r", "compile": "false"}, "ExtractConfig.compile from command line: expected true/false, got 'false'"),
@@ -76,7 +77,7 @@ def test_saved_config_round_trips(tmp_path):
 ])
 def test_unusable_devices_are_refused_before_any_work(device, message):
     assert message in device_problem(device)
-    with pytest.raises(ConfigError, match="ExtractConfig: device"):
+    with pytest.raises(ConfigError, match="ExtractConfig.device"):
         load_config(ExtractConfig, None, {"root": "r", "device": device})
 
 

@@ -405,7 +405,10 @@ def test_resume_keeps_the_complete_cells_fitted_alike_and_trains_only_the_others
         return " ".join(result.output.split())
 
     (run / "ego__crossview__seed1" / "metrics.json").unlink()  # a cell cut short
-    assert "kept 1 of 3 cell(s)" in resumed() and trained == [1, 2]  # the grid gained seed 2
+    said = resumed()
+    assert "kept 1 of 3 cell(s)" in said and trained == [1, 2]  # the grid gained seed 2
+    assert "seed1: accuracy" in said and "(not kept: incomplete, no metrics.json)" in said
+    assert "seed2: accuracy" in said and "not kept" not in said.split("seed2: accuracy")[1]  # a new cell: no reason
     rows = {row["cell"]: row for row in read_json(run / "grid.json")["cells"]}
     assert rows["ego__crossview__seed0"] == first["ego__crossview__seed0"] and len(rows) == 3
     assert rows["ego__crossview__seed1"]["accuracy"] == first["ego__crossview__seed1"]["accuracy"]  # deterministic
@@ -413,8 +416,11 @@ def test_resume_keeps_the_complete_cells_fitted_alike_and_trains_only_the_others
     marker = cache.shard_marker("train", 0)  # records updated in place (a corrected label): a new commit
     cache.update_records("train", 0, [dataclasses.replace(TakeRecord.from_json(r), label=(r["label"] + 1) % 4)
                                       for r in marker["records"]])
-    assert "kept 0 of 3" in resumed() and trained == [0, 1, 2]
-    assert "kept 0 of 3" in resumed("--lr", "3e-3") and trained == [0, 1, 2]  # other settings
+    said = resumed()
+    assert "kept 0 of 3" in said and trained == [0, 1, 2] and "(not kept: fitted on the cache as it was before" in said
+    said = resumed("--lr", "3e-3")  # other settings
+    assert "kept 0 of 3" in said and trained == [0, 1, 2]
+    assert "ego__crossview__seed2: accuracy" in said and "(not kept: fitted with other settings: lr 0.002 -> 0.003)" in said
     refused = fit(cache.root, run, "--resume", "--submission", tmp_path / "submission.json")
     assert refused.exit_code == 2 and "run it without --resume" in refused.output
     (run / "ego__crossview__seed1" / "head.safetensors").unlink()  # damaged from outside: fitted again
