@@ -63,10 +63,12 @@ def foreign_output(folder: Path | None, own_kind: str) -> str | None:
     cache's cache.json, a fit-head grid's grid.json, or a config.json that another stage saved (in a folder that is
     not a cache: an existing cache stays extractable whatever else its folder holds). `own_kind`: the
     writing stage's config class name ("FeatureCache" for extract). Writing there would mix with its files or
-    replace them (a finetune run's config.json over a grid's)."""
+    replace them (a finetune run's config.json over a grid's). An EgoExo4D download root is refused as well."""
     if folder is None:
         return None
     folder = Path(folder)
+    if is_a_download_root(folder):  # the data itself: a run's files would sit among the takes' folders
+        return "annotations/ and takes/: it is an EgoExo4D download root"
     if (folder / "cache.json").is_file():  # a cache: anything else there is the user's (a grid kept beside it, say)
         return None if own_kind == "FeatureCache" else "cache.json: it is a feature cache"
     if own_kind != "FitHeadConfig" and (folder / "grid.json").is_file():
@@ -86,6 +88,11 @@ def flag_for(cls: type, name: str) -> str:
     flag is named otherwise (`--fusion`, repeated, fills `fusions`), else `--name-with-hyphens`."""
     spec = next(f for f in dataclasses.fields(cls) if f.name == name)
     return spec.metadata.get("flag", "--" + name.replace("_", "-"))
+
+
+def is_a_download_root(folder: Path) -> bool:
+    """Whether `folder` holds an EgoExo4D download (its annotations/ and takes/ folders)."""
+    return (Path(folder) / "annotations").is_dir() and (Path(folder) / "takes").is_dir()
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from pipeline import backbone as bb
 from pipeline.checkpoints import HEAD_INFO
-from pipeline.config import ConfigError, output_problem
+from pipeline.config import ConfigError, is_a_download_root, output_problem
 from pipeline.decoder_crashes import CrashGuard, explained_worker_death, triage
 from pipeline.evaluation import evaluate_split, predict_past_decoder_crashes
 from pipeline.files import remove_temporary_files
@@ -30,6 +30,8 @@ def _another_runs_folder(out: Path) -> str | None:
     run, a fit-head cell or grid), or the adapter, backbone or checkpoint a run is read from; None if it does not."""
     if (out / "cache.json").is_file():  # evaluate's crash records and temporary-file clean-up would mix with extract's
         return "is a feature cache's folder"
+    if is_a_download_root(out):
+        return "is an EgoExo4D download root (annotations/, takes/)"
     if held := [name for name in (HEAD_INFO, "grid.json", "config.json", "checkpoint") if (out / name).exists()]:
         return f"holds another run's results or settings ({held[0]})"
     for folder in (out, *out.resolve().parents):

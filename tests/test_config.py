@@ -5,8 +5,8 @@ import pytest
 import torch
 import typer
 
-from pipeline.config import (ConfigError, device_problem, flag_for, load_config, output_problem, read_saved_config,
-                             save_config)
+from pipeline.config import (ConfigError, device_problem, flag_for, foreign_output, load_config, output_problem,
+                             read_saved_config, save_config)
 from pipeline.extraction import ExtractConfig
 from pipeline.finetune import FinetuneConfig
 from pipeline.head_training import FitHeadConfig
@@ -156,3 +156,11 @@ def test_a_float_written_without_a_dot_in_yaml_is_a_number(tmp_path):
     (tmp_path / "fit.yaml").write_text("cache: c\nout: o\nlr: fast\n")
     with pytest.raises(ConfigError, match="FitHeadConfig.lr from config file .*expected a number, got 'fast'"):
         load_config(FitHeadConfig, tmp_path / "fit.yaml")
+
+
+@pytest.mark.parametrize("kind", ["FeatureCache", "FitHeadConfig", "FinetuneConfig"])
+def test_an_egoexo4d_download_root_is_no_stages_output_folder(tmp_path, kind):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "takes").mkdir()
+    assert "EgoExo4D download root" in foreign_output(tmp_path, kind)
+    assert foreign_output(tmp_path / "takes", kind) is None  # a folder inside it is the user's call

@@ -186,7 +186,7 @@ def test_a_grid_into_a_folder_being_written_by_another_grid_stops_at_once(grid, 
 
 
 @pytest.mark.parametrize("other", ["a finetune run", "a finetune run under way", "a fit-head cell", "an evaluation",
-                                   "a feature cache"])
+                                   "a feature cache", "a download root"])
 def test_a_grid_into_another_runs_folder_is_refused_before_it_writes(grid, tmp_path, other):
     """It replaced a finetune run's config.json (the run could not be evaluated any more) and mixed its files in."""
     out = tmp_path / "other"
@@ -200,6 +200,11 @@ def test_a_grid_into_another_runs_folder_is_refused_before_it_writes(grid, tmp_p
     elif other == "an evaluation":
         for name in ("head.json", "head.safetensors", "config.json"):
             (out / name).unlink()
+    elif other == "a download root":  # the data: a grid's files landed among annotations/ and takes/
+        shutil.rmtree(out)
+        for folder in ("annotations", "takes/basketball_1"):
+            (out / folder).mkdir(parents=True)
+        (out / "annotations" / "proficiency_demonstrator_train.json").write_text("{}")
     files = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     result = fit(grid / "cache", out, "--views", "ego")
     assert result.exit_code == 2 and "holds another run" in " ".join(result.output.split())
