@@ -183,7 +183,7 @@ def test_a_run_without_held_out_takes_keeps_its_last_epoch_and_writes_strict_jso
 
 
 @pytest.mark.parametrize("into", ["a finetune run", "a fit-head cell", "a fit-head grid", "a finetune run under way",
-                                  "another run's adapter", "a feature cache"])
+                                  "another run's adapter", "a feature cache", "the download root"])
 def test_evaluate_refuses_an_out_folder_of_another_run(world, fitted_cell, tmp_path, into):
     """Its metrics.json and predictions.jsonl would be replaced by those of the model evaluated, with no word; files
     in a run's adapter/ would change the hash it is checked against."""
@@ -193,13 +193,13 @@ def test_evaluate_refuses_an_out_folder_of_another_run(world, fitted_cell, tmp_p
     folder, out = {"a finetune run": (world / "run",) * 2, "a fit-head cell": (fitted_cell,) * 2,
                    "a fit-head grid": (fitted_cell.parent,) * 2, "a finetune run under way": (under_way,) * 2,
                    "another run's adapter": (world / "run" / "adapter", world / "run" / "adapter" / "eval"),
-                   "a feature cache": (world / "cache-fp32",) * 2}[into]
+                   "a feature cache": (world / "cache-fp32",) * 2, "the download root": (world / "data",) * 2}[into]
     checkpoint = world / "run" if into in ("a fit-head cell", "a fit-head grid", "a feature cache") else fitted_cell
     files = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file() and path.name != "run.lock"}
     result = cli("evaluate", "--checkpoint", checkpoint, "--root", world / "data", "--out", out)
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and ("holds another run's" in said or "which the run" in said
-                                      or "is a feature cache's folder" in said), said
+                                      or "is a feature cache's folder" in said or "is an EgoExo4D download root" in said), said
     assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file() and path.name != "run.lock"} == files
 
 
