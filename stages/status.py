@@ -15,6 +15,8 @@ from pipeline.cache import FeatureCache
 from pipeline.cache_status import SplitStatus, made_with, split_status
 from pipeline.views import FAILURES_EXIT
 
+SPLITS_FIT_HEAD_READS = ("train", "val")
+
 
 def status(
     cache: Path = typer.Option(..., help="Feature cache folder written by `skillpipe extract`."),
@@ -44,6 +46,13 @@ def _print_status(cache: Path, feature_cache: FeatureCache, splits: list[SplitSt
         console.print("no split planned yet: run `skillpipe extract`")
         return
     console.print(_table(splits, check))
+    planned = {split.split for split in splits}
+    for missing in (split for split in SPLITS_FIT_HEAD_READS if split not in planned):
+        config = next((Path(cache) / f"extract-{split}.json" for split in sorted(planned)
+                       if (Path(cache) / f"extract-{split}.json").is_file()), None)
+        how = f"`skillpipe extract --config {config} --split {missing}` does, with the same settings" if config else \
+            f"`skillpipe extract --split {missing}` into it does"
+        console.print(f"no {missing} split yet: fit-head needs one; {escape(how)}", soft_wrap=True, highlight=False)
     for split in splits:
         problems = split.damaged or dict.fromkeys(split.unreadable_markers, "its commit marker is unreadable")
         for shard, problem in problems.items():

@@ -133,3 +133,13 @@ def test_a_cache_json_replaced_by_another_file_is_a_clear_error(cache, tmp_path,
     (copy / "cache.json").write_text(text)
     result = CliRunner().invoke(app, ["status", "--cache", str(copy)])
     assert result.exit_code == 2 and said in " ".join(result.output.split()) and "cache.json" in result.output, result.output
+
+
+def test_status_says_which_split_fit_head_needs_is_missing_and_how_to_extract_it(cache, tmp_path):
+    cache, _, _ = cache
+    copy = shutil.copytree(cache, tmp_path / "train-only")
+    (copy / "splits" / "val.json").unlink()  # as before `extract --split val` ran
+    shown = " ".join(status("--cache", copy).output.split())
+    assert f"no val split yet: fit-head needs one; `skillpipe extract --config {copy / 'extract-train.json'} --split val`" \
+        in shown
+    assert "split yet" not in " ".join(status("--cache", cache).output.split())  # both planned: nothing to say
