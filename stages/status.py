@@ -50,7 +50,9 @@ def _print_status(cache: Path, feature_cache: FeatureCache, splits: list[SplitSt
     for missing in (split for split in SPLITS_FIT_HEAD_READS if split not in planned):
         config = next((Path(cache) / f"extract-{split}.json" for split in sorted(planned)
                        if (Path(cache) / f"extract-{split}.json").is_file()), None)
-        how = f"`skillpipe extract --config {config} --split {missing}` does, with the same settings" if config else \
+        # --cache too: the saved config names the folder the cache was extracted in, which it may have left since
+        how = f"`skillpipe extract --config {config} --cache {cache} --split {missing}` does, with the same settings" \
+            if config else \
             f"`skillpipe extract --split {missing}` into it does"
         console.print(f"no {missing} split yet: fit-head needs one; {escape(how)}", soft_wrap=True, highlight=False)
     for split in splits:

@@ -140,6 +140,6 @@ def test_status_says_which_split_fit_head_needs_is_missing_and_how_to_extract_it
     copy = shutil.copytree(cache, tmp_path / "train-only")
     (copy / "splits" / "val.json").unlink()  # as before `extract --split val` ran
     shown = " ".join(status("--cache", copy).output.split())
-    assert f"no val split yet: fit-head needs one; `skillpipe extract --config {copy / 'extract-train.json'} --split val`" \
-        in shown
+    command = f"skillpipe extract --config {copy / 'extract-train.json'} --cache {copy} --split val"
+    assert f"no val split yet: fit-head needs one; `{command}`" in shown
     assert "split yet" not in " ".join(status("--cache", cache).output.split())  # both planned: nothing to say
