@@ -83,11 +83,11 @@ def foreign_output(folder: Path | None, own_kind: str) -> str | None:
     return None if kind == own_kind else f"a config.json of {kind or 'another program'}"
 
 
-def flag_for(cls: type, name: str) -> str:
+def flag_for(cls: type, name: str) -> str | None:
     """The command-line flag that sets field `name` of the stage config `cls`: the field's "flag" metadata where the
-    flag is named otherwise (`--fusion`, repeated, fills `fusions`), else `--name-with-hyphens`."""
-    spec = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return spec.metadata.get("flag", "--" + name.replace("_", "-"))
+    flag is named otherwise (`--fusion`, repeated, fills `fusions`), else `--name-with-hyphens`; None for no field."""
+    spec = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    return spec and spec.metadata.get("flag", "--" + name.replace("_", "-"))
 
 
 def is_a_download_root(folder: Path) -> bool:

@@ -35,9 +35,14 @@ def take_logits(model, takes: list[Take], views, sampling: ClipSampling, precisi
                 batch_size: int = 2, workers: int = 0, crash_guard: CrashGuard | None = None
                 ) -> tuple[torch.Tensor, np.ndarray]:
     """(N, 4) fp32 logits for `takes`, in order, on the CPU, and (N, V) bool: which views each take had."""
-    batches = list(logit_batches(model, takes, views, sampling, precision, device, batch_size, workers, crash_guard))
+    return _stacked(list(logit_batches(model, takes, views, sampling, precision, device, batch_size, workers,
+                                       crash_guard)), len(views))
+
+
+def _stacked(batches: list[tuple[torch.Tensor, np.ndarray]], num_views: int) -> tuple[torch.Tensor, np.ndarray]:
+    """logit_batches' batches as one (N, 4) and one (N, V) array (N may be 0)."""
     return (torch.cat([torch.zeros(0, 4), *(logits for logits, _ in batches)]),
-            np.concatenate([np.zeros((0, len(views)), dtype=bool), *(present for _, present in batches)]))
+            np.concatenate([np.zeros((0, num_views), dtype=bool), *(present for _, present in batches)]))
 
 
 def predict_takes(model, takes: list[Take], views, sampling: ClipSampling, precision: str, device: str = "cpu",
@@ -54,18 +59,17 @@ def predict_past_decoder_crashes(model, takes: list[Take], views, sampling: Clip
     guarded in a scratch folder, and when a file kills (or hangs) the decoder, the takes from the batch it was in on
     are predicted again with that view absent (warned with the file's name, as every failed view is). Each retry rules
     out one more file, so this ends; a worker death that no file explains is raised."""
-    logits, present = [torch.zeros(0, 4)], [np.zeros((0, len(views)), dtype=bool)]
-    done = 0  # takes predicted: whole batches, so a retry groups the rest into the same batches as one run would
+    batches: list[tuple[torch.Tensor, np.ndarray]] = []  # whole batches: a retry groups the rest as one run would
     with tempfile.TemporaryDirectory(prefix="skillpipe-predict-") as scratch:
         while True:
             known = known_crashes(Path(scratch))
+            done = sum(len(logits) for logits, _ in batches)
             try:
-                for batch_logits, batch_present in logit_batches(model, takes[done:], views, sampling, precision, device,
-                                                                 batch_size, 1, CrashGuard(Path(scratch), known)):
-                    logits.append(batch_logits)
-                    present.append(batch_present)
-                    done += len(batch_logits)
-                return torch.softmax(torch.cat(logits), -1).numpy(), np.concatenate(present)
+                for batch in logit_batches(model, takes[done:], views, sampling, precision, device, batch_size, 1,
+                                           CrashGuard(Path(scratch), known)):
+                    batches.append(batch)  # kept through a crash in a later batch
+                logits, present = _stacked(batches, len(views))
+                return torch.softmax(logits, -1).numpy(), present
             except RuntimeError as err:
                 if not worker_died(err):
                     raise

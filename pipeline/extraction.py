@@ -111,6 +111,11 @@ class ExtractConfig:
         return bb.clips_per_forward(self.batch_size, self.device)
 
 
+def saved_config_path(cache_root: Path, split: str) -> Path:
+    """Where extract saves the resolved config of a split beside its cache (`--config` takes it back)."""
+    return Path(cache_root) / f"extract-{split}.json"
+
+
 @dataclass
 class ExtractSummary:
     total_takes: int
@@ -322,7 +327,7 @@ def run_extraction(
                 refresh_committed_shards(cache, config.split, takes, config.views, config.root)
                 # without --reuse: it changes no feature, only what is computed, and the other cache may be gone
                 # by the time this config is passed back (there is no flag to clear it)
-                save_config(dataclasses.replace(config, reuse=None), Path(config.cache) / f"extract-{config.split}.json")
+                save_config(dataclasses.replace(config, reuse=None), saved_config_path(config.cache, config.split))
         except Exception as err:  # noqa: BLE001 (rank 0's reaches every rank: ConfigError/CacheError as such)
             setup_error = err
         barrier_sharing_main_error(ranks, setup_error, (ConfigError, CacheError))

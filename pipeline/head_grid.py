@@ -136,8 +136,8 @@ def _finished_row(folder: Path, cell: Cell, cell_config: FitHeadConfig, commits:
     except (FileNotFoundError, ValueError, KeyError, TypeError):  # not a cell's: fitted again
         return None, "its metrics.json is not a cell's"
     wanted = config_to_dict(cell_config)  # configs are saved with resume off (_train_grid)
-    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in wanted.items() if saved.get(key) != value]
-    if changed := changed + [f"{key} {saved[key]!r} -> none" for key in saved if key not in wanted]:
+    if changed := [f"{key} {saved.get(key)!r} -> {wanted.get(key)!r}" for key in dict.fromkeys([*wanted, *saved])
+                   if key not in saved or key not in wanted or saved[key] != wanted[key]]:
         return None, "fitted with other settings: " + ", ".join(changed)
     if commits_then != commits:  # cells fitted before cache_commits were recorded: never kept
         return None, "fitted on the cache as it was before its shards changed"

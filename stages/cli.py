@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 import sys
@@ -48,9 +47,8 @@ def with_flags(message: str) -> str:
     it: `--fusion (FitHeadConfig.fusions)`."""
     def labelled(match: re.Match) -> str:
         config = STAGE_CONFIGS.get(match[1])
-        if config is None or match[2] not in {f.name for f in dataclasses.fields(config)}:
-            return match[0]
-        return f"{flag_for(config, match[2])} ({match[0]})"
+        flag = config and flag_for(config, match[2])
+        return f"{flag} ({match[0]})" if flag else match[0]
 
     return re.sub(r"\b(\w+Config)\.(\w+)", labelled, message)
 

@@ -13,9 +13,9 @@ from rich.table import Table
 
 from pipeline.cache import FeatureCache
 from pipeline.cache_status import SplitStatus, made_with, split_status
+from pipeline.extraction import saved_config_path
+from pipeline.takes import SPLITS
 from pipeline.views import FAILURES_EXIT
-
-SPLITS_FIT_HEAD_READS = ("train", "val")
 
 
 def status(
@@ -47,9 +47,8 @@ def _print_status(cache: Path, feature_cache: FeatureCache, splits: list[SplitSt
         return
     console.print(_table(splits, check))
     planned = {split.split for split in splits}
-    for missing in (split for split in SPLITS_FIT_HEAD_READS if split not in planned):
-        config = next((Path(cache) / f"extract-{split}.json" for split in sorted(planned)
-                       if (Path(cache) / f"extract-{split}.json").is_file()), None)
+    for missing in (split for split in SPLITS if split not in planned):  # fit-head reads both
+        config = next((path for split in sorted(planned) if (path := saved_config_path(cache, split)).is_file()), None)
         # --cache too: the saved config names the folder the cache was extracted in, which it may have left since
         how = f"`skillpipe extract --config {config} --cache {cache} --split {missing}` does, with the same settings" \
             if config else \
