@@ -28,8 +28,9 @@ from bench.common import (
     count_flops, host_description, interleaved_rounds, matmul_peak_gflops, median_paired_ratio, replayed_matmuls, timed_seconds,
 )
 from pipeline.backbone import (
-    autocast_context, compiled_encode_clips, encode_clips, prepare_for_inference, use_fused_attention,
+    autocast_context, compiled_encode_clips, encode_clips, prepare_for_inference,
 )
+from pipeline.fused_attention import use_fused_attention
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, decode_take
 from pipeline.takes import VIEWS, load_takes

@@ -17,17 +17,17 @@ import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from transformers import TimesformerConfig, TimesformerModel
-from transformers.models.timesformer.modeling_timesformer import TimesformerSelfAttention
-from transformers.utils import logging as hf_logging
 
 from pipeline.config import ConfigError
 from pipeline.files import write_folder_atomic
 from pipeline.video import PREPROCESSING
+
+if TYPE_CHECKING:  # transformers is imported where a backbone is built: ~2 s that status, fit-head and --help never pay
+    from transformers import TimesformerConfig, TimesformerModel
 
 DEFAULT_BACKBONE = "facebook/timesformer-base-finetuned-k600"
 
@@ -77,6 +77,9 @@ def load_backbone(name_or_dir: str, num_frames: int) -> TimesformerModel:
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path}: not a TimeSformer folder (no config.json; expected save_pretrained output)")
         name_or_dir = str(path)
+    from transformers import TimesformerModel
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()  # one bar per load would drown the stage's own progress
     # fp32 master weights whatever the checkpoint's dtype: autocast gives bf16 speed, LoRA needs fp32.
     load = functools.partial(TimesformerModel.from_pretrained, name_or_dir, dtype=torch.float32, output_loading_info=True)
@@ -285,45 +288,6 @@ def cast_for_autocast_inference(model: torch.nn.Module, device: torch.device) ->
     return model
 
 
-# Below this many tokens (TimeSformer's temporal attention: one sequence of T frames per patch)
-# the fused SDPA kernel's per-sequence overhead dominates; plain matmuls + softmax, which
-# torch.compile fuses, measured ~2x faster there on the CPU. Spatial attention (197 tokens) keeps SDPA.
-SHORT_SEQUENCE = 64
-
-
-class FusedSelfAttention(TimesformerSelfAttention):
-    """HF's TimeSformer self-attention with kernels picked for torch.compile.
-
-    Long sequences go through F.scaled_dot_product_attention (fused kernels); short ones through
-    HF's own maths (matmuls, softmax in fp32), which the compiler fuses. Same maths as HF's eager
-    attention, different rounding in bf16. Used by `extract --compile`, whose fingerprint records it.
-    """
-
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
-        if output_attentions:  # SDPA does not return the attention map
-            return super().forward(hidden_states, output_attentions=True)
-        batch, tokens, dim = hidden_states.shape
-        qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4)  # (B, h, N, d) each
-        if tokens < SHORT_SEQUENCE:
-            weights = ((query @ key.transpose(-2, -1)).float() * self.scale).softmax(-1)
-            context = self.attn_drop(weights).to(value.dtype) @ value
-        else:  # SDPA's CPU kernel ran 1.5x faster on contiguous heads than on these strided views, bit for bit the same
-            # result (base size, T=8): the copy costs less than it saves, ~3-9% of a frozen compiled forward (2026-12-05)
-            dropout = self.attn_drop.p if self.training else 0.0
-            query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-            context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scale)
-        return (context.transpose(1, 2).reshape(batch, tokens, dim),)
-
-
-def use_fused_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch every TimeSformer self-attention of `model` (adapted or not) to FusedSelfAttention, in place."""
-    for module in model.modules():
-        if type(module) is TimesformerSelfAttention:
-            module.__class__ = FusedSelfAttention
-    return model
-
-
 def prepare_for_inference(model: torch.nn.Module, device: torch.device, precision: str, fused_attention: bool = False
                           ) -> torch.nn.Module:
     """The backbone on `device` in eval mode, set up as extract runs it: weights stored in the autocast
@@ -333,6 +297,8 @@ def prepare_for_inference(model: torch.nn.Module, device: torch.device, precisio
     if precision == "bf16":
         model = cast_for_autocast_inference(model, device)
     if fused_attention:
+        from pipeline.fused_attention import use_fused_attention
+
         model = use_fused_attention(model)
     return model
 
@@ -408,6 +374,8 @@ def reference_view_feature(tokens: torch.Tensor, num_patches: int) -> torch.Tens
 
 def tiny_config(num_frames: int = 8, **overrides) -> TimesformerConfig:
     """A tiny TimeSformer (224 px, 16 px patches = 196 patches, D=32, 2 layers) for tests and the demo."""
+    from transformers import TimesformerConfig
+
     settings = dict(
         image_size=224, patch_size=16, num_frames=num_frames, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=64,
@@ -417,6 +385,9 @@ def tiny_config(num_frames: int = 8, **overrides) -> TimesformerConfig:
 
 def save_tiny_backbone(out_dir: Path, seed: int = 0, num_frames: int = 8, **overrides) -> Path:
     """Save a seeded, randomly initialised tiny TimeSformer so `from_pretrained(out_dir)` loads it."""
+    from transformers import TimesformerModel
+    from transformers.utils import logging as hf_logging
+
     with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = TimesformerModel(tiny_config(num_frames, **overrides))

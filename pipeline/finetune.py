@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch.nn.parallel import DistributedDataParallel
-from transformers import get_cosine_schedule_with_warmup
 
 from pipeline import backbone as bb
 from pipeline.cache import CacheError
@@ -249,6 +248,8 @@ def _run_finetune(config: FinetuneConfig, resume: bool, on_step: Callable[[dict]
     # fp16 autocast (GPUs without bf16) needs loss scaling, or small gradients underflow to zero; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "bf16" and bb.autocast_dtype(device) == torch.float16)
     updates_per_epoch = -(-len(rank_share(list(range(len(fit_takes))), ranks)) // (config.batch_size * config.grad_accum))
+    from transformers import get_cosine_schedule_with_warmup  # here: ~2 s to import, which `--help` never pays
+
     schedule = get_cosine_schedule_with_warmup(
         optimizer, warmup_steps_for(config.warmup_ratio, updates_per_epoch * config.epochs), updates_per_epoch * config.epochs
     )

@@ -7,7 +7,6 @@ decayed every weight until 2026-12-05; `decay_norms_and_biases` keeps that for r
 from __future__ import annotations
 
 import torch
-from transformers.trainer_pt_utils import get_parameter_names
 
 # HF Trainer's name patterns of parameters it never decays, beside those of LayerNorm modules
 NOT_DECAYED_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
@@ -18,6 +17,8 @@ def decayed_parameter_names(model: torch.nn.Module, decay_norms_and_biases: bool
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     if decay_norms_and_biases:
         return trainable
+    from transformers.trainer_pt_utils import get_parameter_names  # here: transformers takes ~2 s to import
+
     return trainable & set(get_parameter_names(model, [torch.nn.LayerNorm], list(NOT_DECAYED_PATTERNS)))
 
 

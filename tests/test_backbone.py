@@ -9,9 +9,11 @@ from transformers import TimesformerConfig, TimesformerModel
 
 import pipeline.backbone as backbone
 from pipeline.backbone import (
-    LORA_KINDS_PER_LAYER, LoraSettings, FusedSelfAttention, adapter_hash, add_lora, autocast_context, cast_for_autocast_inference,
-    compiled_encode_clips, encode_clips, load_adapter, load_backbone, prepare_for_inference, reference_view_feature, save_tiny_backbone, set_num_frames, tiny_config, use_fused_attention, weights_hash,
+    LORA_KINDS_PER_LAYER, LoraSettings, adapter_hash, add_lora, autocast_context, cast_for_autocast_inference,
+    compiled_encode_clips, encode_clips, load_adapter, load_backbone, prepare_for_inference, reference_view_feature, save_tiny_backbone, set_num_frames, tiny_config, weights_hash,
 )
+from pipeline import fused_attention
+from pipeline.fused_attention import FusedSelfAttention, use_fused_attention
 
 NUM_PATCHES = 196  # (224 / 16) ** 2
 HIDDEN, INTERMEDIATE, LAYERS = 32, 64, 2  # tiny_config()
@@ -361,10 +363,10 @@ def test_weights_cast_for_inference_give_bitwise_the_autocast_outputs(tiny_dir, 
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("short_sequence", [backbone.SHORT_SEQUENCE, 0])  # 0: SDPA for the temporal attention too
+@pytest.mark.parametrize("short_sequence", [fused_attention.SHORT_SEQUENCE, 0])  # 0: SDPA for the temporal attention too
 @pytest.mark.parametrize("adapter", [False, True])
 def test_fused_attention_equals_hf_attention(tiny_dir, adapter, short_sequence, monkeypatch):
-    monkeypatch.setattr(backbone, "SHORT_SEQUENCE", short_sequence)  # default: temporal (4 tokens) matmuls, spatial (197) SDPA
+    monkeypatch.setattr(fused_attention, "SHORT_SEQUENCE", short_sequence)  # default: temporal (4 tokens) matmuls, spatial (197) SDPA
     model = load_backbone(str(tiny_dir), 4)
     if adapter:
         model = add_lora(model, LoraSettings(r=4, alpha=8)).eval()

@@ -110,7 +110,8 @@ def test_the_tree_memory_peak_counts_a_childs_own_memory():
 
 def test_fused_attention_counts_the_flops_of_the_attention_it_replaces():
     """torch's counter has SDPA formulas for CUDA kernels only: on a CPU it counted fused attention as free."""
-    from pipeline.backbone import encode_clips, tiny_config, use_fused_attention
+    from pipeline.backbone import encode_clips, tiny_config
+    from pipeline.fused_attention import use_fused_attention
     from transformers import TimesformerModel
 
     model = TimesformerModel(tiny_config(num_frames=4)).eval()

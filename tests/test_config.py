@@ -1,4 +1,6 @@
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,10 @@ def test_an_egoexo4d_download_root_is_no_stages_output_folder(tmp_path, kind):
     (tmp_path / "takes").mkdir()
     assert "EgoExo4D download root" in foreign_output(tmp_path, kind)
     assert foreign_output(tmp_path / "takes", kind) is None  # a folder inside it is the user's call
+
+
+def test_the_cli_imports_no_transformers_until_a_backbone_is_built():
+    """`skillpipe --help`, status and fit-head never build a backbone: transformers (~2 s to import) stays unloaded."""
+    probe = "import sys, stages.cli; print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
