@@ -83,6 +83,17 @@ def foreign_output(folder: Path | None, own_kind: str) -> str | None:
     return None if kind == own_kind else f"a config.json of {kind or 'another program'}"
 
 
+# how a stage's help marks a field without default (typer's own [required] would refuse a value given in --config only;
+# square brackets would be read as rich markup)
+REQUIRED_HELP = "(required: here or in --config)"
+
+
+def required_fields(cls: type) -> list[str]:
+    """The fields of config `cls` that have no default."""
+    return [f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
 def flag_for(cls: type, name: str) -> str | None:
     """The command-line flag that sets field `name` of the stage config `cls`: the field's "flag" metadata where the
     flag is named otherwise (`--fusion`, repeated, fills `fusions`), else `--name-with-hyphens`; None for no field."""
@@ -148,10 +159,7 @@ def build_config(cls: type[Config], values: dict[str, Any], sources: dict[str, s
         except (TypeError, ValueError) as err:
             where = sources.get(key, "value")
             raise ConfigError(f"{cls.__name__}.{key} from {where}: {err}") from None
-    missing = [
-        name for name, f in fields.items()
-        if name not in coerced and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
+    missing = [name for name in required_fields(cls) if name not in coerced]
     if missing:
         flags = ", ".join(flag_for(cls, name) for name in missing)
         raise ConfigError(f"{cls.__name__}: required field(s) not set: {missing} (give {flags} or set them in --config)")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import CacheError, CachedSplit, FeatureCache
-from pipeline.config import ConfigError, device_problem, output_problem
+from pipeline.config import REQUIRED_HELP, ConfigError, device_problem, output_problem
 from pipeline.fusion import FUSIONS, NUM_CLASSES, HeadConfig, build_head, head_inputs
 from pipeline.head_step import CompiledHeadTrainer
 from pipeline.views import parse_view_setting
@@ -114,8 +114,9 @@ class FitHeadConfig:
 def field_help(name: str) -> str:
     """The help text of a FitHeadConfig field and its default, for the CLI options."""
     spec = next(f for f in fields(FitHeadConfig) if f.name == name)
-    default = "" if spec.default in (MISSING, None) else f" (default {spec.default})"
-    return spec.metadata["help"] + default
+    if spec.default is MISSING:
+        return spec.metadata["help"] + f" {REQUIRED_HELP}"
+    return spec.metadata["help"] + ("" if spec.default is None else f" (default {spec.default})")
 
 
 @dataclass(frozen=True)

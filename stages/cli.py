@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import sys
 import warnings
@@ -35,7 +36,11 @@ ON_INTERRUPT = {
 STAGE_CONFIGS = {config.__name__: config for config in (ExtractConfig, FitHeadConfig, FinetuneConfig)}
 
 app = typer.Typer(
-    help="Skill-level estimation from multi-view EgoExo4D video: extract features, fit heads, fine-tune.",
+    help="Skill-level estimation from multi-view EgoExo4D video: extract features, fit heads, fine-tune.\n\n"
+         "In order: extract (--split train, then --split val, into one cache); status (what the cache holds); "
+         "fit-head (fusion heads on the cached features, a grid at once); finetune (LoRA end to end from the videos); "
+         "evaluate and predict (a fit-head cell or finetune run, from videos); export (the cache as HDF5). "
+         "demo runs the whole pipeline on generated data (demo-data writes that data alone).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -76,18 +81,21 @@ def _reporting_user_errors(command: Callable, name: str) -> Callable:
 
 
 def register(name: str, command: Callable) -> None:
-    app.command(name, help=command.__doc__)(_reporting_user_errors(command, name))
+    # a docstring's line breaks joined (typer would print them where they fall); paragraphs kept
+    help_text = re.sub(r"(?<!\n)\n(?!\n)", " ", inspect.cleandoc(command.__doc__ or ""))
+    app.command(name, help=help_text)(_reporting_user_errors(command, name))
 
 
+# listed in --help in the order a run takes them
 register("extract", extract.extract)
-register("demo-data", demo.demo_data)
-register("demo", demo.demo)
-register("export", export.export)
 register("status", status.status)
 register("fit-head", fit_head.fit_head)
 register("finetune", finetune.finetune)
 register("evaluate", evaluate.evaluate)
 register("predict", evaluate.predict)
+register("export", export.export)
+register("demo", demo.demo)
+register("demo-data", demo.demo_data)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import REQUIRED_HELP, ConfigError, load_config
 from pipeline.distributed import local_device, torchrun_ranks
 from pipeline.extraction import ExtractConfig
 from pipeline.extraction_progress import extract_with_progress
@@ -16,7 +16,7 @@ from pipeline.views import FAILURES_EXIT
 
 
 def extract(
-    root: Optional[Path] = typer.Option(None, help="egoexo download root (holds annotations/ and takes/)."),
+    root: Optional[Path] = typer.Option(None, help=f"egoexo download root (holds annotations/ and takes/). {REQUIRED_HELP}"),
     split: Optional[str] = typer.Option(None, help="Annotation split to extract: train (default) or val; fit-head needs both in one cache."),
     cache: Optional[Path] = typer.Option(None, help="Feature cache folder (default cache/features)."),
     backbone: Optional[str] = typer.Option(None, help="TimeSformer hub id or local folder (default facebook/timesformer-base-finetuned-k600)."),

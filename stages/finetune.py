@@ -11,14 +11,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.config import load_config
+from pipeline.config import REQUIRED_HELP, load_config
 from pipeline.distributed import local_device, torchrun_ranks
 from pipeline.finetune import FinetuneConfig, run_finetune
 
 
 def finetune(
-    root: Optional[Path] = typer.Option(None, help="egoexo download root."),
-    out: Optional[Path] = typer.Option(None, help="Run folder: adapter/, head, config.json, metrics."),
+    root: Optional[Path] = typer.Option(None, help=f"egoexo download root (holds annotations/ and takes/). {REQUIRED_HELP}"),
+    out: Optional[Path] = typer.Option(None, help=f"Run folder: adapter/, head, config.json, metrics. {REQUIRED_HELP}"),
     backbone: Optional[str] = typer.Option(None, help="TimeSformer hub id or local folder (default facebook/timesformer-base-finetuned-k600)."),
     frames: Optional[int] = typer.Option(None, help="Frames T per view (default 16)."),
     sampling: Optional[str] = typer.Option(None, help="uniform (default, over the whole take) or window (the reference's "

@@ -7,8 +7,8 @@ import pytest
 import torch
 import typer
 
-from pipeline.config import (ConfigError, device_problem, flag_for, foreign_output, load_config, output_problem,
-                             read_saved_config, save_config)
+from pipeline.config import (REQUIRED_HELP, ConfigError, device_problem, flag_for, foreign_output, load_config, output_problem,
+                             read_saved_config, required_fields, save_config)
 from pipeline.extraction import ExtractConfig
 from pipeline.finetune import FinetuneConfig
 from pipeline.head_training import FitHeadConfig
@@ -141,6 +141,15 @@ def test_every_config_field_is_named_by_a_flag_of_its_stage(command, config):
     options = {option for param in typer.main.get_command(app).commands[command].params for option in param.opts}
     for field in dataclasses.fields(config):
         assert flag_for(config, field.name) in options, (command, field.name)
+
+
+@pytest.mark.parametrize("command, config", [("extract", ExtractConfig), ("fit-head", FitHeadConfig),
+                                             ("finetune", FinetuneConfig)])
+def test_help_marks_the_fields_without_default_as_required_and_no_other(command, config):
+    """typer cannot mark them (a value may come from --config): each such option's help says so itself."""
+    params = {param.opts[0]: param for param in typer.main.get_command(app).commands[command].params}
+    marked = {flag for flag, param in params.items() if REQUIRED_HELP in (param.help or "")}
+    assert marked == {flag_for(config, name) for name in required_fields(config)} and marked
 
 
 def test_config_errors_name_the_flag_and_the_field_and_leave_other_names_alone():
