@@ -5,7 +5,8 @@ runs it, as `extract --compile` does, and its matmuls alone: the ceiling; best o
 interleaved rounds, so the peak and the backbone see the same quiet moments of a shared machine;
 their ratio both as best / best and as the median over rounds of the ratio within a round),
 decode fps, end-to-end extract clips/s and its ratio to the slower of decode-only and model-only
-(median of paired rounds), cache bytes per take, extract peak RSS (and the peak PSS with its decode
+(median of paired rounds; on a CPU also extract as one torchrun rank of one thread per core,
+`--workers 0`), cache bytes per take, extract peak RSS (and the peak PSS with its decode
 worker), and the fit-head cell time (bench.fit_head); first, the host they were measured on.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,9 +32,9 @@ from bench.common import (
 from pipeline.backbone import (
     autocast_context, compiled_encode_clips, encode_clips, prepare_for_inference,
 )
-from pipeline.fused_attention import use_fused_attention
 from pipeline.demo_data import write_demo_dataset
 from pipeline.extraction import ExtractConfig, decode_take
+from pipeline.fused_attention import use_fused_attention
 from pipeline.takes import VIEWS, load_takes
 from pipeline.video import ClipSampling
 
@@ -82,17 +84,40 @@ def decode_only_s(root: Path, frames: int) -> tuple[float, int]:
     return time.perf_counter() - started, clips
 
 
+CHILD_PROLOGUE = ("import json, sys, time, torch; from pipeline.config import build_config; "
+                  "from pipeline.extraction import ExtractConfig; c = build_config(ExtractConfig, json.loads(sys.argv[1]))\n")
+
+
+def _config_argument(config: ExtractConfig) -> str:
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items() if v is not None}
+    settings["views"] = list(config.views)
+    return json.dumps(settings)
+
+
 def run_in_child(code: str, config: ExtractConfig, *args: str) -> dict:
     """Run `code` in a fresh Python process with the ExtractConfig `c` built from `config` (and `args` from
     sys.argv[2] on); returns the JSON object it prints last. Fresh processes keep peak RSS and first-call
     kernel setup their own."""
-    prologue = ("import json, sys, time, torch; from pipeline.config import build_config; "
-                "from pipeline.extraction import ExtractConfig; c = build_config(ExtractConfig, json.loads(sys.argv[1]))\n")
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items() if v is not None}
-    settings["views"] = list(config.views)
-    out = subprocess.run([sys.executable, "-c", prologue + code, json.dumps(settings), *args], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD_PROLOGUE + code, _config_argument(config), *args],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ranks_extract_s(config: ExtractConfig, script: Path) -> float:
+    """extract as `OMP_NUM_THREADS=1 torchrun --nproc-per-node <cores> ... extract --workers 0` runs it: one rank of
+    one thread per core, each decoding its own takes between its forwards (`config` should say workers=0). The
+    slowest rank's time from the start of its work (after set-up, as extract's own figure) to its end."""
+    script.write_text(CHILD_PROLOGUE + RANK_EXTRACT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               str(len(os.sched_getaffinity(0))), str(script), _config_argument(config)]
+    repository = str(Path(__file__).resolve().parents[1])  # the script's own folder is a temporary one
+    environment = {**os.environ, "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
+    ranks = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"rank"')]
+    if len(ranks) != len(os.sched_getaffinity(0)):
+        raise RuntimeError(f"expected a figure from every rank, got {ranks}:\n{out.stdout}\n{out.stderr}")
+    return max(rank["seconds"] for rank in ranks)
 
 
 MODEL_ONLY = """
@@ -113,6 +138,14 @@ from bench.common import peak_resident_mb; from pipeline.extraction import run_e
 s = run_extraction(c)
 print(json.dumps({"seconds": s.seconds, "clips": s.clips,
                   "peak_rss_mb": peak_resident_mb()}))
+"""
+
+# one torchrun rank's extract (bench.__main__.ranks_extract_s): its own shards, from the start of its work to its end
+RANK_EXTRACT = """
+from pipeline.distributed import torchrun_ranks; from pipeline.extraction import run_extraction
+with torchrun_ranks(c.device) as ranks:
+    s = run_extraction(c, ranks=ranks)
+print(json.dumps({"rank": ranks.rank, "seconds": s.seconds}))
 """
 
 # not timed: reading a 1.2 GB process's smaps_rollup takes ~6 ms, which would slow the run it samples
@@ -188,12 +221,16 @@ def main() -> None:
         write_demo_dataset(folder / "data", takes=args.takes, val_fraction=0.0, frames=GOP_FRAMES * args.frames)
         backbone = save_base_backbone(folder / "base", 8)
         decode_s, clips = decode_only_s(folder / "data", args.frames)
-        extracts, models_s = [], []
+        extracts, models_s, ranks_s = [], [], []
         for k in range(args.extract_rounds):  # paired: each extract beside a model-only run, a new cache each round
             config = ExtractConfig(root=folder / "data", split="train", cache=folder / f"cache{k}", backbone=str(backbone),
                                    frames=args.frames, device=args.device, workers=1, shard_size=2)
             extracts.append(run_in_child(EXTRACT, config))
             models_s.append(run_in_child(MODEL_ONLY, config, str(clips))["seconds"])
+            if args.device == "cpu":  # a GPU is one device: its ranks are the GPUs, not the cores
+                # a take per shard: the ranks' shares of the takes differ by one at most (2-take shards: 4 and 2 of 6)
+                ranks_s.append(ranks_extract_s(dataclasses.replace(config, cache=folder / f"cache-ranks{k}", workers=0,
+                                                                   shard_size=1), folder / "rank_extract.py"))
         extracts_s = [extract["seconds"] for extract in extracts]
         bottlenecks_s = [max(decode_s, model_s) for model_s in models_s]
         tree_pss_mb = run_in_child(EXTRACT_TREE_MEMORY, dataclasses.replace(config, cache=folder / "cache-memory"))[
@@ -207,6 +244,12 @@ def main() -> None:
             "extract_vs_bottleneck": round(median_paired_ratio(extracts_s, bottlenecks_s), 3),
             "extract_vs_bottleneck_rounds": [round(e / b, 3) for e, b in zip(extracts_s, bottlenecks_s)],
             "extract_vs_decode_plus_model": round(median_paired_ratio(extracts_s, [decode_s + m for m in models_s]), 3),
+            # one torchrun rank of one thread per core, each decoding in its own process (--workers 0), against the
+            # same model-only run (one process, every core): CPU only
+            **({"extract_ranks": len(os.sched_getaffinity(0)),
+                "extract_ranks_vs_bottleneck": round(median_paired_ratio(ranks_s, bottlenecks_s), 3),
+                "extract_ranks_vs_bottleneck_rounds": [round(r / b, 3) for r, b in zip(ranks_s, bottlenecks_s)]}
+               if ranks_s else {}),
             "cache_bytes_per_take": int(cache_bytes / args.takes),
             "extract_peak_rss_mb": round(max(extract["peak_rss_mb"] for extract in extracts), 1),
             # the extract process with its decode worker, in one more (untimed) run: sampled every 50 ms, pages
