@@ -157,19 +157,45 @@ print(json.dumps({"peak_tree_pss_mb": tree.peak_mb}))
 """
 
 
+# the measurement sizes, whole and --quick
+WHOLE = {"rounds": 5, "extract_rounds": 3, "takes": 6}
+QUICK = {"rounds": 3, "extract_rounds": 1, "takes": 4}
+
+
+def diagnostic_rates(device: str) -> dict[str, Callable[[], float]]:
+    """Backbone measurements beside the goal's: the compiled forward without frozen weights, and the forward's
+    matmuls alone (its ceiling), as they are and prepacked as the frozen forward runs them."""
+    return {
+        "T8_compiled_unfrozen": backbone_gflops(8, device, compiled=True, frozen_weights=False),
+        "T16_compiled_unfrozen": backbone_gflops(16, device, compiled=True, frozen_weights=False),
+        "T8_matmuls_only": backbone_gflops(8, device, matmuls_only=True),
+        "T16_matmuls_only": backbone_gflops(16, device, matmuls_only=True),
+        # the same with the Linears prepacked as the frozen compiled forward runs them (a CPU with oneDNN bf16): its ceiling
+        **({"T8_matmuls_prepacked": backbone_gflops(8, device, matmuls_only=True, prepacked=True),
+            "T16_matmuls_prepacked": backbone_gflops(16, device, matmuls_only=True, prepacked=True)}
+           if device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else {}),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--takes", type=int, default=6, help="demo takes (5 clips each) for the extract figures")
+    parser.add_argument("--quick", action="store_true",
+                        help="the issue's figures only, in fewer rounds (~5 min on a 2-core host without AMX, where the "
+                             "whole harness takes ~15): no ceilings, unfrozen forward or tree memory, one fit-head cell")
+    parser.add_argument("--takes", type=int, help="demo takes (5 clips each) for the extract figures (default 6; 4 with --quick)")
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5,
+    parser.add_argument("--rounds", type=int,
                         help="interleaved rounds of the peak and backbone measurements (>= 3: one round on a noisy "
-                             "host can even read the backbone above the peak)")
-    parser.add_argument("--extract-rounds", type=int, default=3,
+                             "host can even read the backbone above the peak; default 5, 3 with --quick)")
+    parser.add_argument("--extract-rounds", type=int,
                         help="paired rounds of end-to-end extract and model-only, each in fresh processes (one read "
-                             "of each swung 1.02-1.26 on one host)")
+                             "of each swung 1.02-1.26 on one host; default 3, 1 with --quick)")
     parser.add_argument("--skip-fit-head", action="store_true")
     args = parser.parse_args()
+    for name, value in (QUICK if args.quick else WHOLE).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.rounds < 1 or args.extract_rounds < 1:
         parser.error("--rounds and --extract-rounds must be >= 1")
     samples = interleaved_rounds({
@@ -179,14 +205,7 @@ def main() -> None:
         "T16": backbone_gflops(16, args.device),
         "T8_compiled": backbone_gflops(8, args.device, compiled=True),
         "T16_compiled": backbone_gflops(16, args.device, compiled=True),
-        "T8_compiled_unfrozen": backbone_gflops(8, args.device, compiled=True, frozen_weights=False),
-        "T16_compiled_unfrozen": backbone_gflops(16, args.device, compiled=True, frozen_weights=False),
-        "T8_matmuls_only": backbone_gflops(8, args.device, matmuls_only=True),
-        "T16_matmuls_only": backbone_gflops(16, args.device, matmuls_only=True),
-        # the same with the Linears prepacked as the frozen compiled forward runs them (a CPU with oneDNN bf16): its ceiling
-        **({"T8_matmuls_prepacked": backbone_gflops(8, args.device, matmuls_only=True, prepacked=True),
-            "T16_matmuls_prepacked": backbone_gflops(16, args.device, matmuls_only=True, prepacked=True)}
-           if args.device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else {}),
+        **({} if args.quick else diagnostic_rates(args.device)),
     }, rounds=args.rounds)
     rates = {name: max(values) for name, values in samples.items()}
     backbone_rates = tuple(name for name in samples if name.startswith("T"))
@@ -201,18 +220,18 @@ def main() -> None:
             t: round(median_paired_ratio(samples[t], samples["bf16"]), 3) for t in backbone_rates
         },
         # how close each forward comes to its own matmuls alone: the share of its time they take
-        "backbone_fraction_of_matmul_ceiling_median_paired": {
+        **({"backbone_fraction_of_matmul_ceiling_median_paired": {
             t: round(median_paired_ratio(samples[t], samples[t.split("_")[0] + "_matmuls_only"]), 3)
             for t in ("T8", "T16", "T8_compiled", "T16_compiled")
-        },
+        }} if "T8_matmuls_only" in samples else {}),
         # the frozen compiled forward against its own matmuls, Linears prepacked as it runs them (CPU only)
         **({"backbone_compiled_fraction_of_prepacked_ceiling_median_paired": {
             t: round(median_paired_ratio(samples[f"{t}_compiled"], samples[f"{t}_matmuls_prepacked"]), 3) for t in ("T8", "T16")
         }} if "T8_matmuls_prepacked" in samples else {}),
         # --frozen-weights against the compiled forward without it (as `--no-frozen-weights`): time ratio, < 1 is faster
-        "backbone_frozen_over_unfrozen_time_median_paired": {
+        **({"backbone_frozen_over_unfrozen_time_median_paired": {
             t: round(median_paired_ratio(samples[f"{t}_compiled_unfrozen"], samples[f"{t}_compiled"]), 3) for t in ("T8", "T16")
-        },
+        }} if "T8_compiled_unfrozen" in samples else {}),
     }
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -233,8 +252,8 @@ def main() -> None:
                                                                    shard_size=1), folder / "rank_extract.py"))
         extracts_s = [extract["seconds"] for extract in extracts]
         bottlenecks_s = [max(decode_s, model_s) for model_s in models_s]
-        tree_pss_mb = run_in_child(EXTRACT_TREE_MEMORY, dataclasses.replace(config, cache=folder / "cache-memory"))[
-            "peak_tree_pss_mb"]
+        tree_pss_mb = None if args.quick else run_in_child(
+            EXTRACT_TREE_MEMORY, dataclasses.replace(config, cache=folder / "cache-memory"))["peak_tree_pss_mb"]
         cache_bytes = sum(p.stat().st_size for p in (folder / "cache0" / "features.zarr").rglob("*") if p.is_file())
         figures.update({
             "decode_fps": round(clips * args.frames / decode_s, 1),
@@ -257,7 +276,7 @@ def main() -> None:
             "extract_peak_tree_pss_mb": tree_pss_mb and round(tree_pss_mb, 1),
         })
     if not args.skip_fit_head:
-        out = subprocess.run([sys.executable, "-m", "bench.fit_head", "--cells", "3"], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", "bench.fit_head", "--cells", "1" if args.quick else "3"], capture_output=True, text=True, check=True)
         fit = json.loads(out.stdout)
         figures["fit_head_device"] = "cpu"  # bench.fit_head runs on the CPU whatever --device says
         figures["fit_head_cell_s"] = fit["fit_head_cell_s"]  # training only, warm process: compile excluded
