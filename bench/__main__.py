@@ -103,21 +103,21 @@ def run_in_child(code: str, config: ExtractConfig, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ranks_extract_s(config: ExtractConfig, script: Path) -> float:
-    """extract as `OMP_NUM_THREADS=1 torchrun --nproc-per-node <cores> ... extract --workers 0` runs it: one rank of
-    one thread per core, each decoding its own takes between its forwards (`config` should say workers=0). The
-    slowest rank's time from the start of its work (after set-up, as extract's own figure) to its end."""
+def ranks_extract_s(config: ExtractConfig, script: Path, ranks: int) -> float:
+    """extract as `OMP_NUM_THREADS=1 torchrun --nproc-per-node <ranks> ... extract --workers 0` runs it: `ranks` ranks
+    of one thread, each decoding its own takes between its forwards (`config` should say workers=0). The slowest
+    rank's time from the start of its work (after set-up, as extract's own figure) to its end."""
     script.write_text(CHILD_PROLOGUE + RANK_EXTRACT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               str(len(os.sched_getaffinity(0))), str(script), _config_argument(config)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), str(script),
+               _config_argument(config)]
     repository = str(Path(__file__).resolve().parents[1])  # the script's own folder is a temporary one
     environment = {**os.environ, "OMP_NUM_THREADS": "1",
                    "PYTHONPATH": os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))}
     out = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
-    ranks = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"rank"')]
-    if len(ranks) != len(os.sched_getaffinity(0)):
-        raise RuntimeError(f"expected a figure from every rank, got {ranks}:\n{out.stdout}\n{out.stderr}")
-    return max(rank["seconds"] for rank in ranks)
+    figures = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"rank"')]
+    if len(figures) != ranks:
+        raise RuntimeError(f"expected a figure from each of {ranks} ranks, got {figures}:\n{out.stdout}\n{out.stderr}")
+    return max(figure["seconds"] for figure in figures)
 
 
 MODEL_ONLY = """
@@ -181,7 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true",
-                        help="the issue's figures only, in fewer rounds (~5 min on a 2-core host without AMX, where the "
+                        help="the figures the harness exists for only (those of the goals), in fewer rounds (~5 min on a 2-core host without AMX, where the "
                              "whole harness takes ~15): no ceilings, unfrozen forward or tree memory, one fit-head cell")
     parser.add_argument("--takes", type=int, help="demo takes (5 clips each) for the extract figures (default 6; 4 with --quick)")
     parser.add_argument("--frames", type=int, default=8)
@@ -241,6 +241,8 @@ def main() -> None:
         backbone = save_base_backbone(folder / "base", 8)
         decode_s, clips = decode_only_s(folder / "data", args.frames)
         extracts, models_s, ranks_s = [], [], []
+        # a rank per core, and a take each at least: each rank loads its own model (~1.25 GB at base size)
+        ranks = min(len(os.sched_getaffinity(0)), args.takes)
         for k in range(args.extract_rounds):  # paired: each extract beside a model-only run, a new cache each round
             config = ExtractConfig(root=folder / "data", split="train", cache=folder / f"cache{k}", backbone=str(backbone),
                                    frames=args.frames, device=args.device, workers=1, shard_size=2)
@@ -249,7 +251,7 @@ def main() -> None:
             if args.device == "cpu":  # a GPU is one device: its ranks are the GPUs, not the cores
                 # a take per shard: the ranks' shares of the takes differ by one at most (2-take shards: 4 and 2 of 6)
                 ranks_s.append(ranks_extract_s(dataclasses.replace(config, cache=folder / f"cache-ranks{k}", workers=0,
-                                                                   shard_size=1), folder / "rank_extract.py"))
+                                                                   shard_size=1), folder / "rank_extract.py", ranks))
         extracts_s = [extract["seconds"] for extract in extracts]
         bottlenecks_s = [max(decode_s, model_s) for model_s in models_s]
         tree_pss_mb = None if args.quick else run_in_child(
@@ -265,7 +267,7 @@ def main() -> None:
             "extract_vs_decode_plus_model": round(median_paired_ratio(extracts_s, [decode_s + m for m in models_s]), 3),
             # one torchrun rank of one thread per core, each decoding in its own process (--workers 0), against the
             # same model-only run (one process, every core): CPU only
-            **({"extract_ranks": len(os.sched_getaffinity(0)),
+            **({"extract_ranks": ranks,
                 "extract_ranks_vs_bottleneck": round(median_paired_ratio(ranks_s, bottlenecks_s), 3),
                 "extract_ranks_vs_bottleneck_rounds": [round(r / b, 3) for r, b in zip(ranks_s, bottlenecks_s)]}
                if ranks_s else {}),

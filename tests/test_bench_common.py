@@ -151,7 +151,7 @@ def test_a_short_call_is_timed_back_to_back_for_at_least_the_minimum_and_reporte
 
 
 def test_the_ranks_extract_figure_is_the_slowest_ranks_and_their_cache_is_complete(tmp_path):
-    """bench's `extract_ranks_vs_bottleneck` run: one one-thread torchrun rank per core, each extracting its shards."""
+    """bench's `extract_ranks_vs_bottleneck` run: one-thread torchrun ranks, each extracting its own shards."""
     from bench.__main__ import ranks_extract_s
     from pipeline.backbone import save_tiny_backbone
     from pipeline.cache import FeatureCache
@@ -161,6 +161,6 @@ def test_the_ranks_extract_figure_is_the_slowest_ranks_and_their_cache_is_comple
     write_demo_dataset(tmp_path / "data", takes=4, val_fraction=0.0)
     config = ExtractConfig(root=tmp_path / "data", split="train", cache=tmp_path / "cache", frames=4, workers=0,
                            shard_size=1, backbone=str(save_tiny_backbone(tmp_path / "tiny", num_frames=4)))
-    seconds = ranks_extract_s(config, tmp_path / "rank_extract.py")
+    seconds = ranks_extract_s(config, tmp_path / "rank_extract.py", ranks=2)
     assert 0 < seconds < 120
     assert FeatureCache.open(tmp_path / "cache").is_complete("train")

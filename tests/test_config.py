@@ -178,7 +178,11 @@ def test_an_egoexo4d_download_root_is_no_stages_output_folder(tmp_path, kind):
 
 
 def test_the_cli_imports_no_transformers_until_a_backbone_is_built():
-    """`skillpipe --help`, status and fit-head never build a backbone: transformers (~2 s to import) stays unloaded."""
-    probe = "import sys, stages.cli; print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))"
+    """`skillpipe --help`, status and fit-head never build a backbone: transformers (~2 s to import) stays unloaded,
+    also when fit-head sets up a head's optimizer (its weight-decay rule is HF Trainer's)."""
+    probe = ("import sys, stages.cli; from pipeline.fusion import HeadConfig, build_head; "
+             "from pipeline.weight_decay import decay_groups; "
+             "decay_groups(build_head(HeadConfig(dim=16, num_views=5, hidden=24, heads=4)), 0.01); "
+             "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
