@@ -181,7 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true",
-                        help="the figures the harness exists for only (those of the goals), in fewer rounds (~5 min on a 2-core host without AMX, where the "
+                        help="the goals' figures only, in fewer rounds (~5 min on a 2-core host without AMX, where the "
                              "whole harness takes ~15): no ceilings, unfrozen forward or tree memory, one fit-head cell")
     parser.add_argument("--takes", type=int, help="demo takes (5 clips each) for the extract figures (default 6; 4 with --quick)")
     parser.add_argument("--frames", type=int, default=8)

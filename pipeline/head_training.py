@@ -18,7 +18,7 @@ import ctypes.util
 import math
 import sys
 import time
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import CacheError, CachedSplit, FeatureCache
-from pipeline.config import REQUIRED_HELP, ConfigError, device_problem, output_problem
+from pipeline.config import REQUIRED_HELP, ConfigError, device_problem, output_problem, required_fields
 from pipeline.fusion import FUSIONS, NUM_CLASSES, HeadConfig, build_head, head_inputs
 from pipeline.head_step import CompiledHeadTrainer
 from pipeline.views import parse_view_setting
@@ -114,7 +114,7 @@ class FitHeadConfig:
 def field_help(name: str) -> str:
     """The help text of a FitHeadConfig field and its default, for the CLI options."""
     spec = next(f for f in fields(FitHeadConfig) if f.name == name)
-    if spec.default is MISSING:
+    if name in required_fields(FitHeadConfig):
         return spec.metadata["help"] + f" {REQUIRED_HELP}"
     return spec.metadata["help"] + ("" if spec.default is None else f" (default {spec.default})")
 

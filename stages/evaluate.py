@@ -128,7 +128,7 @@ def predict(
     probabilities, present = predict_past_decoder_crashes(model, takes, spec.views, spec.clip_sampling, spec.precision,
                                                           device)
     absent = absent_views(present, spec.views)
-    rows = [{"take": str(t.take_uid), "predicted": LABEL_NAMES[int(p.argmax())],
+    rows = [{"take": t.take_uid, "predicted": LABEL_NAMES[int(p.argmax())],
              "probabilities": dict(zip(LABEL_NAMES, (round(float(x), 4) for x in p))), "absent_views": missing}
             for t, p, missing in zip(takes, probabilities, absent)]
     if as_json:
